@@ -1,0 +1,113 @@
+"""A worker's handle on the parameter server: pull the whole tree, push gradients.
+
+A client splits a pushed tree by the plan, sends each shard its leaves, and
+merges the shards' leaves on pull. It is picklable whenever the transport's
+channels are (multiprocessing, Ray), so it can travel into the worker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from jaxps.plan import Plan
+from jaxps.transport import ShardChannel, Waitable
+from jaxps.validate import check_gradients
+
+
+class PushFuture:
+    """Completes when every shard has applied (or dropped) the push.
+
+    `result()` is 'applied', 'dropped' (some shard had already closed the step)
+    or 'skipped' (non-finite gradients with `nonfinite='skip'`).
+    """
+
+    def __init__(self, parts: Sequence[Waitable] | None, outcome: str | None = None):
+        self._parts = list(parts or [])
+        self._outcome = outcome
+
+    def result(self, timeout: float | None = None) -> str:
+        if self._outcome is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            outcomes = []
+            for part in self._parts:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                outcomes.append(part.result(left))
+            self._outcome = next((o for o in ("dropped", "skipped") if o in outcomes), "applied")
+        return self._outcome
+
+    def done(self) -> bool:
+        if self._outcome is not None:
+            return True
+        return all(getattr(p, "done", lambda: False)() for p in self._parts)
+
+
+class Client:
+    """Worker `worker`'s view of the server. Use it from one thread at a time."""
+
+    def __init__(self, worker: int, plan: Plan, channels: Sequence[ShardChannel], nonfinite: str = "raise"):
+        self.worker = worker
+        self.plan = plan
+        self._channels = list(channels)
+        self._nonfinite = nonfinite
+        n = len(self._channels)
+        self._pulled: list[int | None] = [None] * n  # version pulled since the last push
+        self._based_on: list[int | None] = [None] * n  # version of the last pull
+        self._tag: list[int | None] = [None] * n  # step of the last push
+        self._left = False
+
+    def pull(self, timeout: float | None = None) -> Any:
+        """The current parameters, as a tree like the initial one.
+
+        Sees every earlier push of this client; in sync mode waits until the
+        step of the last push is applied, in ssp mode while this worker is too
+        far ahead of the slowest.
+        """
+        self._check_open()
+        waits = [ch.pull(self.worker) for ch in self._channels]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        per_shard = []
+        for s, w in enumerate(waits):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            version, leaves = w.result(left)
+            self._pulled[s] = self._based_on[s] = version
+            per_shard.append(leaves)
+        return self.plan.merge(per_shard)
+
+    def push(self, grads: Any) -> PushFuture:
+        """Sends gradients for the parameters last pulled; checks them first.
+
+        Raises `jaxps.PushError` naming the paths, shapes and dtypes of a bad
+        tree, before any shard sees it.
+        """
+        self._check_open()
+        leaves = check_gradients(self.plan, grads, self._nonfinite)
+        per_shard = self.plan.split(leaves) if leaves is not None else [None] * len(self._channels)
+        parts = []
+        for s, ch in enumerate(self._channels):
+            tag = self._pulled[s] if self._pulled[s] is not None else (self._tag[s] + 1 if self._tag[s] is not None else 0)
+            parts.append(ch.push(self.worker, tag, self._based_on[s], per_shard[s]))
+            self._tag[s], self._pulled[s] = tag, None
+        return PushFuture(parts)
+
+    def leave(self) -> None:
+        """This worker is done: sync steps and ssp pulls stop waiting for it. Idempotent."""
+        if not self._left:
+            self._left = True
+            for ch in self._channels:
+                ch.leave(self.worker)
+
+    def _check_open(self) -> None:
+        if self._left:
+            raise RuntimeError(f"worker {self.worker} has left the server; make a new ParameterServer to train again")
+
+    def __repr__(self) -> str:
+        return f"Client(worker={self.worker}, shards={len(self._channels)})"
+
+
+def run_worker(fn, client: Client, arg: Any) -> Any:
+    """Runs `fn(client, arg)` and then lets the client leave, however `fn` ends."""
+    try:
+        return fn(client, arg)
+    finally:
+        client.leave()

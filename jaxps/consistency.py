@@ -1,0 +1,193 @@
+"""Consistency models as pure state machines over a shard's `Clock`.
+
+Li et al.'s flexible consistency: `Async` applies each push on arrival,
+`Sync` (bulk synchronous, with optional backup workers) applies step t once
+with the mean of the workers' gradients for t, and `SSP` (bounded delay)
+applies on arrival but holds back a worker's pull while it is more than
+`max_staleness` pushes ahead of the slowest worker.
+
+Every function takes a `Clock` and returns a new one; the stateful shell
+(`jaxps.shard.Shard`) does the arithmetic on arrays and the waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+MODES = ("async", "sync", "ssp")
+
+
+class Contribution(NamedTuple):
+    """One worker's push for step `tag`: its gradients (None: skipped) and the version they were computed on."""
+
+    worker: int
+    tag: int
+    grads: Any
+    based_on: int | None
+
+
+class Step(NamedTuple):
+    """Gradients to apply now, as one optimizer step (their mean), at `version`."""
+
+    version: int
+    contributions: tuple[Contribution, ...]
+
+    @property
+    def gradients(self) -> list[Any]:
+        return [c.grads for c in self.contributions if c.grads is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Clock:
+    """A shard's version clock and per-worker push counts."""
+
+    workers: int
+    version: int = 0  # steps closed
+    pushes: tuple[int, ...] = ()  # pushes received, per worker
+    last_tag: tuple[int | None, ...] = ()  # step of each worker's last push
+    left: frozenset[int] = frozenset()  # workers that have finished
+    pending: Mapping[int, Mapping[int, Contribution]] = dataclasses.field(default_factory=dict)
+    applied: int = 0  # optimizer updates applied
+    pushes_applied: int = 0
+    pushes_dropped: int = 0
+    pushes_skipped: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    staleness_count: int = 0
+
+    @classmethod
+    def start(cls, workers: int | None) -> "Clock":
+        n = workers or 0
+        return cls(workers=n, pushes=(0,) * n, last_tag=(None,) * n)
+
+    def stats(self) -> dict:
+        return {
+            "version": self.version,
+            "steps": self.applied,
+            "pushes_applied": self.pushes_applied,
+            "pushes_dropped": self.pushes_dropped,
+            "pushes_skipped": self.pushes_skipped,
+            "staleness_mean": self.staleness_sum / self.staleness_count if self.staleness_count else 0.0,
+            "staleness_max": self.staleness_max,
+            "staleness_count": self.staleness_count,
+            "worker_pushes": list(self.pushes),
+        }
+
+
+def _received(clock: Clock, c: Contribution) -> Clock:
+    worker, tag = c.worker, c.tag
+    grow = max(0, worker + 1 - len(clock.pushes))  # async servers take any number of workers
+    pushes = list(clock.pushes) + [0] * grow
+    pushes[worker] += 1
+    last = list(clock.last_tag) + [None] * grow
+    last[worker] = tag
+    return dataclasses.replace(clock, pushes=tuple(pushes), last_tag=tuple(last))
+
+
+def _closed(clock: Clock, step: Step) -> Clock:
+    """The clock after `step` is applied (or, with no gradients, passed over)."""
+    known = [step.version - c.based_on for c in step.contributions if c.grads is not None and c.based_on is not None]
+    applied = bool(step.gradients)
+    return dataclasses.replace(
+        clock,
+        version=clock.version + 1,
+        applied=clock.applied + applied,
+        pushes_applied=clock.pushes_applied + len(step.gradients),
+        pushes_skipped=clock.pushes_skipped + len(step.contributions) - len(step.gradients),
+        staleness_sum=clock.staleness_sum + sum(known),
+        staleness_max=max([clock.staleness_max, *known]),
+        staleness_count=clock.staleness_count + len(known),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Async:
+    """Each push is applied on arrival."""
+
+    def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
+        """The new clock, the steps to apply now, and the push's outcome if no step settles it."""
+        clock = _received(clock, c)
+        if c.grads is None:  # skipped by the client (non-finite gradients)
+            return dataclasses.replace(clock, pushes_skipped=clock.pushes_skipped + 1), [], "skipped"
+        step = Step(clock.version, (c,))
+        return _closed(clock, step), [step], None
+
+    def pull_ready(self, clock: Clock, worker: int) -> bool:
+        return True
+
+    def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:
+        return dataclasses.replace(clock, left=clock.left | {worker}), []
+
+
+@dataclasses.dataclass(frozen=True)
+class SSP(Async):
+    """Applied on arrival; a pull waits while its worker is over `max_staleness` pushes ahead."""
+
+    max_staleness: int = 0
+
+    def pull_ready(self, clock: Clock, worker: int) -> bool:
+        active = [n for w, n in enumerate(clock.pushes) if w not in clock.left]
+        return not active or clock.pushes[worker] - min(active) <= self.max_staleness
+
+
+@dataclasses.dataclass(frozen=True)
+class Sync:
+    """Step t is applied once, with the mean of the first `workers - backup` gradients for t."""
+
+    backup: int = 0
+
+    def quorum(self, clock: Clock) -> int:
+        active = clock.workers - len(clock.left)
+        return max(1, min(clock.workers - self.backup, active))
+
+    def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
+        if c.tag < clock.version:  # its step is already applied: a straggler
+            clock = _received(clock, c)
+            return dataclasses.replace(clock, pushes_dropped=clock.pushes_dropped + 1), [], "dropped"
+        if c.worker in clock.pending.get(c.tag, {}):
+            raise ValueError(f"worker {c.worker} pushed twice for step {c.tag}")
+        pending = dict(clock.pending)
+        pending[c.tag] = {**pending.get(c.tag, {}), c.worker: c}
+        clock = dataclasses.replace(_received(clock, c), pending=pending)
+        return (*self._close_ready(clock), None)
+
+    def _close_ready(self, clock: Clock) -> tuple[Clock, list[Step]]:
+        steps = []
+        while clock.pending.get(clock.version) and len(clock.pending[clock.version]) >= self.quorum(clock):
+            pending = dict(clock.pending)
+            arrived = pending.pop(clock.version)
+            step = Step(clock.version, tuple(arrived[w] for w in sorted(arrived)))
+            clock = _closed(dataclasses.replace(clock, pending=pending), step)
+            steps.append(step)
+        return clock, steps
+
+    def pull_ready(self, clock: Clock, worker: int) -> bool:
+        last = clock.last_tag[worker]
+        return last is None or clock.version > last
+
+    def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:
+        return self._close_ready(dataclasses.replace(clock, left=clock.left | {worker}))
+
+
+def make_policy(mode: str, workers: int | None, backup_workers: int, max_staleness: int | None):
+    """The policy for `mode`, with its arguments checked."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if mode in ("sync", "ssp") and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"mode={mode!r} needs workers=N (a positive int), got workers={workers!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if backup_workers and mode != "sync":
+        raise ValueError(f"backup_workers applies to mode='sync' only, not mode={mode!r}")
+    if mode == "sync" and not (isinstance(backup_workers, int) and 0 <= backup_workers < workers):
+        raise ValueError(f"backup_workers must be an int in [0, workers={workers}), got {backup_workers!r}")
+    if max_staleness is not None and mode != "ssp":
+        raise ValueError(f"max_staleness applies to mode='ssp' only, not mode={mode!r}")
+    if mode == "ssp" and not (isinstance(max_staleness, int) and max_staleness >= 0):
+        raise ValueError(f"mode='ssp' needs max_staleness=s (an int >= 0), got {max_staleness!r}")
+    if mode == "sync":
+        return Sync(backup=backup_workers)
+    if mode == "ssp":
+        return SSP(max_staleness=max_staleness)
+    return Async()

@@ -1,0 +1,164 @@
+"""`ParameterServer`: the user-facing handle that ties plan, shards, transport and clients."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+
+from jaxps.client import Client
+from jaxps.consistency import make_policy
+from jaxps.plan import Assign, Plan, make_plan
+from jaxps.shard import ShardSpec
+from jaxps.transport import make_transport
+from jaxps.update import check_shardable
+from jaxps.validate import NONFINITE
+
+
+class ParameterServer:
+    """Keeps a parameter tree in shards, serves it to workers and applies their gradients.
+
+    Args:
+      params: the initial parameter tree (any pytree of arrays: flax variables,
+        an nnx `State`, nested dicts/lists/tuples/NamedTuples).
+      tx: the optax transformation each shard applies to its leaves.
+      shards: how many shards to split the leaves into.
+      transport: "inprocess" ("inproc"), "multiprocessing" ("mp"), "ray",
+        "module:Class", or a transport object.
+      mode: "async", "sync" or "ssp".
+      workers: the number of workers (needed by "sync" and "ssp").
+      backup_workers: sync only: apply a step once `workers - backup_workers`
+        gradients are in; later ones for that step are dropped.
+      max_staleness: ssp only: how many pushes a worker may run ahead of the
+        slowest before its pull waits.
+      assign: `assign(path_str, leaf) -> shard index`; default: balance bytes.
+      nonfinite: "raise" (default) rejects pushes with NaN/Inf; "skip" drops them.
+      transport_options: keyword arguments for a transport given by name
+        (e.g. Ray's `address`, `num_cpus`, `num_gpus`, `resources`).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        tx: optax.GradientTransformation,
+        *,
+        shards: int = 1,
+        transport: Any = "inprocess",
+        mode: str = "async",
+        workers: int | None = None,
+        backup_workers: int = 0,
+        max_staleness: int | None = None,
+        assign: Assign | None = None,
+        nonfinite: str = "raise",
+        transport_options: dict | None = None,
+    ):
+        make_policy(mode, workers, backup_workers, max_staleness)  # checks the arguments
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite={nonfinite!r}; valid: {', '.join(NONFINITE)}")
+        self._plan = make_plan(params, shards, assign)
+        leaves = jax.tree_util.tree_leaves(params)
+        check_shardable(tx, self._plan, leaves)
+        self._transport = make_transport(transport, transport_options)
+        self._workers = workers
+        self._nonfinite = nonfinite
+        self._clients: dict[int, Client] = {}
+        self._closed = False
+        specs = [
+            ShardSpec(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness)
+            for s, ids in enumerate(self._plan.shard_leaves)
+        ]
+        try:
+            self._channels = self._transport.start(specs)
+        except BaseException:
+            self._transport.close()
+            raise
+
+    # -- the public contract ----------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """Which shard holds each tree path (`plan.paths`), and `plan.bytes_per_shard`."""
+        return self._plan
+
+    def client(self, worker: int) -> Client:
+        """Worker `worker`'s client (one per worker; picklable on multiprocessing and Ray)."""
+        self._check_open()
+        if not isinstance(worker, int) or worker < 0 or (self._workers is not None and worker >= self._workers):
+            bound = f"[0, {self._workers})" if self._workers is not None else ">= 0"
+            raise ValueError(f"worker index must be an int in {bound}, got {worker!r}")
+        if worker not in self._clients:
+            self._clients[worker] = Client(worker, self._plan, self._channels, self._nonfinite)
+        return self._clients[worker]
+
+    def pull(self, timeout: float | None = None) -> Any:
+        """Worker 0's pull."""
+        return self.client(0).pull(timeout)
+
+    def push(self, grads: Any):
+        """Worker 0's push; returns a future."""
+        return self.client(0).push(grads)
+
+    def params(self, timeout: float | None = None) -> Any:
+        """The parameters after every push whose future has completed (never waits on a clock)."""
+        self._check_open()
+        waits = [ch.pull(None) for ch in self._channels]
+        return self._plan.merge([w.result(timeout)[1] for w in waits])
+
+    @property
+    def step(self) -> int:
+        """Optimizer updates applied (on every shard)."""
+        return min(s["steps"] for s in self._shard_stats())
+
+    def stats(self) -> dict:
+        """Steps, pushes applied/dropped/skipped and gradient staleness, in total and per shard."""
+        shards = self._shard_stats()
+        count = sum(s["staleness_count"] for s in shards)
+        return {
+            "steps": min(s["steps"] for s in shards),
+            # a push counts as applied once every shard has applied it
+            "pushes_applied": min(s["pushes_applied"] for s in shards),
+            "pushes_dropped": max(s["pushes_dropped"] for s in shards),
+            "pushes_skipped": max(s["pushes_skipped"] for s in shards),
+            "staleness_mean": sum(s["staleness_mean"] * s["staleness_count"] for s in shards) / count if count else 0.0,
+            "staleness_max": max(s["staleness_max"] for s in shards),
+            "shards": shards,
+        }
+
+    def run_workers(self, fn: Callable[[Client, Any], Any], args: Sequence[Any]) -> list:
+        """Runs `fn(client_i, args[i])` for each i on the transport's own execution
+        units (threads, spawned processes, Ray tasks) and returns their results.
+
+        Each worker leaves the server when its function returns, so sync steps
+        and ssp pulls do not wait for a finished worker.
+        """
+        self._check_open()
+        args = list(args)
+        if self._workers is not None and len(args) > self._workers:
+            raise ValueError(f"{len(args)} worker arguments for a server of workers={self._workers}")
+        return self._transport.run_workers(fn, [self.client(i) for i in range(len(args))], args)
+
+    def close(self) -> None:
+        """Stops the shards and frees their resources. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._transport.close()
+
+    def __enter__(self) -> "ParameterServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{type(self._transport).__name__}"
+        return f"ParameterServer({self._plan!r}, {state})"
+
+    # -- internals ---------------------------------------------------------------
+    def _shard_stats(self) -> list[dict]:
+        self._check_open()
+        return [ch.stats() for ch in self._channels]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the ParameterServer is closed")

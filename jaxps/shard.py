@@ -1,0 +1,127 @@
+"""A server shard: the thin, thread-safe stateful shell over the pure parts.
+
+It holds its leaves, its optax state and its `Clock`, and hands out results
+through callbacks, so that every transport (threads, a process serving
+pipes, an asyncio Ray actor) can wait in its own way and no request ever
+blocks the shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+
+from jaxps.consistency import Clock, Contribution, Step, make_policy
+from jaxps.plan import Plan
+from jaxps.update import compile_step, mean_gradients
+from jaxps.validate import check_leaves
+
+PushDone = Callable[[str], None]  # "applied" | "dropped" | "skipped"
+PullReady = Callable[[int, list], Any]  # (version, leaves)
+
+
+@dataclasses.dataclass
+class ShardSpec:
+    """Everything needed to start shard `index` anywhere (picklable with cloudpickle)."""
+
+    index: int
+    plan: Plan
+    leaves: list  # initial values of this shard's leaves
+    tx: optax.GradientTransformation
+    mode: str = "async"
+    workers: int | None = None
+    backup_workers: int = 0
+    max_staleness: int | None = None
+
+
+class Shard:
+    """One shard's parameters, optimizer state and clock."""
+
+    def __init__(self, spec: ShardSpec, device: Any = None):
+        self.index = spec.index
+        self._plan = spec.plan
+        self._specs = [spec.plan.leaves[i] for i in spec.plan.shard_leaves[spec.index]]
+        self._device = device
+        self._params = spec.plan.view(spec.index, jax.device_put(list(spec.leaves), device))
+        self._opt_state = spec.tx.init(self._params)
+        self._step_donating, self._step_lent = compile_step(spec.tx)
+        self._mean = jax.jit(mean_gradients)
+        self._policy = make_policy(spec.mode, spec.workers, spec.backup_workers, spec.max_staleness)
+        self._clock = Clock.start(spec.workers)
+        self._lock = threading.Lock()
+        self._lent = False  # params handed to a reader: the next step must not donate them
+        self._pushes: dict[tuple[int, int], PushDone] = {}
+        self._pulls: list[tuple[int | None, PullReady, bool]] = []
+
+    # -- requests -------------------------------------------------------------
+    def push(self, worker: int, tag: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone) -> None:
+        """Offers `worker`'s gradients (None: skipped) for step `tag`; `done` fires once it is settled."""
+        if leaves is not None:
+            check_leaves(self._specs, leaves)
+            grads = self._plan.view(self.index, jax.device_put(list(leaves), self._device))
+        else:
+            grads = None
+        with self._lock:
+            clock, steps, outcome = self._policy.push(self._clock, Contribution(worker, tag, grads, based_on))
+            self._apply(steps)
+            self._clock = clock
+            if outcome is None:
+                self._pushes[(worker, tag)] = done
+            else:
+                done(outcome)
+            self._settle(steps)
+
+    def pull(self, worker: int | None, ready: PullReady, lend: bool = True) -> None:
+        """Calls `ready(version, leaves)` once `worker` may read (at once for `worker=None`).
+
+        `ready` runs under the shard's lock; `lend=False` promises it copies the
+        leaves before returning, so the next step may donate their buffers.
+        """
+        with self._lock:
+            self._pulls.append((worker, ready, lend))
+            self._serve_pulls()
+
+    def leave(self, worker: int) -> None:
+        """`worker` is done: sync steps and ssp pulls stop waiting for it."""
+        with self._lock:
+            clock, steps = self._policy.leave(self._clock, worker)
+            self._apply(steps)
+            self._clock = clock
+            self._settle(steps)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"shard": self.index, **self._clock.stats()}
+
+    # -- internals ------------------------------------------------------------
+    def _apply(self, steps: list[Step]) -> None:
+        for step in steps:
+            grads = step.gradients
+            if not grads:
+                continue
+            mean = grads[0] if len(grads) == 1 else self._mean(grads)
+            update = self._step_lent if self._lent else self._step_donating
+            self._params, self._opt_state = update(self._params, self._opt_state, mean)
+            self._lent = False
+
+    def _settle(self, steps: list[Step]) -> None:
+        for step in steps:
+            for c in step.contributions:
+                done = self._pushes.pop((c.worker, c.tag), None)
+                if done is not None:
+                    done("applied" if c.grads is not None else "skipped")
+        self._serve_pulls()
+
+    def _serve_pulls(self) -> None:
+        waiting = []
+        for worker, ready, lend in self._pulls:
+            if worker is None or self._policy.pull_ready(self._clock, worker):
+                ready(self._clock.version, jax.tree_util.tree_leaves(self._params))
+                self._lent = self._lent or lend
+            else:
+                waiting.append((worker, ready, lend))
+        self._pulls = waiting

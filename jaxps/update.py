@@ -1,0 +1,148 @@
+"""The pure optimizer step of a shard, and the check that sharding is exact.
+
+A shard's optimizer runs on its *view* of the parameter tree (the full tree
+with `None` for leaves of other shards), so path-aware optax (`masked`,
+`multi_transform`, weight-decay masks) sees every leaf under its own path.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from jaxps.plan import Plan
+
+# optax transforms whose update reduces over the whole tree (or numbers its
+# leaves), so that a shard, seeing only its leaves, would compute another step.
+WHOLE_TREE_TRANSFORMS = (
+    "clip_by_global_norm",
+    "apply_if_finite",
+    "skip_not_finite",
+    "skip_large_updates",
+    "add_noise",
+    "normalize_by_update_norm",
+    "scale_by_lbfgs",
+    "scale_by_polyak",
+    "scale_by_backtracking_linesearch",
+    "scale_by_zoom_linesearch",
+    "scale_by_distance_over_gradients",
+    "scale_by_prodigy",
+    "scale_by_mechanize",
+    "sam",
+)
+
+
+def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads):
+    """One optax step: `tx.update` then `optax.apply_updates`."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def mean_gradients(grads: Sequence[Any]):
+    """Mean of gradient trees, summed in the given (worker) order."""
+    return jax.tree.map(lambda *g: functools.reduce(operator.add, g) / len(g), *grads)
+
+
+def compile_step(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    """Jitted steps: one donating params and optimizer state, one only the state.
+
+    The second is for params that have been lent to a reader (an in-process
+    pull) and so must stay alive.
+    """
+    step = functools.partial(apply_gradients, tx)
+    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(step, donate_argnums=(1,))
+
+
+def transform_names(tx: Any) -> list[str]:
+    """Names of the optax transform factories `tx` is built from (best effort)."""
+    names: list[str] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, optax.GradientTransformation):
+            visit(obj.update)
+        elif callable(obj) and hasattr(obj, "__qualname__") and hasattr(obj, "__closure__"):
+            qualname = obj.__qualname__
+            if "<locals>" in qualname:
+                names.append(qualname.split(".<locals>")[0])
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents)
+                except ValueError:  # empty cell
+                    pass
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                visit(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item)
+
+    visit(tx)
+    return list(dict.fromkeys(names))
+
+
+class NotShardableError(ValueError):
+    """The optimizer's step differs when its leaves are split into shards."""
+
+
+def check_shardable(tx: optax.GradientTransformation, plan: Plan, leaves: Sequence[Any]) -> None:
+    """Refuses transforms whose sharded step differs from the unsharded one.
+
+    Runs two steps of `tx` on the whole tree and on each shard's view with the
+    same probe gradients (large enough to trip norm clipping) and compares.
+    """
+    named = [n for n in transform_names(tx) if n in WHOLE_TREE_TRANSFORMS]
+    if plan.num_shards == 1:
+        return
+    if named:
+        raise NotShardableError(_not_shardable_message(named, plan))
+    rng = np.random.default_rng(0)
+    probes = [
+        [
+            (rng.standard_normal(np.shape(x)) * 100.0).astype(np.asarray(x).dtype)
+            if np.issubdtype(np.asarray(x).dtype, np.inexact)
+            else np.zeros_like(x)
+            for x in leaves
+        ]
+        for _ in range(2)
+    ]
+    whole = _run_steps(tx, plan.merge(plan.split(leaves)), [plan.merge(plan.split(p)) for p in probes])
+    expected = jax.tree_util.tree_leaves(whole)
+    got: list[Any] = [None] * len(leaves)
+    for shard, ids in enumerate(plan.shard_leaves):
+        view = plan.view(shard, [leaves[i] for i in ids])
+        grads = [plan.view(shard, [p[i] for i in ids]) for p in probes]
+        for i, x in zip(ids, jax.tree_util.tree_leaves(_run_steps(tx, view, grads))):
+            got[i] = x
+    differ = [
+        plan.leaves[i].path
+        for i in range(len(leaves))
+        if not np.allclose(np.asarray(expected[i], np.float64), np.asarray(got[i], np.float64), rtol=1e-5, atol=1e-6, equal_nan=True)
+    ]
+    if differ:
+        raise NotShardableError(_not_shardable_message(transform_names(tx), plan, differ))
+
+
+def _run_steps(tx, params, grads_seq):
+    opt_state = tx.init(params)
+    for grads in grads_seq:
+        params, opt_state = apply_gradients(tx, params, opt_state, grads)
+    return params
+
+
+def _not_shardable_message(names: list[str], plan: Plan, differ: list[str] | None = None) -> str:
+    what = ", ".join(names) if names else "the optimizer"
+    detail = f" (the step differs at {differ[:5]})" if differ else ""
+    return (
+        f"the optimizer reduces over the whole parameter tree ({what}){detail}, so split into "
+        f"{plan.num_shards} shards it would not give the unsharded step. Use shards=1, or drop "
+        f"the whole-tree transform (e.g. clip per leaf with optax.clip or on the worker before push)."
+    )

@@ -1,0 +1,97 @@
+"""Checking a pushed gradient tree against the parameters, before anything changes."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxps.plan import LeafSpec, Plan
+
+NONFINITE = ("raise", "skip")
+
+
+class PushError(ValueError):
+    """A pushed gradient tree does not fit the parameters; nothing was changed."""
+
+
+def _leaf_dtype(x: Any) -> np.dtype:
+    return np.dtype(jnp.result_type(x))
+
+
+def check_structure(plan: Plan, grads: Any) -> list[Any]:
+    """The leaves of `grads`, if its tree paths are those of the parameters."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    paths = [jax.tree_util.keystr(p) for p, _ in with_paths]
+    expected = [leaf.path for leaf in plan.leaves]
+    if treedef != plan.treedef and paths != expected:
+        missing = [p for p in expected if p not in set(paths)]
+        extra = [p for p in paths if p not in set(expected)]
+        raise PushError(
+            "push rejected: the gradient tree does not match the parameter tree; "
+            f"missing paths: {missing[:10]}, unexpected paths: {extra[:10]} "
+            f"(expected {plan.treedef}, got {treedef})"
+        )
+    return [x for _, x in with_paths]
+
+
+def check_leaves(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> None:
+    """Raises `PushError` naming every leaf whose shape or dtype does not fit."""
+    problems = []
+    for spec, x in zip(specs, leaves):
+        shape, dtype = tuple(np.shape(x)), _leaf_dtype(x)
+        if shape != spec.shape:
+            problems.append(f"{spec.path}: shape {list(shape)}, expected {list(spec.shape)} ({dtype.name} -> {spec.dtype.name})")
+        elif not jnp.can_cast(dtype, spec.dtype, casting="same_kind"):
+            problems.append(f"{spec.path}: dtype {dtype.name} cannot be cast to the parameter's {spec.dtype.name} (shape {list(shape)})")
+    if problems:
+        raise PushError("push rejected, nothing was changed: " + "; ".join(problems))
+
+
+@jax.jit
+def _all_finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[str]:
+    """Paths of floating-point leaves holding NaN or Inf (one device sync when all are finite)."""
+    floats = [(s, x) for s, x in zip(specs, leaves) if np.issubdtype(s.dtype, np.inexact) or s.dtype == jnp.bfloat16]
+    if not floats:
+        return []
+    on_device = [x for _, x in floats if isinstance(x, jax.Array)]
+    on_host = [np.asarray(x) for _, x in floats if not isinstance(x, jax.Array)]
+    if (not on_device or bool(_all_finite(on_device))) and all(np.isfinite(x).all() for x in on_host):
+        return []
+    return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x, np.float32)).all())]
+
+
+def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
+    """Leaves in their parameter dtype: jax arrays stay on their device, the rest become numpy."""
+    out = []
+    for spec, x in zip(specs, leaves):
+        if isinstance(x, jax.Array):
+            out.append(x if x.dtype == spec.dtype else x.astype(spec.dtype))
+        else:
+            out.append(np.asarray(x, dtype=spec.dtype))
+    return out
+
+
+def check_gradients(plan: Plan, grads: Any, nonfinite: str = "raise") -> list[Any] | None:
+    """Flat gradient leaves cast to the parameter dtypes; None if skipped as non-finite.
+
+    Raises `PushError` naming the tree paths, shapes and dtypes at fault.
+    """
+    leaves = check_structure(plan, grads)
+    check_leaves(plan.leaves, leaves)
+    bad = nonfinite_paths(plan.leaves, leaves)
+    if bad and nonfinite == "raise":
+        shown = [f"{p} ({plan.leaves[i].describe()})" for i, p in enumerate(l.path for l in plan.leaves) if p in set(bad)]
+        raise PushError(
+            f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
+            "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
+        )
+    if bad:
+        return None
+    return cast(plan.leaves, leaves)

@@ -1,0 +1,1 @@
+"""jaxps's built-in transports, imported lazily by name (see `jaxps.transport`)."""
