@@ -14,6 +14,7 @@ from jaxps.server import ParameterServer as ParameterServer
 from jaxps.shard import Shard as Shard
 from jaxps.shard import ShardSpec as ShardSpec
 from jaxps.transport import ShardChannel as ShardChannel
+from jaxps.transport import ShardDiedError as ShardDiedError
 from jaxps.transport import Transport as Transport
 from jaxps.transport import available_transports as available_transports
 from jaxps.transport import register_transport as register_transport
@@ -32,6 +33,7 @@ __all__ = [
     "PushFuture",
     "Shard",
     "ShardChannel",
+    "ShardDiedError",
     "ShardSpec",
     "Transport",
     "available_transports",

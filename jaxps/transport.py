@@ -29,6 +29,10 @@ _ALIASES = {"inproc": "inprocess", "mp": "multiprocessing"}
 _INSTALL_HINTS = {"ray": "pip install 'jaxps[ray]'  (or: pip install 'ray>=2.9')"}
 
 
+class ShardDiedError(RuntimeError):
+    """A shard's process or actor is gone; its state is lost."""
+
+
 @runtime_checkable
 class Waitable(Protocol):
     """A `concurrent.futures.Future`-like handle."""
