@@ -46,7 +46,8 @@ class Shard:
         self._plan = spec.plan
         self._specs = [spec.plan.leaves[i] for i in spec.plan.shard_leaves[spec.index]]
         self._device = device
-        self._params = spec.plan.view(spec.index, jax.device_put(list(spec.leaves), device))
+        # the shard donates its buffers, so it must own them: always copy
+        self._params = spec.plan.view(spec.index, jax.device_put(list(spec.leaves), device, may_alias=False))
         self._opt_state = spec.tx.init(self._params)
         self._step_donating, self._step_lent = compile_step(spec.tx)
         self._mean = jax.jit(mean_gradients)
@@ -62,7 +63,7 @@ class Shard:
         """Offers `worker`'s gradients (None: skipped) for step `tag`; `done` fires once it is settled."""
         if leaves is not None:
             check_leaves(self._specs, leaves)
-            grads = self._plan.view(self.index, jax.device_put(list(leaves), self._device))
+            grads = self._plan.view(self.index, [self._own(x) for x in leaves])
         else:
             grads = None
         with self._lock:
@@ -98,6 +99,10 @@ class Shard:
             return {"shard": self.index, **self._clock.stats()}
 
     # -- internals ------------------------------------------------------------
+    def _own(self, x: Any) -> jax.Array:
+        """`x` on the shard's device; numpy input is copied (its buffer may be reused)."""
+        return jax.device_put(x, self._device, may_alias=False if not isinstance(x, jax.Array) else None)
+
     def _apply(self, steps: list[Step]) -> None:
         for step in steps:
             grads = step.gradients

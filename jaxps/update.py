@@ -71,8 +71,8 @@ def transform_names(tx: Any) -> list[str]:
             visit(obj.update)
         elif callable(obj) and hasattr(obj, "__qualname__") and hasattr(obj, "__closure__"):
             qualname = obj.__qualname__
-            if "<locals>" in qualname:
-                names.append(qualname.split(".<locals>")[0])
+            if "<locals>" in qualname:  # e.g. "adam.<locals>.update_fn" -> "adam"
+                names.append(qualname.rsplit(".<locals>", 1)[0].rsplit(".", 1)[-1])
             for cell in obj.__closure__ or ():
                 try:
                     visit(cell.cell_contents)
@@ -99,17 +99,17 @@ def check_shardable(tx: optax.GradientTransformation, plan: Plan, leaves: Sequen
     Runs two steps of `tx` on the whole tree and on each shard's view with the
     same probe gradients (large enough to trip norm clipping) and compares.
     """
-    named = [n for n in transform_names(tx) if n in WHOLE_TREE_TRANSFORMS]
     if plan.num_shards == 1:
         return
+    named = [n for n in transform_names(tx) if n in WHOLE_TREE_TRANSFORMS]
     if named:
         raise NotShardableError(_not_shardable_message(named, plan))
     rng = np.random.default_rng(0)
     probes = [
         [
-            (rng.standard_normal(np.shape(x)) * 100.0).astype(np.asarray(x).dtype)
+            np.asarray(rng.standard_normal(np.shape(x)) * 100.0, np.asarray(x).dtype)
             if np.issubdtype(np.asarray(x).dtype, np.inexact)
-            else np.zeros_like(x)
+            else np.zeros_like(np.asarray(x))
             for x in leaves
         ]
         for _ in range(2)
@@ -139,10 +139,12 @@ def _run_steps(tx, params, grads_seq):
 
 
 def _not_shardable_message(names: list[str], plan: Plan, differ: list[str] | None = None) -> str:
-    what = ", ".join(names) if names else "the optimizer"
-    detail = f" (the step differs at {differ[:5]})" if differ else ""
+    if differ:
+        what = f"the optimizer (built from {', '.join(names)}) reduces over the whole parameter tree: the step differs at {differ[:5]}"
+    else:
+        what = f"the optimizer reduces over the whole parameter tree ({', '.join(names)})"
     return (
-        f"the optimizer reduces over the whole parameter tree ({what}){detail}, so split into "
-        f"{plan.num_shards} shards it would not give the unsharded step. Use shards=1, or drop "
-        f"the whole-tree transform (e.g. clip per leaf with optax.clip or on the worker before push)."
+        f"{what}, so split into {plan.num_shards} shards it would not give the unsharded step. "
+        "Use shards=1, or drop the whole-tree transform (e.g. clip per leaf with optax.clip, "
+        "or clip on the worker before push)."
     )

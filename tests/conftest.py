@@ -9,13 +9,33 @@ import pytest
 import jaxps
 
 # The conformance suite: tests taking the `transport` fixture run once per entry.
-TRANSPORTS = ["inprocess"]
+TRANSPORTS = ["inprocess", "ray"]
 
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request):
     """A transport name; transport-specific set-up (e.g. a shared Ray session) hangs off here."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_session")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small local Ray for the whole session (a start costs seconds), shut down at the end."""
+    ray = pytest.importorskip("ray")
+    # Ray workers get the driver's script dir and cwd on sys.path, not tests/: add it for test modules.
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.abspath(__file__)), old) if p)
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning")
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture

@@ -1,0 +1,93 @@
+"""Small trees, gradients and oracles shared by the tests."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def params_tree():
+    """Six leaves of assorted shapes under nested dicts and a list."""
+    rng = np.random.default_rng(0)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return {
+        "conv": {"kernel": f(3, 3, 1, 4), "bias": f(4)},
+        "dense": {"kernel": f(8, 3), "bias": f(3)},
+        "embed": [f(5, 2)],
+        "scale": f(),
+    }
+
+
+def grads_like(params, seed, integer=False):
+    """Deterministic gradients shaped like `params`; small integers when `integer`."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if integer:
+        new = [jnp.asarray(rng.integers(-8, 9, np.shape(x)), x.dtype) for x in leaves]
+    else:
+        new = [jnp.asarray(rng.standard_normal(np.shape(x)), x.dtype) for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def optax_oracle(tx):
+    """A jitted plain optax step on the whole tree: (params, opt_state, grads) -> (params, opt_state)."""
+
+    @jax.jit
+    def step(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def mean(grads_list):
+    """The mean of gradient trees, summed in list order (as the server does)."""
+    return jax.tree.map(lambda *g: functools.reduce(lambda a, b: a + b, g) / len(g), *grads_list)
+
+
+def assert_trees_equal(actual, expected, ulp=0):
+    """Same structure, and every leaf the same shape, dtype and bits (or within `ulp` units in the last place).
+
+    `ulp` is for optimizers with transcendental functions (Adam's bias
+    correction `b ** count`): XLA's CPU compiler evaluates those inside each
+    fusion, and which vector lane an element lands in depends on which leaves
+    share the compiled program, so differently sharded programs may round a
+    few elements an ulp apart per step (as jitted and un-jitted optax do).
+    """
+    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    assert a_def == e_def, f"tree structure differs:\n{a_def}\n{e_def}"
+    for (path, a), (_, e) in zip(a_leaves, e_leaves):
+        name = jax.tree_util.keystr(path)
+        assert np.shape(a) == np.shape(e), f"{name}: shape {np.shape(a)} != {np.shape(e)}"
+        assert jnp.result_type(a) == jnp.result_type(e), f"{name}: dtype {jnp.result_type(a)} != {jnp.result_type(e)}"
+        if ulp:
+            a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
+            spacing = np.spacing(np.maximum(np.abs(np.asarray(a)), np.abs(np.asarray(e))).astype(np.asarray(a).dtype))
+            off = np.abs(a64 - e64) / np.asarray(spacing, np.float64)
+            assert np.all(off <= ulp), f"{name}: {np.max(off)} ulp apart (allowed {ulp})"
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=name)
+
+
+# optimizers whose step calls a transcendental function (see assert_trees_equal),
+# and how many ulp apart their sharded and unsharded steps may be after a few steps
+TRANSCENDENTAL = {"adam", "masked_adamw", "multi_transform"}
+ULP = 8
+
+
+def optimizers():
+    """The optimizers the sharded == unsharded oracle covers, path-aware ones included."""
+    not_bias = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "bias" not in jax.tree_util.keystr(path), p)
+    labels = lambda p: jax.tree_util.tree_map_with_path(
+        lambda path, _: "embed" if "embed" in jax.tree_util.keystr(path) else "rest", p
+    )
+    return {
+        "sgd": optax.sgd(0.1),
+        "momentum": optax.sgd(0.1, momentum=0.9),
+        "adam": optax.adam(1e-2),
+        "masked_adamw": optax.adamw(1e-2, weight_decay=0.1, mask=not_bias),
+        "multi_transform": optax.multi_transform({"embed": optax.sgd(0.5), "rest": optax.adam(1e-2)}, labels),
+    }

@@ -1,0 +1,247 @@
+"""The pure parts (plan, clocks, optimizer checks) and in-process end-to-end loops."""
+
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jaxps
+from helpers import TRANSCENDENTAL, ULP, assert_trees_equal, grads_like, optax_oracle, optimizers, params_tree
+from jaxps.consistency import Clock, Contribution, Sync, make_policy
+
+# -- plan ------------------------------------------------------------------------
+
+
+def test_plan_balances_bytes_and_is_inspectable():
+    params = {"big": jnp.ones(1000), "mid": jnp.ones(600), "a": jnp.ones(300), "b": jnp.ones(300), "c": jnp.ones(10)}
+    plan = jaxps.make_plan(params, 2)
+    assert sorted(plan.bytes_per_shard) == [4 * 1010, 4 * 1200]  # largest first, each to the lightest shard
+    assert plan.paths["['big']"] != plan.paths["['mid']"]
+    assert set(plan.paths) == {"['big']", "['mid']", "['a']", "['b']", "['c']"}
+
+
+def test_plan_is_the_same_in_every_process():
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import jaxps, helpers;"
+        "print(sorted(jaxps.make_plan(helpers.params_tree(), 3).paths.items()))"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu", "PATH": ""},
+                       capture_output=True, text=True, check=True).stdout
+        for seed in ("1", "2")
+    }
+    assert outs == {str(sorted(jaxps.make_plan(params_tree(), 3).paths.items())) + "\n"}
+
+
+def test_plan_assign_callable():
+    plan = jaxps.make_plan(params_tree(), 2, assign=lambda path, leaf: int("dense" in path))
+    assert {p for p, s in plan.paths.items() if s == 1} == {"['dense']['kernel']", "['dense']['bias']"}
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match=r"asked for 7 shards but the parameter tree has only 6 leaves"):
+        jaxps.make_plan(params_tree(), 7)
+    with pytest.raises(ValueError, match=r"assign must return a shard index in \[0, 2\)"):
+        jaxps.make_plan(params_tree(), 2, assign=lambda path, leaf: 5)
+    with pytest.raises(ValueError, match=r"left shards \[1\] without leaves"):
+        jaxps.make_plan(params_tree(), 2, assign=lambda path, leaf: 0)
+
+
+# -- clocks (pure) ------------------------------------------------------------------
+
+
+def test_sync_clock_closes_steps_in_worker_order_and_drops_late_pushes():
+    policy, clock = Sync(backup=1), Clock.start(3)
+    clock, steps, outcome = policy.push(clock, Contribution(2, 0, "g2", 0))
+    assert (steps, outcome, clock.version) == ([], None, 0)
+    clock, steps, outcome = policy.push(clock, Contribution(0, 0, "g0", 0))
+    assert [s.gradients for s in steps] == [["g0", "g2"]] and clock.version == 1
+    clock, steps, outcome = policy.push(clock, Contribution(1, 0, "g1", 0))
+    assert (steps, outcome, clock.pushes_dropped) == ([], "dropped", 1)
+    assert policy.pull_ready(clock, 1) and not policy.pull_ready(policy.push(clock, Contribution(1, 1, "x", 1))[0], 1)
+
+
+def test_sync_clock_leave_lowers_the_quorum():
+    policy, clock = Sync(), Clock.start(2)
+    clock, steps, _ = policy.push(clock, Contribution(0, 0, "g0", 0))
+    assert not steps
+    clock, steps = policy.leave(clock, 1)
+    assert [s.gradients for s in steps] == [["g0"]]
+
+
+def test_bad_modes_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown mode 'bsp'; valid modes: async, sync, ssp"):
+        jaxps.ParameterServer(params_tree(), optax.sgd(0.1), mode="bsp")
+    with pytest.raises(ValueError, match="needs workers=N"):
+        make_policy("sync", None, 0, None)
+    with pytest.raises(ValueError, match="needs max_staleness"):
+        make_policy("ssp", 2, 0, None)
+    with pytest.raises(ValueError, match=r"backup_workers must be an int in \[0, workers=2\)"):
+        make_policy("sync", 2, 2, None)
+
+
+def test_unknown_transport_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown transport 'rey'; valid transports: .*inprocess.*multiprocessing.*ray.*Did you mean 'ray'"):
+        jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="rey")
+
+
+def test_transport_by_module_path_and_registry():
+    ps = jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="transports.inprocess:InProcessTransport")
+    assert_trees_equal(ps.pull(), params_tree())
+    ps.close()
+    from transports.inprocess import InProcessTransport
+
+    jaxps.register_transport("mine", InProcessTransport)
+    assert "mine" in jaxps.available_transports()
+    with jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="mine") as ps:
+        assert ps.step == 0
+
+
+# -- the optimizer step -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5, 6])
+@pytest.mark.parametrize("name", list(optimizers()))
+def test_sharded_equals_unsharded_every_optimizer(name, shards):
+    tx, params = optimizers()[name], params_tree()
+    with jaxps.ParameterServer(params, tx, shards=shards) as ps:
+        step, expected, opt_state = optax_oracle(tx), params, tx.init(params)
+        for t in range(5):
+            g = grads_like(params, t)
+            ps.push(g)
+            expected, opt_state = step(expected, opt_state, g)
+        assert_trees_equal(ps.pull(), expected, ulp=ULP if name in TRANSCENDENTAL else 0)
+
+
+def test_step_is_compiled_once():
+    with jaxps.ParameterServer(params_tree(), optax.adam(1e-3), shards=2) as ps:
+        for t in range(6):
+            ps.pull()  # lends the params: the non-donating step
+            ps.push(grads_like(params_tree(), t))
+        for t in range(3):
+            ps.push(grads_like(params_tree(), t))  # nothing lent: the donating step
+        shard = ps._channels[0]._shard
+        assert shard._step_lent._cache_size() == 1
+        assert shard._step_donating._cache_size() == 1
+
+
+def test_whole_tree_transforms_are_refused_by_name():
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    with pytest.raises(jaxps.NotShardableError, match="clip_by_global_norm"):
+        jaxps.ParameterServer(params_tree(), tx, shards=2)
+    with jaxps.ParameterServer(params_tree(), tx, shards=1) as ps:  # one shard sees the whole tree: exact
+        step, opt_state = optax_oracle(tx), tx.init(params_tree())
+        ps.push(grads_like(params_tree(), 0))
+        expected, _ = step(params_tree(), opt_state, grads_like(params_tree(), 0))
+        assert_trees_equal(ps.pull(), expected, ulp=ULP)
+
+
+def test_unknown_whole_tree_transforms_are_caught_by_the_probe():
+    def scale_by_global_max():  # a user's transform that reduces over all leaves
+        def update(updates, state, params=None):
+            top = max(jnp.max(jnp.abs(u)) for u in jax.tree.leaves(updates))
+            return jax.tree.map(lambda u: u / top, updates), state
+
+        return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+    with pytest.raises(jaxps.NotShardableError, match=r"built from .*scale_by_global_max.*the step differs at"):
+        jaxps.ParameterServer(params_tree(), optax.chain(scale_by_global_max(), optax.sgd(0.1)), shards=2)
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+leaf = st.tuples(
+    st.lists(st.integers(0, 3), max_size=3), st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32])
+).map(lambda s: jnp.arange(int(np.prod(s[0], dtype=int)), dtype=s[1]).reshape(s[0]))
+trees = st.recursive(
+    leaf,
+    lambda children: st.one_of(
+        st.dictionaries(st.text("abcxyz", min_size=1, max_size=3), children, min_size=1, max_size=3),
+        st.lists(children, min_size=1, max_size=3),
+        st.lists(children, min_size=1, max_size=3).map(tuple),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees, shards=st.integers(1, 4))
+def test_random_pytrees_round_trip(tree, shards):
+    shards = min(shards, len(jax.tree.leaves(tree)))
+    with jaxps.ParameterServer(tree, optax.identity(), shards=shards) as ps:
+        assert_trees_equal(ps.pull(), tree)
+        ps.push(jax.tree.map(jnp.zeros_like, tree)).result(timeout=30)
+        assert_trees_equal(ps.pull(), tree)
+
+
+# -- flax training loops ------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.relu(nn.Dense(16)(x)))
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)
+    return x, jnp.asarray(x[:, :2] * 2.0 - x[:, 2:])
+
+
+def test_linen_loop_matches_plain_optax():
+    x, y = _data()
+    model, tx = MLP(), optax.sgd(0.05, momentum=0.9)
+    variables = model.init(jax.random.key(0), x)
+    loss = lambda p, x, y: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+    grad_fn = jax.jit(jax.grad(loss))
+
+    params, opt_state = variables["params"], tx.init(variables["params"])
+    step = optax_oracle(tx)
+    for _ in range(10):
+        params, opt_state = step(params, opt_state, grad_fn(params, x, y))
+
+    with jaxps.ParameterServer(variables["params"], tx, shards=2) as ps:
+        for _ in range(10):
+            ps.push(grad_fn(ps.pull(), x, y))
+        assert_trees_equal(ps.params(), params)
+
+
+def test_nnx_loop_matches_plain_optax():
+    x, y = _data()
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(4, 16, rngs=rngs), nnx.Linear(16, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.l1(x)))
+
+    def loss(state, graphdef, x, y):
+        return jnp.mean((nnx.merge(graphdef, state)(x) - y) ** 2)
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
+    tx = optax.sgd(0.05)
+
+    plain, opt_state = state, tx.init(state)
+    step = optax_oracle(tx)
+    for _ in range(10):
+        plain, opt_state = step(plain, opt_state, grad_fn(plain, graphdef, x, y))
+
+    with jaxps.ParameterServer(state, tx, shards=3) as ps:
+        for _ in range(10):
+            ps.push(grad_fn(ps.pull(), graphdef, x, y))
+        final = ps.params()
+    assert isinstance(final, nnx.State)
+    assert_trees_equal(final, plain)
+    model = nnx.merge(graphdef, final)  # back into a module
+    assert model(x).shape == (32, 2)

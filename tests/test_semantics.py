@@ -1,0 +1,260 @@
+"""The conformance suite: every test here runs over every transport, with optax as the oracle."""
+
+import threading
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxps
+from helpers import TRANSCENDENTAL, ULP, assert_trees_equal, grads_like, mean, optax_oracle, optimizers, params_tree
+
+
+@pytest.mark.parametrize("name", ["adam", "masked_adamw", "multi_transform"])
+def test_sharded_equals_unsharded(make_server, name):
+    tx = optimizers()[name]
+    params = params_tree()
+    ps = make_server(params, tx, shards=3)
+    step, expected, opt_state = optax_oracle(tx), params, tx.init(params)
+    for t in range(4):
+        g = grads_like(params, seed=t)
+        assert ps.push(g).result(timeout=60) == "applied"
+        expected, opt_state = step(expected, opt_state, g)
+        assert_trees_equal(ps.pull(), expected, ulp=ULP if name in TRANSCENDENTAL else 0)
+    assert ps.step == 4
+
+
+def test_pull_sees_own_earlier_pushes(make_server):
+    params = params_tree()
+    ps = make_server(params, optax.sgd(0.5), shards=2)
+    expected = params
+    for t in range(5):
+        g = grads_like(params, t, integer=True)
+        ps.push(g)  # not waited on
+        expected = jax.tree.map(lambda p, g: p - 0.5 * g, expected, g)
+        assert_trees_equal(ps.pull(), expected)
+
+
+def test_sync_equals_one_step_on_the_mean_gradient(make_server):
+    params, tx, n, steps = params_tree(), optax.sgd(0.1, momentum=0.9), 3, 4
+    ps = make_server(params, tx, shards=2, mode="sync", workers=n)
+    pulled = {}
+
+    def worker(i):
+        c = ps.client(i)
+        for t in range(steps):
+            pulled[(i, t)] = c.pull(timeout=60)
+            assert c.push(grads_like(params, seed=100 * t + i)).result(timeout=60) == "applied"
+        pulled[(i, steps)] = c.pull(timeout=60)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    step, expected, opt_state = optax_oracle(tx), params, tx.init(params)
+    for t in range(steps + 1):
+        for i in range(n):  # every worker pulled exactly the step-t parameters
+            assert_trees_equal(pulled[(i, t)], expected)
+        if t < steps:
+            g = mean([grads_like(params, seed=100 * t + i) for i in range(n)])
+            expected, opt_state = step(expected, opt_state, g)
+    assert_trees_equal(ps.params(), expected)
+    stats = ps.stats()
+    assert stats["steps"] == steps and stats["pushes_applied"] == n * steps and stats["staleness_max"] == 0
+
+
+def test_sync_pull_waits_for_the_step(make_server):
+    params = params_tree()
+    ps = make_server(params, optax.sgd(0.5), mode="sync", workers=2)
+    a, b = ps.client(0), ps.client(1)
+    ga, gb = grads_like(params, 1, integer=True), grads_like(params, 2, integer=True)
+    a.pull(), b.pull()
+    fa = a.push(ga)
+    with pytest.raises(TimeoutError):
+        a.pull(timeout=0.5)  # step 0 still needs worker 1
+    assert not fa.done()
+    b.push(gb)
+    assert fa.result(timeout=30) == "applied"
+    expected = jax.tree.map(lambda p, x, y: p - 0.5 * ((x + y) / 2), params, ga, gb)
+    assert_trees_equal(a.pull(timeout=30), expected)
+
+
+def test_backup_workers_drop_the_straggler(make_server):
+    params, tx = params_tree(), optax.sgd(0.1)
+    ps = make_server(params, tx, shards=2, mode="sync", workers=3, backup_workers=1)
+    clients = [ps.client(i) for i in range(3)]
+    for c in clients:
+        c.pull()
+    g = [grads_like(params, i) for i in range(3)]
+    f0, f1 = clients[0].push(g[0]), clients[1].push(g[1])
+    assert (f0.result(timeout=30), f1.result(timeout=30)) == ("applied", "applied")
+    assert clients[2].push(g[2]).result(timeout=30) == "dropped"
+    expected, _ = optax_oracle(tx)(params, tx.init(params), mean(g[:2]))
+    assert_trees_equal(ps.params(), expected)
+    stats = ps.stats()
+    assert (stats["steps"], stats["pushes_dropped"]) == (1, 1)
+    # the straggler catches up: it pulls step 1 and takes part in step 1
+    clients[2].pull(timeout=30)
+    f = [clients[i].push(g[i]) for i in (2, 0)]
+    assert [x.result(timeout=30) for x in f] == ["applied", "applied"]
+    assert ps.step == 2
+
+
+def test_async_sgd_is_order_independent(make_server):
+    params, n, pushes, lr = jax.tree.map(jnp.round, params_tree()), 4, 10, 0.5
+    ps = make_server(params, optax.sgd(lr), shards=3, mode="async")
+
+    def worker(i):
+        c = ps.client(i)
+        futures = []
+        for t in range(pushes):
+            c.pull()
+            futures.append(c.push(grads_like(params, 1000 * i + t, integer=True)))
+        return [f.result(timeout=60) for f in futures]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    # integer params and gradients, lr = 1/2: every partial sum is exact, so any order gives the same bits
+    total = jax.tree.map(lambda *g: sum(g), *[grads_like(params, 1000 * i + t, integer=True) for i in range(n) for t in range(pushes)])
+    assert_trees_equal(ps.params(), jax.tree.map(lambda p, g: p - lr * g, params, total))
+    assert ps.step == n * pushes
+    assert ps.stats()["pushes_applied"] == n * pushes
+
+
+def test_async_staleness_is_counted(make_server):
+    params = params_tree()
+    ps = make_server(params, optax.sgd(0.1), shards=2)
+    a, b = ps.client(0), ps.client(1)
+    a.pull(), b.pull()
+    b.push(grads_like(params, 1)).result(timeout=30)  # computed on version 0, applied at 0
+    a.push(grads_like(params, 2)).result(timeout=30)  # computed on version 0, applied at 1
+    stats = ps.stats()
+    assert (stats["staleness_max"], stats["staleness_mean"]) == (1, 0.5)
+
+
+def test_ssp_waits_and_resumes(make_server):
+    params = params_tree()
+    ps = make_server(params, optax.sgd(0.1), shards=2, mode="ssp", workers=2, max_staleness=1)
+    fast, slow = ps.client(0), ps.client(1)
+    g = grads_like(params, 0)
+    fast.pull()
+    fast.push(g).result(timeout=30)
+    fast.pull(timeout=30)  # 1 ahead of the slowest: allowed
+    fast.push(g).result(timeout=30)
+    with pytest.raises(TimeoutError):
+        fast.pull(timeout=0.5)  # 2 ahead: waits
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("p", fast.pull(timeout=60)))
+    waiter.start()
+    time.sleep(0.3)
+    assert "p" not in got
+    slow.pull()
+    slow.push(g).result(timeout=30)  # the slowest catches up by one
+    waiter.join(60)
+    assert "p" in got and ps.step == 3
+
+
+def test_finished_workers_do_not_block_sync(make_server):
+    params = params_tree()
+    ps = make_server(params, optax.sgd(0.1), mode="sync", workers=2)
+
+    def work(client, steps):
+        for t in range(steps):
+            client.pull(timeout=60)
+            client.push(grads_like(params, t)).result(timeout=60)
+        return steps
+
+    assert ps.run_workers(work, [2, 5]) == [2, 5]
+    assert ps.step == 5
+
+
+class Pair(NamedTuple):
+    w: jax.Array
+    b: jax.Array
+
+
+def test_pull_keeps_structure_shapes_and_dtypes(make_server):
+    params = {
+        "list": [jnp.ones((2, 3)), (jnp.zeros(4, jnp.bfloat16), Pair(jnp.arange(3.0), jnp.float32(2.5)))],
+        "scalar": jnp.float32(1.0),
+        "f16": jnp.full((2,), 3.0, jnp.float16),
+    }
+    ps = make_server(params, optax.sgd(0.5), shards=3)
+    assert_trees_equal(ps.pull(), params)
+    g = jax.tree.map(lambda x: jnp.ones_like(x), params)
+    ps.push(g).result(timeout=30)
+    assert_trees_equal(ps.pull(), jax.tree.map(lambda p: (p - 0.5 * jnp.ones_like(p)).astype(p.dtype), params))
+
+
+def _snapshot(ps):
+    return ps.params(), ps.step, {k: v for k, v in ps.stats().items() if k != "shards"}
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda g: {k: v for k, v in g.items() if k != "scale"}, r"missing paths: \[\"\['scale'\]\"\]"),
+        (lambda g: {**g, "extra": jnp.ones(2)}, r"unexpected paths: \[\"\['extra'\]\"\]"),
+        (lambda g: {**g, "dense": {**g["dense"], "kernel": jnp.ones((3, 8))}}, r"\['dense'\]\['kernel'\]: shape \[3, 8\], expected \[8, 3\]"),
+        (lambda g: {**g, "dense": {**g["dense"], "bias": jnp.ones(3, jnp.complex64)}}, r"\['dense'\]\['bias'\]: dtype complex64 cannot be cast to the parameter's float32"),
+        (lambda g: {**g, "embed": [g["embed"][0].at[1, 1].set(jnp.nan)]}, r"NaN or Inf in \[\"\['embed'\]\[0\] \(float32\[5, 2\]\)\"\]"),
+        (lambda g: {**g, "scale": jnp.float32(jnp.inf)}, r"NaN or Inf in \[\"\['scale'\] \(float32\[\]\)\"\]"),
+    ],
+    ids=["missing", "extra", "shape", "dtype", "nan", "inf"],
+)
+def test_bad_push_changes_nothing(make_server, bad, match):
+    params, tx = params_tree(), optax.sgd(0.1, momentum=0.9)
+    ps = make_server(params, tx, shards=3)
+    g0, g1 = grads_like(params, 0), grads_like(params, 1)
+    ps.push(g0).result(timeout=30)
+    before = _snapshot(ps)
+    with pytest.raises(jaxps.PushError, match=match):
+        ps.push(bad(g1))
+    after = _snapshot(ps)
+    assert_trees_equal(after[0], before[0])
+    assert after[1:] == before[1:]
+    # the server keeps serving, and its optimizer state is as if the bad push never came
+    ps.push(g1).result(timeout=30)
+    step, opt_state = optax_oracle(tx), tx.init(params)
+    expected, opt_state = step(params, opt_state, g0)
+    expected, _ = step(expected, opt_state, g1)
+    assert_trees_equal(ps.pull(), expected)
+
+
+def test_nonfinite_skip_mode(make_server):
+    params = params_tree()
+    ps = make_server(params, optax.sgd(0.1), shards=2, nonfinite="skip")
+    g = grads_like(params, 0)
+    assert ps.push({**g, "scale": jnp.float32(jnp.nan)}).result(timeout=30) == "skipped"
+    assert_trees_equal(ps.params(), params)
+    assert (ps.step, ps.stats()["pushes_skipped"]) == (0, 1)
+    assert ps.push(g).result(timeout=30) == "applied"
+    assert ps.step == 1
+
+
+def test_nonfinite_skip_counts_as_arrival_in_sync(make_server):
+    params, tx = params_tree(), optax.sgd(0.1)
+    ps = make_server(params, tx, mode="sync", workers=2, nonfinite="skip")
+    a, b = ps.client(0), ps.client(1)
+    g = grads_like(params, 0)
+    fa = a.push({**g, "scale": jnp.float32(jnp.inf)})
+    fb = b.push(g)
+    assert (fa.result(timeout=30), fb.result(timeout=30)) == ("skipped", "applied")
+    expected, _ = optax_oracle(tx)(params, tx.init(params), g)  # the mean of the finite gradients
+    assert_trees_equal(ps.params(), expected)
+
+
+def test_close_is_idempotent_and_final(make_server):
+    ps = make_server(params_tree(), optax.sgd(0.1), shards=2)
+    ps.close()
+    ps.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        ps.pull()

@@ -1,0 +1,287 @@
+"""Ray transport: each shard is an asyncio Ray actor, workers are Ray tasks.
+
+Arrays travel through Ray's object store: a push is one `ray.put` of the
+shard's leaf list, a pull returns the shard's leaves as numpy arrays that the
+client reads zero-copy and turns into jax arrays.
+
+Order. Ray runs the calls of one submitter in order only on a synchronous,
+single-threaded actor; an asyncio (or threaded) actor may start a call while
+an earlier one waits for its arguments ("Actor Task Execution Order",
+docs.ray.io/en/latest/ray-core/actors/task-orders.html). So every call of a
+channel carries (caller id, sequence number) and the actor hands each call to
+its `Shard` in that order; only the wait for the result (a sync step closing,
+an ssp pull) happens outside that turn, on the actor's event loop.
+
+Resources, by default: shard actors take `num_cpus=0` (they mostly wait; ask
+for more with `num_cpus`, `num_gpus`, `resources`), worker tasks
+`num_cpus=0.01` and no retries, so that all workers of a sync step can run at
+once even on a small machine (a worker left pending would stall the step
+forever); change them with `worker_options`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
+
+
+# -- the actor ---------------------------------------------------------------------
+@ray.remote
+class _ShardActor:
+    """One `jaxps.shard.Shard`, served on an asyncio event loop."""
+
+    def __init__(self, spec):
+        import jax.numpy as jnp  # here, once Ray has set up this process's devices
+
+        from jaxps.shard import Shard
+
+        self._jnp = jnp
+        self._shard = Shard(spec)
+        self._next: dict[str, int] = {}  # caller -> sequence number of its next call
+        self._waiting: dict[tuple[str, int], asyncio.Future] = {}
+
+    async def ready(self) -> int:
+        return self._shard.index
+
+    async def push(self, caller, seq, worker, tag, based_on, leaves):
+        done = asyncio.get_running_loop().create_future()
+
+        def register():
+            # copies: object-store arrays are read-only and go away with their ref
+            copies = None if leaves is None else [self._jnp.array(x, copy=True) for x in leaves]
+            self._shard.push(worker, tag, based_on, copies, lambda outcome: _resolve(done, outcome))
+
+        await self._in_turn(caller, seq, register)
+        return await done
+
+    async def pull(self, caller, seq, worker):
+        done = asyncio.get_running_loop().create_future()
+
+        def ready(version, leaves):
+            # numpy views of the shard's arrays; lend=True keeps the next step from donating them
+            _resolve(done, (version, [np.asarray(x) for x in leaves]))
+
+        await self._in_turn(caller, seq, lambda: self._shard.pull(worker, ready, lend=True))
+        return await done
+
+    async def leave(self, caller, seq, worker):
+        return await self._in_turn(caller, seq, lambda: self._shard.leave(worker))
+
+    async def stats(self, caller, seq):
+        return await self._in_turn(caller, seq, self._shard.stats)
+
+    async def _in_turn(self, caller: str, seq: int, call: Callable[[], Any]) -> Any:
+        """Runs `call` once every earlier call of `caller` has had its turn."""
+        if self._next.get(caller, 0) != seq:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting[(caller, seq)] = turn
+            await turn
+        try:
+            return call()
+        finally:
+            self._next[caller] = seq + 1
+            following = self._waiting.pop((caller, seq + 1), None)
+            if following is not None:
+                _resolve(following, None)
+
+
+def _resolve(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+@ray.remote
+def _run_worker(fn, client, arg):
+    from jaxps.client import run_worker
+
+    return run_worker(fn, client, arg)
+
+
+# -- the client's side ---------------------------------------------------------------
+def _died(index: int, actor, error: Exception) -> Exception:
+    from jaxps.transport import ShardDiedError
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ShardDiedError(
+        f"shard {index} died: its Ray actor {actor._actor_id.hex()} is gone and its parameters "
+        f"and optimizer state with it ({first})"
+    )
+
+
+class RayFuture:
+    """`.result(timeout)` of one actor call; a dead actor raises `jaxps.ShardDiedError`."""
+
+    def __init__(self, ref: ray.ObjectRef, channel: "RayChannel", convert: Callable[[Any], Any] | None = None):
+        self._ref = ref
+        self._channel = channel
+        self._convert = convert
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            value = ray.get(self._ref, timeout=timeout)
+        except RayActorError as e:
+            raise _died(self._channel.index, self._channel.actor, e) from e
+        return self._convert(value) if self._convert else value
+
+    def done(self) -> bool:
+        ready, _ = ray.wait([self._ref], timeout=0)
+        return bool(ready)
+
+
+def _to_jax(value):
+    import jax.numpy as jnp
+
+    version, leaves = value
+    return version, [jnp.array(x, copy=True) for x in leaves]  # copied: not aliasing the object store
+
+
+class RayChannel:
+    """A client's line to one shard actor; picklable into Ray tasks and actors.
+
+    Every unpickled copy is a new caller whose calls the actor runs in order.
+    """
+
+    def __init__(self, actor, index: int):
+        self.actor = actor
+        self.index = index
+        self._new_caller()
+
+    def _new_caller(self) -> None:
+        self._caller = uuid.uuid4().hex
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"actor": self.actor, "index": self.index}
+
+    def __setstate__(self, state):
+        self.actor, self.index = state["actor"], state["index"]
+        self._new_caller()
+
+    def _call(self, method: str, *args) -> ray.ObjectRef:
+        with self._lock:  # sequence numbers in submission order
+            return getattr(self.actor, method).remote(self._caller, next(self._seq), *args)
+
+    def push(self, worker, tag, based_on, leaves) -> RayFuture:
+        ref = None if leaves is None else ray.put([np.asarray(x) for x in leaves])
+        return RayFuture(self._call("push", worker, tag, based_on, ref), self)
+
+    def pull(self, worker) -> RayFuture:
+        return RayFuture(self._call("pull", worker), self, _to_jax)
+
+    def leave(self, worker) -> None:
+        RayFuture(self._call("leave", worker), self).result()
+
+    def stats(self) -> dict:
+        return RayFuture(self._call("stats"), self).result()
+
+    def __repr__(self) -> str:
+        return f"RayChannel(shard={self.index})"
+
+
+# -- the transport -----------------------------------------------------------------
+class RayTransport:
+    """Shards as asyncio Ray actors, workers as Ray tasks.
+
+    Args:
+      address: a Ray cluster to join (e.g. "auto", "ray://host:10001"); None
+        starts a local Ray unless this process has already initialized one.
+        An already-initialized Ray session is always reused.
+      num_cpus, num_gpus, resources: what each shard actor asks for (default
+        0 CPUs, 0 GPUs); custom resources control placement.
+      init_options: more keyword arguments for `ray.init` (e.g. `num_cpus`
+        of a local Ray; the dashboard is off unless asked for).
+      worker_options: Ray task options for `run_workers` (default
+        `num_cpus=0.01, max_retries=0`).
+      start_timeout: seconds to wait for the shard actors to be placed and built.
+
+    `close()` kills the shard actors and shuts Ray down only if `start` called
+    `ray.init` (for a joined cluster that disconnects this driver; the cluster
+    stays up).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float = 0,
+        resources: dict | None = None,
+        init_options: dict | None = None,
+        worker_options: dict | None = None,
+        start_timeout: float = 120.0,
+    ):
+        self._address = address
+        self._actor_options = {"num_cpus": num_cpus or 0, "num_gpus": num_gpus or 0, "resources": dict(resources or {})}
+        self._init_options = dict(init_options or {})
+        self._worker_options = {**DEFAULT_WORKER_OPTIONS, **(worker_options or {})}
+        self._start_timeout = start_timeout
+        self._actors: list = []
+        self._started_ray = False
+
+    @property
+    def actors(self) -> list:
+        """The shard actors' handles, by shard index."""
+        return list(self._actors)
+
+    def start(self, specs: Sequence[Any]) -> list[RayChannel]:
+        if not ray.is_initialized():
+            ray.init(address=self._address, **{"include_dashboard": False, **self._init_options})
+            self._started_ray = True
+        self._check_feasible()
+        actor_cls = _ShardActor.options(max_restarts=0, **self._actor_options)
+        self._actors = [actor_cls.remote(spec) for spec in specs]
+        refs = [a.ready.remote() for a in self._actors]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self._start_timeout)
+        if pending:
+            raise TimeoutError(
+                f"{len(pending)} of {len(refs)} shard actors not started after {self._start_timeout} s; "
+                f"each asks for {self._need()}, the cluster has {ray.available_resources()} available"
+            )
+        ray.get(refs)  # raises what a shard's constructor raised
+        return [RayChannel(a, spec.index) for a, spec in zip(self._actors, specs)]
+
+    def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any], worker_options: dict | None = None) -> list:
+        """Runs `jaxps.client.run_worker(fn, client_i, arg_i)` as one Ray task each; results in order."""
+        task = _run_worker.options(**{**self._worker_options, **(worker_options or {})})
+        refs = [task.remote(fn, c, a) for c, a in zip(clients, args)]
+        try:
+            ray.wait(refs, num_returns=len(refs))  # let every worker finish, as threads would
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise
+        return ray.get(refs)
+
+    def close(self) -> None:
+        """Kills the shard actors; shuts Ray down if `start` started it. Idempotent."""
+        actors, self._actors = self._actors, []
+        if ray.is_initialized():
+            for actor in actors:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
+        if self._started_ray:
+            self._started_ray = False
+            ray.shutdown()
+
+    def _need(self) -> dict:
+        o = self._actor_options
+        return {k: v for k, v in {"CPU": o["num_cpus"], "GPU": o["num_gpus"], **o["resources"]}.items() if v}
+
+    def _check_feasible(self) -> None:
+        """Refuses at once resources that no node of the cluster has (Ray would wait forever)."""
+        need = self._need()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+            have = [{k: v for k, v in r.items() if not k.startswith("node:") and "memory" not in k} for r in nodes]
+            raise ValueError(f"no node of the Ray cluster has the resources each shard actor asks for {need}; its nodes have {have}")
