@@ -108,7 +108,7 @@ def check_shardable(tx: optax.GradientTransformation, plan: Plan, leaves: Sequen
     probes = [
         [
             np.asarray(rng.standard_normal(np.shape(x)) * 100.0, np.asarray(x).dtype)
-            if np.issubdtype(np.asarray(x).dtype, np.inexact)
+            if jax.numpy.issubdtype(np.asarray(x).dtype, jax.numpy.inexact)
             else np.zeros_like(np.asarray(x))
             for x in leaves
         ]

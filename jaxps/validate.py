@@ -23,10 +23,13 @@ def _leaf_dtype(x: Any) -> np.dtype:
 
 def check_structure(plan: Plan, grads: Any) -> list[Any]:
     """The leaves of `grads`, if its tree paths are those of the parameters."""
-    with_paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    if treedef == plan.treedef:
+        return leaves
+    with_paths = jax.tree_util.tree_flatten_with_path(grads)[0]
     paths = [jax.tree_util.keystr(p) for p, _ in with_paths]
     expected = [leaf.path for leaf in plan.leaves]
-    if treedef != plan.treedef and paths != expected:
+    if paths != expected:  # a dict for a FrozenDict, say, is fine: same paths
         missing = [p for p in expected if p not in set(paths)]
         extra = [p for p in paths if p not in set(expected)]
         raise PushError(
@@ -34,7 +37,7 @@ def check_structure(plan: Plan, grads: Any) -> list[Any]:
             f"missing paths: {missing[:10]}, unexpected paths: {extra[:10]} "
             f"(expected {plan.treedef}, got {treedef})"
         )
-    return [x for _, x in with_paths]
+    return leaves
 
 
 def check_leaves(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> None:
@@ -57,7 +60,7 @@ def _all_finite(leaves):
 
 def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[str]:
     """Paths of floating-point leaves holding NaN or Inf (one device sync when all are finite)."""
-    floats = [(s, x) for s, x in zip(specs, leaves) if np.issubdtype(s.dtype, np.inexact) or s.dtype == jnp.bfloat16]
+    floats = [(s, x) for s, x in zip(specs, leaves) if jnp.issubdtype(s.dtype, jnp.inexact)]
     if not floats:
         return []
     on_device = [x for _, x in floats if isinstance(x, jax.Array)]
