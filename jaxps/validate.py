@@ -58,6 +58,15 @@ def _all_finite(leaves):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _host_finite(x: np.ndarray) -> bool:
+    """One pass, no temporary: NaN and Inf make the sum non-finite (an overflowing sum is re-checked)."""
+    if x.dtype in (np.float32, np.float64):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(x.sum()):
+                return True
+    return bool(np.isfinite(x).all())
+
+
 def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[str]:
     """Paths of floating-point leaves holding NaN or Inf (one device sync when all are finite)."""
     floats = [(s, x) for s, x in zip(specs, leaves) if jnp.issubdtype(s.dtype, jnp.inexact)]
@@ -65,7 +74,7 @@ def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[st
         return []
     on_device = [x for _, x in floats if isinstance(x, jax.Array)]
     on_host = [np.asarray(x) for _, x in floats if not isinstance(x, jax.Array)]
-    if (not on_device or bool(_all_finite(on_device))) and all(np.isfinite(x).all() for x in on_host):
+    if (not on_device or bool(_all_finite(on_device))) and all(_host_finite(x) for x in on_host):
         return []
     return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x, np.float32)).all())]
 
