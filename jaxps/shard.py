@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxps.consistency import Clock, Contribution, Step, make_policy
@@ -47,7 +48,7 @@ class Shard:
         self._specs = [spec.plan.leaves[i] for i in spec.plan.shard_leaves[spec.index]]
         self._device = device
         # the shard donates its buffers, so it must own them: always copy
-        self._params = spec.plan.view(spec.index, jax.device_put(list(spec.leaves), device, may_alias=False))
+        self._params = spec.plan.view(spec.index, [self._own(x, copy=True) for x in spec.leaves])
         self._opt_state = spec.tx.init(self._params)
         self._step_donating, self._step_lent = compile_step(spec.tx)
         self._mean = jax.jit(mean_gradients)
@@ -63,7 +64,7 @@ class Shard:
         """Offers `worker`'s gradients (None: skipped) for step `tag`; `done` fires once it is settled."""
         if leaves is not None:
             check_leaves(self._specs, leaves)
-            grads = self._plan.view(self.index, [self._own(x) for x in leaves])
+            grads = self._plan.view(self.index, [self._own(x, copy=not isinstance(x, jax.Array)) for x in leaves])
         else:
             grads = None
         with self._lock:
@@ -99,9 +100,14 @@ class Shard:
             return {"shard": self.index, **self._clock.stats()}
 
     # -- internals ------------------------------------------------------------
-    def _own(self, x: Any) -> jax.Array:
-        """`x` on the shard's device; numpy input is copied (its buffer may be reused)."""
-        return jax.device_put(x, self._device, may_alias=False if not isinstance(x, jax.Array) else None)
+    def _own(self, x: Any, copy: bool) -> jax.Array:
+        """`x` on the shard's device, copied if asked.
+
+        Copy numpy input: `jax.device_put` (even with `may_alias=False`) may
+        alias a 64-byte-aligned numpy buffer that its owner will reuse.
+        """
+        x = jnp.array(x, copy=True) if copy else x
+        return x if self._device is None else jax.device_put(x, self._device)
 
     def _apply(self, steps: list[Step]) -> None:
         for step in steps:
