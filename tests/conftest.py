@@ -9,7 +9,7 @@ import pytest
 import jaxps
 
 # The conformance suite: tests taking the `transport` fixture run once per entry.
-TRANSPORTS = ["inprocess", "ray"]
+TRANSPORTS = ["inprocess", "multiprocessing", "ray"]
 
 
 @pytest.fixture(params=TRANSPORTS)

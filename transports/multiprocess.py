@@ -47,6 +47,42 @@ _SLICE = 0.05  # seconds a waiting thread holds a connection's lock at a time
 _MAIN_GUARD = "a script that starts a ParameterServer must do so under `if __name__ == '__main__':`"
 
 
+def _own(view: np.ndarray) -> jax.Array:
+    """A jax array holding a private copy of `view` (shared memory is reused, and JAX may alias it).
+
+    The copy is 64-byte aligned so that JAX on CPU can adopt it without a second copy.
+    """
+    raw = np.empty(view.nbytes + shm.ALIGN, np.uint8)
+    start = -raw.ctypes.data % shm.ALIGN
+    out = raw[start : start + view.nbytes].view(view.dtype).reshape(view.shape)
+    np.copyto(out, view)
+    return jax.device_put(out)
+
+
+class _RemoteTraceback(Exception):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _pack(e: BaseException) -> bytes | None:
+    try:
+        return cloudpickle.dumps(e)
+    except Exception:
+        return None
+
+
+def _unpack(packed: bytes | None, tb: str, where: str) -> BaseException:
+    """The exception raised in another process, with its traceback as the cause."""
+    try:
+        e = cloudpickle.loads(packed) if packed is not None else None
+    except Exception:
+        e = None
+    if not isinstance(e, BaseException):
+        e = RuntimeError(f"{where} failed:\n{tb}")
+    e.__cause__ = _RemoteTraceback(f"\n\nin {where}'s process:\n{tb}")
+    return e
+
+
 class _Reply:
     """`.result()` of one request; whoever waits reads the connection."""
 
@@ -86,6 +122,7 @@ class _Conn:
         self._push_busy: int | None = None  # push whose leaves the shard has not copied out yet
         self._live_pull: int | None = None  # the one pull whose leaves the pull buffer may receive
         self._dead = False
+        self.broken = False  # interrupted mid-message: the channel opens a new connection
         try:
             self._c = connection.Client(channel.address, "AF_UNIX", authkey=channel.authkey)
         except (OSError, EOFError) as e:
@@ -120,7 +157,7 @@ class _Conn:
             if self._live_pull is not None:  # an abandoned (timed-out) pull: its leaves will not be read
                 old = self._replies.pop(self._live_pull, None)
                 if old is not None:
-                    old._set(error=RuntimeError("superseded by a later pull on the same client"))
+                    old._set(error=RuntimeError("superseded by a later pull from the same thread"))
             rid, reply = self._send("pull", worker)
             self._live_pull = rid
             return reply
@@ -140,6 +177,9 @@ class _Conn:
         except (OSError, EOFError, ValueError):
             self._die()
             self._check()
+        except BaseException:  # e.g. KeyboardInterrupt: the stream may hold half a message
+            self._break()
+            raise
         return rid, reply
 
     def wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
@@ -155,6 +195,9 @@ class _Conn:
                         self._handle(self._c.recv())
                 except (OSError, EOFError, ValueError):
                     self._die()
+                except BaseException:
+                    self._break()
+                    raise
                 finally:
                     self._lock.release()
             if not ready() and left is not None and time.monotonic() >= deadline:
@@ -172,26 +215,31 @@ class _Conn:
                 return
             self._live_pull = None
             reply = self._replies.pop(rid, None)
-            if reply is not None:  # copy out: the buffer is reused, and device_put may alias
-                reply._set((rest[0], [jax.device_put(np.array(v)) for v in self._pull_views]))
+            if reply is not None:
+                reply._set((rest[0], [_own(v) for v in self._pull_views]))
             return
         reply = self._replies.pop(rid, None)
         if reply is None:
             return
         if kind == "error":
-            reply._set(error=RuntimeError(f"shard {self.channel.index} failed:\n{rest[0]}"))
+            reply._set(error=_unpack(rest[0], rest[1], f"shard {self.channel.index}"))
         else:
             reply._set(rest[0])
 
     def _check(self) -> None:
         if self._dead:
-            raise self.channel.gone()
+            raise RuntimeError("this connection was interrupted") if self.broken else self.channel.gone()
 
-    def _die(self) -> None:
+    def _die(self, error: Callable[[], Exception] | None = None) -> None:
         self._dead = True
         for reply in list(self._replies.values()):
-            reply._set(error=self.channel.gone())
+            reply._set(error=(error or self.channel.gone)())
         self._replies.clear()
+
+    def _break(self) -> None:
+        self.broken = True
+        self._die(lambda: RuntimeError("interrupted: this request's reply is lost"))
+        self._c.close()
 
     def close(self) -> None:
         """Drops the connection and unmaps the buffers (if no thread is using them)."""
@@ -233,7 +281,7 @@ class MultiprocessingChannel:
 
     def _conn(self) -> _Conn:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or conn.broken:
             if self._closed:
                 raise self.gone()
             conn = self._local.conn = _Conn(self)
@@ -283,14 +331,17 @@ class _Peer:
                     return
                 try:
                     ops[op](rid, *args)
-                except Exception:
-                    self._send((rid, "error", traceback.format_exc()))
+                except Exception as e:
+                    self._send((rid, "error", _pack(e), traceback.format_exc()))
         finally:
             with self._lock:
                 self._closed = True
                 self._push_views = self._pull_views = []
                 for b in self._bufs:
-                    b.close()
+                    try:
+                        b.close()
+                    except BufferError:  # a view is still alive; the mapping goes with it
+                        pass
                 self._conn.close()
 
     def _send(self, msg) -> None:
@@ -306,7 +357,7 @@ class _Peer:
 
     def _push(self, rid, worker, tag, based_on, has_leaves) -> None:
         # a real copy: the client reuses the buffer once it hears back
-        leaves = [jax.device_put(np.array(v)) for v in self._push_views] if has_leaves else None
+        leaves = [_own(v) for v in self._push_views] if has_leaves else None
         settled = []
 
         def done(outcome):
@@ -427,18 +478,9 @@ def _worker_main(out, payload: bytes) -> None:
     try:
         msg = ("ok", cloudpickle.dumps(run_worker(fn, client, arg)))
     except BaseException as e:
-        tb = traceback.format_exc()
-        try:
-            msg = ("error", cloudpickle.dumps(e), tb)
-        except Exception:
-            msg = ("error", None, tb)
+        msg = ("error", _pack(e), traceback.format_exc())
     out.send(msg)
     out.close()
-
-
-class _RemoteTraceback(Exception):
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 def _shutdown(procs, ctrls, channels, prefix: str, tmpdir: str | None) -> None:
@@ -468,7 +510,11 @@ class MultiprocessingTransport:
     """Shards in spawned processes on this machine; workers in spawned processes.
 
     Args:
-      start_timeout: seconds to wait for each shard process to report ready.
+      start_timeout: seconds to wait for the shard processes to report ready.
+
+    `pids` are the shard processes' ids; every shared-memory segment of this
+    server is named with `shm_prefix`. Each client thread (in any process)
+    maps two buffers the size of each shard it talks to.
     """
 
     def __init__(self, start_timeout: float = 60.0):
@@ -478,6 +524,7 @@ class MultiprocessingTransport:
         self._ctrls: list = []
         self._channels: list[MultiprocessingChannel] = []
         self._finalizer: weakref.finalize | None = None
+        self.shm_prefix: str | None = None  # every segment of this server is named with it
 
     @property
     def pids(self) -> list[int]:
@@ -487,7 +534,7 @@ class MultiprocessingTransport:
     def start(self, specs: Sequence[ShardSpec]) -> list[MultiprocessingChannel]:
         if self._finalizer is not None:
             raise RuntimeError("this transport has already been started")
-        prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
+        prefix = self.shm_prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
         tmpdir = None if sys.platform.startswith("linux") else tempfile.mkdtemp(prefix="jaxps_")
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._ctrls, self._channels, prefix, tmpdir)
         authkey = os.urandom(32)
@@ -572,9 +619,7 @@ class MultiprocessingTransport:
                     if msg[0] == "ok":
                         results[i] = cloudpickle.loads(msg[1])
                     else:
-                        e = cloudpickle.loads(msg[1]) if msg[1] is not None else RuntimeError(f"worker {i} failed")
-                        e.__cause__ = _RemoteTraceback(f"\n\nin worker {i}'s process:\n{msg[2]}")
-                        errors[i] = e
+                        errors[i] = _unpack(msg[1], msg[2], f"worker {i}")
             for p in procs:
                 p.join()
         finally:

@@ -1,0 +1,1 @@
+"""jaxps benchmarks: `python benchmarks/run.py [--quick]`; see benchmarks/BENCHMARKS.md."""

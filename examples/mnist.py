@@ -1,0 +1,315 @@
+"""Sync and async parameter-server training of a small ConvNet on MNIST / Fashion-MNIST.
+
+The jaxps version of the Ray docs' parameter-server example: a Flax ConvNet whose
+parameters live in a `jaxps.ParameterServer`; N data-parallel workers, each on its
+own slice of the training set, pull the parameters, compute `jax.grad` and push the
+gradients; the driver evaluates the server's parameters on the test set as training
+goes on.
+
+    python examples/mnist.py                                  # sync, 2 workers, Fashion-MNIST
+    python examples/mnist.py --mode async --plot async.png
+    python examples/mnist.py --compare --plot compare.png     # sync, then async, one plot
+    python examples/mnist.py --transport multiprocessing      # or ray: the same code
+
+`--steps` is the number of gradients each worker computes, so sync and async see
+the same data: sync applies one update per round of N gradients (their mean),
+async applies every gradient as it comes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the example is sized for CPUs; drop this line for a GPU
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+import jaxps
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import datasets  # noqa: E402  (examples/datasets.py: real MNIST / Fashion-MNIST files)
+
+
+# -- the model and the loss --------------------------------------------------------
+class ConvNet(nn.Module):
+    """A small ConvNet: two strided convolutions and two dense layers (~420k parameters)."""
+
+    @nn.compact
+    def __call__(self, x):  # x: [batch, 28, 28, 1], values in [0, 1]
+        x = nn.relu(nn.Conv(32, (5, 5), strides=2)(x))  # -> 14 x 14 x 32
+        x = nn.relu(nn.Conv(64, (3, 3), strides=2)(x))  # -> 7 x 7 x 64
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(128)(x))
+        return nn.Dense(10)(x)
+
+
+def loss_fn(params, images, labels):
+    logits = ConvNet().apply({"params": params}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+grad_fn = jax.jit(jax.value_and_grad(loss_fn))  # compiled once per process, on first use
+
+
+def to_inputs(images):
+    """uint8 [n, 28, 28] -> float32 [n, 28, 28, 1] in [0, 1]."""
+    return images.astype(np.float32)[..., None] / 255.0
+
+
+def batches(images, labels, batch_size, seed):
+    """Endless shuffled minibatches, a new permutation every epoch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(labels))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield to_inputs(images[idx]), labels[idx]
+
+
+# -- a worker ------------------------------------------------------------------------
+def train_worker(client, work):
+    """Runs on a thread, a spawned process or a Ray task (by transport): pull, grad, push.
+
+    `work` holds this worker's slice of the training set (uint8 numpy arrays) and
+    its share of the schedule; returns the training loss of every step.
+    """
+    data = batches(work["images"], work["labels"], work["batch_size"], work["seed"])
+    losses = []
+    for _ in range(work["steps"]):
+        images, labels = next(data)
+        loss, grads = grad_fn(client.pull(), images, labels)
+        client.push(grads)
+        losses.append(float(loss))
+    return losses
+
+
+# -- evaluation on the driver ----------------------------------------------------------
+@jax.jit
+def _eval_batch(params, images, labels):
+    logits = ConvNet().apply({"params": params}, images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    return loss, (logits.argmax(-1) == labels).sum()
+
+
+def evaluate(params, images, labels, batch_size=2000):
+    """(mean loss, accuracy) of `params` on uint8 `images`."""
+    loss = correct = 0.0
+    for start in range(0, len(labels), batch_size):
+        l, c = _eval_batch(params, to_inputs(images[start : start + batch_size]), labels[start : start + batch_size])
+        loss, correct = loss + float(l), correct + int(c)
+    return loss / len(labels), correct / len(labels)
+
+
+class Monitor:
+    """A driver thread that shows progress and tests `ps.params()` every `every` server updates.
+
+    On leaving the `with` block it stops, notes the wall time and tests the final parameters.
+    """
+
+    def __init__(self, ps, test, every, total, record, label):
+        from tqdm import tqdm
+
+        self.ps, self.test, self.every, self.record = ps, test, every, record
+        self.bar = tqdm(total=total, unit="update", desc=label, dynamic_ncols=True, disable=None)
+        self.last = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jaxps-example-monitor", daemon=True)
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self.bar.update(self.ps.step - self.bar.n)
+            if self.last is None or self.last["step"] != self.ps.step:
+                self.evaluate()  # the final parameters
+        self.bar.close()
+
+    def evaluate(self):
+        t, step, params = time.perf_counter() - self.t0, self.ps.step, self.ps.params()
+        loss, accuracy = evaluate(params, *self.test)
+        self.last = self.record(step=step, time=t, loss=loss, accuracy=accuracy)
+        self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2%}")
+        self.bar.write(f"  step {step:5d}  {t:7.1f}s  test loss {loss:.4f}  test accuracy {accuracy:.2%}")
+
+    def _run(self):
+        next_eval = self.every
+        while not self._stop.wait(0.25):
+            step = self.ps.step
+            self.bar.update(step - self.bar.n)
+            if self.every and step >= next_eval:
+                self.evaluate()
+                next_eval = (step // self.every + 1) * self.every
+
+
+# -- one training run ------------------------------------------------------------------
+def train(args, data, mode, log):
+    """Trains a fresh ConvNet in `mode`; returns a summary dict (and writes log records)."""
+    params = ConvNet().init(jax.random.key(args.seed), np.zeros((1, 28, 28, 1), np.float32))["params"]
+    # Sync applies one update per round of gradients, async one per gradient.
+    updates = args.steps if mode == "sync" else args.steps * args.workers
+    # Adam, its learning rate decaying to 0 along a cosine over the run's updates.
+    tx = optax.adam(optax.cosine_decay_schedule(args.lr, updates))
+
+    # Each worker gets its own contiguous slice of the training set.
+    slices = np.array_split(np.arange(len(data.train_labels)), args.workers)
+    work = [
+        {
+            "images": data.train_images[s],
+            "labels": data.train_labels[s],
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seed": args.seed + 1 + i,
+        }
+        for i, s in enumerate(slices)
+    ]
+    info = {"mode": mode, "transport": args.transport, "workers": args.workers, "shards": args.shards, "dataset": data.name}
+    history = []
+
+    def record(**fields):
+        entry = {"event": "eval", **fields, **info}
+        history.append(entry)
+        log(entry)
+        return entry
+
+    print(f"[{mode}] {args.workers} workers x {args.steps} steps of batch {args.batch_size}, "
+          f"{args.shards} shard(s), transport {args.transport}")
+    started = time.perf_counter()
+    with jaxps.ParameterServer(
+        params,
+        tx,
+        shards=args.shards,
+        transport=args.transport,
+        mode=mode,
+        workers=args.workers,
+        max_staleness=args.max_staleness if mode == "ssp" else None,
+    ) as ps:
+        startup = time.perf_counter() - started
+        with Monitor(ps, (data.test_images, data.test_labels), args.eval_every, updates, record, mode) as monitor:
+            losses = ps.run_workers(train_worker, work)
+        final, wall, stats = monitor.last, monitor.wall, ps.stats()
+
+    tail = [np.mean(l[-50:]) for l in losses if l]
+    summary = {
+        "event": "final",
+        **info,
+        "steps": stats["steps"],
+        "gradients": sum(len(l) for l in losses),
+        "wall_s": wall,
+        "startup_s": startup,
+        "updates_per_s": stats["steps"] / wall,
+        "test_loss": final["loss"],
+        "test_accuracy": final["accuracy"],
+        "train_loss": float(np.mean(tail)) if tail else float("nan"),
+        "staleness_mean": stats["staleness_mean"],
+        "staleness_max": stats["staleness_max"],
+        "history": history,
+    }
+    log({k: v for k, v in summary.items() if k != "history"})
+    print(
+        f"[{mode}] test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after {stats['steps']} updates "
+        f"in {wall:.1f}s = {summary['updates_per_s']:.1f} updates/s "
+        f"(server start {startup:.1f}s, mean staleness {stats['staleness_mean']:.2f})"
+    )
+    return summary
+
+
+def plot(results, path, title):
+    """Test accuracy against wall time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        t = [h["time"] for h in r["history"]]
+        acc = [100 * h["accuracy"] for h in r["history"]]
+        label = f"{r['mode']} ({r['steps']} updates, {r['wall_s']:.0f}s, {100 * r['test_accuracy']:.1f}%)"
+        ax.plot(t, acc, marker=".", label=label)
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(max(0, min(100 * h["accuracy"] for r in results for h in r["history"]) - 2), 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
+# -- the command line ------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--transport", default="inprocess", choices=["inprocess", "multiprocessing", "ray"])
+    p.add_argument("--mode", default="sync", choices=["sync", "async", "ssp"])
+    p.add_argument("--compare", action="store_true", help="run sync, then async, and plot both")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--max-staleness", type=int, default=2, help="ssp only")
+    p.add_argument("--steps", type=int, default=1500, help="gradients computed by each worker")
+    p.add_argument("--batch-size", type=int, default=64, help="per worker")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay to 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="fashion_mnist", choices=datasets.DATASETS)
+    p.add_argument("--data-dir", default=None, help="a folder with the four IDX files (default: look in the usual places)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test examples")
+    p.add_argument("--eval-every", type=int, default=100, help="test every K server updates (0: only at the end)")
+    p.add_argument("--log", default=None, metavar="FILE.jsonl", help="append a JSON line per evaluation and per run")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot test accuracy against wall time")
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.steps < 1 or args.batch_size < 1 or args.shards < 1:
+        p.error("--workers, --shards, --steps and --batch-size must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        data = datasets.load(args.dataset, args.data_dir, args.train_limit, args.test_limit)
+    except datasets.DataNotFoundError as e:
+        sys.exit(f"error: {e}")
+    if len(data.train_labels) < args.workers * args.batch_size:
+        sys.exit(f"error: {len(data.train_labels)} training examples are too few for {args.workers} workers x batch {args.batch_size}")
+    print(f"data: {data.name} from {data.source}: {len(data.train_labels)} train, {len(data.test_labels)} test examples")
+    for f in data.files:
+        print(f"  {f}")
+
+    log_file = open(args.log, "a") if args.log else None
+
+    def log(entry):
+        if log_file:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+
+    try:
+        modes = ["sync", "async"] if args.compare else [args.mode]
+        results = [train(args, data, mode, log) for mode in modes]
+    finally:
+        if log_file:
+            log_file.close()
+
+    plot_path = args.plot or ("mnist_compare.png" if args.compare else None)
+    if plot_path:
+        title = f"{data.name}: {args.workers} workers, {args.shards} shards, {args.transport}"
+        plot(results, plot_path, title)
+    return results
+
+
+if __name__ == "__main__":
+    main()
