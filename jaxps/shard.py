@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxps.consistency import Clock, Contribution, Step, make_policy
+from jaxps.consistency import Clock, Contribution, Step, Sync, make_policy
 from jaxps.plan import Plan
 from jaxps.update import compile_step, mean_gradients
 from jaxps.validate import check_leaves
@@ -94,6 +94,16 @@ class Shard:
             self._apply(steps)
             self._clock = clock
             self._settle(steps)
+
+    def block_until_ready(self) -> None:
+        """Waits until every dispatched step has run (and so has read its gradients)."""
+        with self._lock:
+            jax.block_until_ready((self._params, self._opt_state))
+
+    @property
+    def keeps_gradients(self) -> bool:
+        """Whether pushed gradients outlive `push` (sync mode holds them until the step closes)."""
+        return isinstance(self._policy, Sync)
 
     def stats(self) -> dict:
         with self._lock:

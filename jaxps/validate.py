@@ -44,6 +44,8 @@ def check_leaves(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> None:
     """Raises `PushError` naming every leaf whose shape or dtype does not fit."""
     problems = []
     for spec, x in zip(specs, leaves):
+        if getattr(x, "dtype", None) == spec.dtype and getattr(x, "shape", None) == spec.shape:
+            continue  # the common case, without jnp.result_type's cost
         shape, dtype = tuple(np.shape(x)), _leaf_dtype(x)
         if shape != spec.shape:
             problems.append(f"{spec.path}: shape {list(shape)}, expected {list(spec.shape)} ({dtype.name} -> {spec.dtype.name})")

@@ -356,17 +356,27 @@ class _Peer:
                 pass
 
     def _push(self, rid, worker, tag, based_on, has_leaves) -> None:
-        # a real copy: the client reuses the buffer once it hears back
-        leaves = [_own(v) for v in self._push_views] if has_leaves else None
-        settled = []
+        # The client reuses the buffer once it hears back: a shard that keeps gradients
+        # (sync mode) gets a real copy; otherwise the step reads the buffer in place
+        # and the reply waits until it has run.
+        keep = self._shard.keeps_gradients
+        leaves = [_own(v) if keep else jax.device_put(v) for v in self._push_views] if has_leaves else None
+        lock, early = threading.Lock(), []  # outcomes settled before the step has run
 
         def done(outcome):
-            settled.append(outcome)
+            with lock:
+                if early is not None:
+                    early.append(outcome)
+                    return
             self._send((rid, "outcome", outcome))
 
         self._shard.push(worker, tag, based_on, leaves, done)
-        if not settled:
-            self._send((rid, "taken"))
+        del leaves
+        if not keep:
+            self._shard.block_until_ready()
+        with lock:
+            settled, early = early, None
+        self._send((rid, "outcome", settled[0]) if settled else (rid, "taken"))
 
     def _pull(self, rid, worker) -> None:
         with self._lock:

@@ -1,8 +1,8 @@
 """Ray transport: each shard is an asyncio Ray actor, workers are Ray tasks.
 
 Arrays travel through Ray's object store: a push is one `ray.put` of the
-shard's leaf list, a pull returns the shard's leaves as numpy arrays that the
-client reads zero-copy and turns into jax arrays.
+shard's leaf list; a shard puts its leaves into the store once per version,
+and every pull of that version gets the same object, read zero-copy.
 
 Order. Ray runs the calls of one submitter in order only on a synchronous,
 single-threaded actor; an asyncio (or threaded) actor may start a call while
@@ -46,6 +46,7 @@ class _ShardActor:
 
         self._jnp = jnp
         self._shard = Shard(spec)
+        self._published: tuple[int, Any] | None = None  # (version, ObjectRef of its leaves)
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
 
@@ -56,9 +57,13 @@ class _ShardActor:
         done = asyncio.get_running_loop().create_future()
 
         def register():
-            # copies: object-store arrays are read-only and go away with their ref
-            copies = None if leaves is None else [self._jnp.array(x, copy=True) for x in leaves]
-            self._shard.push(worker, tag, based_on, copies, lambda outcome: _resolve(done, outcome))
+            # object-store arrays go away with their ref: copy those the shard keeps (sync
+            # mode); otherwise use them in place and wait for the step before returning
+            keep = self._shard.keeps_gradients
+            grads = None if leaves is None else [self._jnp.array(x, copy=keep) for x in leaves]
+            self._shard.push(worker, tag, based_on, grads, lambda outcome: _resolve(done, outcome))
+            if not keep:
+                self._shard.block_until_ready()
 
         await self._in_turn(caller, seq, register)
         return await done
@@ -67,10 +72,13 @@ class _ShardActor:
         done = asyncio.get_running_loop().create_future()
 
         def ready(version, leaves):
-            # numpy views of the shard's arrays; lend=True keeps the next step from donating them
-            _resolve(done, (version, [np.asarray(x) for x in leaves]))
+            # one copy into the object store per version, shared by every pull of it;
+            # the shard's own buffers are not lent, so its next step may donate them
+            if self._published is None or self._published[0] != version:
+                self._published = (version, ray.put([np.asarray(x) for x in leaves]))
+            _resolve(done, self._published)
 
-        await self._in_turn(caller, seq, lambda: self._shard.pull(worker, ready, lend=True))
+        await self._in_turn(caller, seq, lambda: self._shard.pull(worker, ready, lend=False))
         return await done
 
     async def leave(self, caller, seq, worker):
@@ -138,10 +146,11 @@ class RayFuture:
 
 
 def _to_jax(value):
-    import jax.numpy as jnp
+    import jax
 
-    version, leaves = value
-    return version, [jnp.array(x, copy=True) for x in leaves]  # copied: not aliasing the object store
+    version, ref = value
+    # zero-copy where aligned: the object is immutable and the jax array keeps it alive
+    return version, [jax.device_put(x) for x in ray.get(ref)]
 
 
 class RayChannel:
