@@ -147,7 +147,7 @@ def test_whole_tree_transforms_are_refused_by_name():
 def test_unknown_whole_tree_transforms_are_caught_by_the_probe():
     def scale_by_global_max():  # a user's transform that reduces over all leaves
         def update(updates, state, params=None):
-            top = max(jnp.max(jnp.abs(u)) for u in jax.tree.leaves(updates))
+            top = jnp.max(jnp.stack([jnp.max(jnp.abs(u)) for u in jax.tree.leaves(updates)]))
             return jax.tree.map(lambda u: u / top, updates), state
 
         return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
