@@ -9,6 +9,7 @@ leaf a shard (and its optimizer) sees sits under its original path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -46,7 +47,7 @@ class Plan:
     owner: tuple[int, ...]
     num_shards: int
 
-    @property
+    @functools.cached_property  # on every push and pull: computed once
     def shard_leaves(self) -> tuple[tuple[int, ...], ...]:
         groups: list[list[int]] = [[] for _ in range(self.num_shards)]
         for i, s in enumerate(self.owner):
