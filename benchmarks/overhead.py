@@ -2,9 +2,7 @@
 
 The model, loss and input scaling come from `examples/mnist.py` (`ConvNet`,
 `loss_fn`, `to_inputs`) and the data from `examples/datasets.py`
-(Fashion-MNIST from real files) when they import; otherwise an equivalent
-Flax ConvNet defined here on Fashion-MNIST read from
-/usr/share/datasets/fashion-mnist. The result says which.
+(Fashion-MNIST from real files).
 
 Both loops use the same batches (prepared up front as numpy arrays, fed to the
 jit each step), the same optimizer (`optax.adam(1e-3)`) and batch size:
@@ -21,11 +19,8 @@ and the overhead is the median over pairs of (plain steps/s / jaxps steps/s - 1)
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import os
-import struct
-import sys
 import time
 
 import jax
@@ -36,69 +31,17 @@ from benchmarks.common import REPO, log, median
 
 BATCH = 64
 LR = 1e-3
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-# -- the fallback: an equivalent ConvNet and a minimal IDX reader -------------------------
-def _fallback_model():
-    import flax.linen as nn
-
-    class ConvNet(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.relu(nn.Conv(32, (5, 5), strides=2)(x))
-            x = nn.relu(nn.Conv(64, (3, 3), strides=2)(x))
-            x = x.reshape((x.shape[0], -1))
-            x = nn.relu(nn.Dense(64)(x))
-            return nn.Dense(10)(x)
-
-    def loss_fn(params, images, labels):
-        logits = ConvNet().apply({"params": params}, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    def to_inputs(images):
-        return images.astype(np.float32)[..., None] / 255.0
-
-    return ConvNet, loss_fn, to_inputs
-
-
-def _read_idx(path):
-    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _fallback_data(n):
-    images = _read_idx(os.path.join(DATA_DIR, "train-images-idx3-ubyte.gz"))[:n]
-    labels = _read_idx(os.path.join(DATA_DIR, "train-labels-idx1-ubyte.gz"))[:n].astype(np.int32)
-    return images, labels, f"Fashion-MNIST, idx files in {DATA_DIR}"
 
 
 def load_setup(n_examples: int):
-    """(ConvNet class, loss_fn, to_inputs, images, labels, description)."""
-    try:
-        path = os.path.join(REPO, "examples", "mnist.py")
-        spec = importlib.util.spec_from_file_location("jaxps_examples_mnist", path)
-        mnist = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mnist)
-        ConvNet, loss_fn, to_inputs = mnist.ConvNet, mnist.loss_fn, mnist.to_inputs
-        model_from = "examples/mnist.py (ConvNet, loss_fn, to_inputs)"
-    except Exception as e:
-        log(f"[overhead] examples/mnist.py not usable ({type(e).__name__}: {e}); using the equivalent ConvNet in benchmarks/overhead.py")
-        ConvNet, loss_fn, to_inputs = _fallback_model()
-        model_from = "benchmarks/overhead.py (a copy of the examples' ConvNet)"
-    try:
-        sys.path.insert(0, os.path.join(REPO, "examples"))
-        import datasets  # examples/datasets.py
-
-        ds = datasets.load("fashion_mnist", train_limit=n_examples)
-        images, labels, data_from = ds.train_images, ds.train_labels, f"Fashion-MNIST via examples/datasets.py ({ds.source})"
-    except Exception as e:
-        log(f"[overhead] examples/datasets.py not usable ({type(e).__name__}: {e}); reading {DATA_DIR} directly")
-        images, labels, data_from = _fallback_data(n_examples)
-    return ConvNet, loss_fn, to_inputs, images, labels, f"model from {model_from}; data: {data_from}"
+    """(ConvNet class, loss_fn, to_inputs, images, labels, description), from the example."""
+    path = os.path.join(REPO, "examples", "mnist.py")
+    spec = importlib.util.spec_from_file_location("jaxps_examples_mnist", path)
+    mnist = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mnist)
+    ds = mnist.datasets.load("fashion_mnist", train_limit=n_examples)
+    source = f"model from examples/mnist.py (ConvNet, loss_fn, to_inputs); data: Fashion-MNIST via examples/datasets.py ({ds.source})"
+    return mnist.ConvNet, mnist.loss_fn, mnist.to_inputs, ds.train_images, ds.train_labels, source
 
 
 def run(quick: bool) -> dict:
