@@ -15,6 +15,12 @@ from jaxps.transport import ShardChannel, Waitable
 from jaxps.validate import check_gradients
 
 
+def gather(waits: Sequence[Waitable], timeout: float | None = None) -> list:
+    """The results of `waits`, in order, all within `timeout` seconds in total."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return [w.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for w in waits]
+
+
 class PushFuture:
     """Completes when every shard has applied (or dropped) the push.
 
@@ -28,11 +34,7 @@ class PushFuture:
 
     def result(self, timeout: float | None = None) -> str:
         if self._outcome is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            outcomes = []
-            for part in self._parts:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                outcomes.append(part.result(left))
+            outcomes = gather(self._parts, timeout)
             self._outcome = next((o for o in ("dropped", "skipped") if o in outcomes), "applied")
         return self._outcome
 
@@ -64,15 +66,10 @@ class Client:
         far ahead of the slowest.
         """
         self._check_open()
-        waits = [ch.pull(self.worker) for ch in self._channels]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        per_shard = []
-        for s, w in enumerate(waits):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            version, leaves = w.result(left)
+        replies = gather([ch.pull(self.worker) for ch in self._channels], timeout)
+        for s, (version, _) in enumerate(replies):
             self._pulled[s] = self._based_on[s] = version
-            per_shard.append(leaves)
-        return self.plan.merge(per_shard)
+        return self.plan.merge([leaves for _, leaves in replies])
 
     def push(self, grads: Any) -> PushFuture:
         """Sends gradients for the parameters last pulled; checks them first.

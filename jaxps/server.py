@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
-from jaxps.client import Client
+from jaxps.client import Client, gather
 from jaxps.consistency import make_policy
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.shard import ShardSpec
@@ -102,8 +101,8 @@ class ParameterServer:
     def params(self, timeout: float | None = None) -> Any:
         """The parameters after every push whose future has completed (never waits on a clock)."""
         self._check_open()
-        waits = [ch.pull(None) for ch in self._channels]
-        return self._plan.merge([w.result(timeout)[1] for w in waits])
+        replies = gather([ch.pull(None) for ch in self._channels], timeout)
+        return self._plan.merge([leaves for _, leaves in replies])
 
     @property
     def step(self) -> int:

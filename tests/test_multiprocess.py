@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
