@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 import uuid
 from typing import Any, Callable, Sequence
 
@@ -197,6 +198,18 @@ class RayChannel:
         return f"RayChannel(shard={self.index})"
 
 
+def _await_death(actors: list, timeout: float) -> None:
+    """Waits until the killed `actors` answer no more calls (`ray.kill` only asks)."""
+    deadline = time.monotonic() + timeout
+    for actor in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:  # RayActorError once it is dead (or a timeout: give up)
+                break
+            time.sleep(0.05)
+
+
 # -- the transport -----------------------------------------------------------------
 class RayTransport:
     """Shards as asyncio Ray actors, workers as Ray tasks.
@@ -279,6 +292,7 @@ class RayTransport:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass
+            _await_death(actors, timeout=10.0)
         if self._started_ray:
             self._started_ray = False
             ray.shutdown()
