@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import jaxps
-from benchmarks.common import TRANSPORTS, adaptive_reps, fmt_bytes, log, median, memcpy_seconds, report_error, time_calls, transport_options
+from benchmarks.common import TRANSPORTS, adaptive_reps, fmt_bytes, log, median, memcpy_seconds, report_error, time_calls, server_args
 
 SIZES_FULL = (4_000, 40_000, 400_000, 4_000_000, 40_000_000, 100_000_000, 400_000_000)
 SIZES_QUICK = (4_000, 400_000)
@@ -42,7 +42,7 @@ def round_trips(transport: str, nbytes: int, leaves: int, budget_s: float, min_r
     """Seconds per push+pull round trip (warm), as many as fit in `budget_s` (within [min_reps, max_reps])."""
     params = make_tree(nbytes, leaves)
     grads = jax.block_until_ready(jax.tree.map(lambda x: jnp.full(x.shape, 1.0, x.dtype), params))
-    ps = jaxps.ParameterServer(params, optax.sgd(LR), shards=1, transport=transport, transport_options=transport_options(transport))
+    ps = jaxps.ParameterServer(params, optax.sgd(LR), shards=1, **server_args(transport))
     del params
     try:
 

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRANSPORTS = ("inprocess", "multiprocessing", "ray")
+# "ray-objectstore": the Ray transport with `shared_memory=False`, every array through Ray's object store
+TRANSPORTS = ("inprocess", "multiprocessing", "ray", "ray-objectstore")
 RAY_INIT = {"address": "local", "num_cpus": 4, "include_dashboard": False}  # "local": a new session, never a running one
 
 
@@ -107,9 +108,14 @@ def span_rate(stamps: list[tuple[float, float, int]]) -> tuple[float, float, int
 
 
 # -- sessions and failures ----------------------------------------------------------
-def transport_options(name: str) -> dict | None:
-    # Ray: the run's own session is reused by the transport (and not shut down by it)
-    return None
+def server_args(name: str) -> dict:
+    """`ParameterServer` keyword arguments for a benchmark transport name.
+
+    Ray: the run's own session is reused by the transport (and not shut down by it).
+    """
+    if name == "ray-objectstore":
+        return {"transport": "ray", "transport_options": {"shared_memory": False}}
+    return {"transport": name}
 
 
 def set_worker_path() -> None:

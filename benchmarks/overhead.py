@@ -4,21 +4,27 @@ The model, loss and input scaling come from `examples/mnist.py` (`ConvNet`,
 `loss_fn`, `to_inputs`) and the data from `examples/datasets.py`
 (Fashion-MNIST from real files).
 
-Both loops use the same batches (prepared up front as numpy arrays, fed to the
+All loops use the same batches (prepared up front as numpy arrays, fed to the
 jit each step), the same optimizer (`optax.adam(1e-3)`) and batch size:
 
   plain: `params, opt_state, loss = train_step(params, opt_state, x, y)`, one jit
          with `jax.value_and_grad` and the optax update, params and state donated;
+  split: plain optax as two jits, `grad_fn` then the update (donated): what any
+         parameter server must do, since the server, not the worker, updates;
   jaxps: 1 worker, in-process server (1 shard): `grads = grad_fn(ps.pull(), x, y)`,
-         `ps.push(grads).result()` (the shard's optax step is its own jit).
+         `ps.push(grads).result()` (the shard's optax step is its own jit), twice:
+         with the default `nonfinite="raise"` (each push checks the gradients
+         for NaN/Inf, which waits for them: a device sync per step) and with
+         `nonfinite="allow"` (no check, like the plain loop).
 
 Each block runs `steps` steps and ends with `jax.block_until_ready`; blocks
-alternate plain, jaxps, plain, jaxps, ...; steps/s is the median over blocks
-and the overhead is the median over pairs of (plain steps/s / jaxps steps/s - 1).
+alternate plain, split, jaxps, jaxps unchecked, plain, ...; steps/s is the median over
+blocks and an overhead is the median over repeats of (plain steps/s / jaxps steps/s - 1).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import time
@@ -28,6 +34,7 @@ import numpy as np
 import optax
 
 from benchmarks.common import REPO, log, median
+from jaxps.update import apply_gradients
 
 BATCH = 64
 LR = 1e-3
@@ -47,7 +54,7 @@ def load_setup(n_examples: int):
 def run(quick: bool) -> dict:
     import jaxps
 
-    steps, repeats, n_batches = (5, 2, 4) if quick else (120, 7, 60)
+    steps, repeats, n_batches = (5, 2, 4) if quick else (100, 11, 60)
     ConvNet, loss_fn, to_inputs, images, labels, source = load_setup(BATCH * n_batches)
     log(f"[overhead] {source}")
     batches = [(to_inputs(images[i * BATCH : (i + 1) * BATCH]), labels[i * BATCH : (i + 1) * BATCH]) for i in range(n_batches)]
@@ -55,62 +62,75 @@ def run(quick: bool) -> dict:
     n_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params0))
     tx = optax.adam(LR)
 
-    # -- plain optax ---------------------------------------------------------------
+    # -- plain optax, one jit per step ------------------------------------------------------
     def train_step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    state = {"params": jax.tree.map(lambda x: x.copy(), params0), "opt": None, "i": 0}
-    state["opt"] = tx.init(state["params"])
-
-    def plain_block(n):
-        params, opt_state, i = state["params"], state["opt"], state["i"]
-        for _ in range(n):
-            x, y = batches[i % n_batches]
-            params, opt_state, loss = train_step(params, opt_state, x, y)
-            i += 1
-        jax.block_until_ready((params, opt_state, loss))
-        state.update(params=params, opt=opt_state, i=i)
-        return float(loss)
-
-    # -- through jaxps (1 worker, in-process) --------------------------------------------
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))
-    ps = jaxps.ParameterServer(params0, tx, shards=1, transport="inprocess")
+    update_step = jax.jit(functools.partial(apply_gradients, tx), donate_argnums=(0, 1))
     counter = {"i": 0}
 
-    def jaxps_block(n):
-        i = counter["i"]
-        for _ in range(n):
-            x, y = batches[i % n_batches]
-            loss, grads = grad_fn(ps.pull(), x, y)
-            ps.push(grads).result()
-            i += 1
-        jax.block_until_ready((ps.pull(), loss))
-        counter["i"] = i
-        return float(loss)
+    def plain_loop(split: bool):
+        """Plain optax: fused (`train_step`), or `split` into grad_fn + update jits as a server must."""
+        params = jax.tree.map(lambda x: x.copy(), params0)
+        state = {"params": params, "opt": tx.init(params)}
 
+        def block(n):
+            params, opt_state, i = state["params"], state["opt"], counter["i"]
+            for _ in range(n):
+                x, y = batches[i % n_batches]
+                if split:
+                    loss, grads = grad_fn(params, x, y)
+                    params, opt_state = update_step(params, opt_state, grads)
+                else:
+                    params, opt_state, loss = train_step(params, opt_state, x, y)
+                i += 1
+            jax.block_until_ready((params, opt_state, loss))
+            state.update(params=params, opt=opt_state)
+            counter["i"] = i
+            return float(loss)
+
+        return block
+
+    # -- through jaxps (1 worker, in-process), checked and unchecked -------------------------
+    servers = {nonfinite: jaxps.ParameterServer(params0, tx, shards=1, transport="inprocess", nonfinite=nonfinite) for nonfinite in ("raise", "allow")}
+
+    def jaxps_loop(ps):
+        def block(n):
+            i = counter["i"]
+            for _ in range(n):
+                x, y = batches[i % n_batches]
+                loss, grads = grad_fn(ps.pull(), x, y)
+                ps.push(grads).result()
+                i += 1
+            jax.block_until_ready((ps.pull(), loss))
+            counter["i"] = i
+            return float(loss)
+
+        return block
+
+    loops = {"plain": plain_loop(False), "split": plain_loop(True), "raise": jaxps_loop(servers["raise"]), "allow": jaxps_loop(servers["allow"])}
     try:
-        plain_block(3)  # compile
-        jaxps_block(3)
-        plain, through, pairs = [], [], []
+        for block in loops.values():
+            block(3)  # compile
+        rates: dict[str, list[float]] = {name: [] for name in loops}
+        pairs: dict[str, list[float]] = {name: [] for name in loops if name != "plain"}
         for rep in range(repeats):
-            t = time.perf_counter()
-            loss_p = plain_block(steps)
-            a = steps / (time.perf_counter() - t)
-            t = time.perf_counter()
-            loss_j = jaxps_block(steps)
-            b = steps / (time.perf_counter() - t)
-            plain.append(a)
-            through.append(b)
-            pairs.append(a / b - 1)
-            log(
-                f"[overhead] repeat {rep + 1}/{repeats}: plain {a:7.2f} steps/s (loss {loss_p:.3f}), "
-                f"jaxps {b:7.2f} steps/s (loss {loss_j:.3f}), overhead {a / b - 1:+.1%}"
-            )
+            line = []
+            for name, block in loops.items():
+                t = time.perf_counter()
+                loss = block(steps)
+                rates[name].append(steps / (time.perf_counter() - t))
+                line.append(f"{name} {rates[name][-1]:7.2f} steps/s (loss {loss:.3f})")
+            for name, values in pairs.items():
+                values.append(rates["plain"][-1] / rates[name][-1] - 1)
+            log(f"[overhead] repeat {rep + 1}/{repeats}: " + ", ".join(line) + "; overhead " + ", ".join(f"{n} {v[-1]:+.1%}" for n, v in pairs.items()))
     finally:
-        ps.close()
+        for ps in servers.values():
+            ps.close()
     out = {
         "source": source,
         "params": n_params,
@@ -118,15 +138,23 @@ def run(quick: bool) -> dict:
         "optimizer": f"optax.adam({LR})",
         "steps_per_block": steps,
         "repeats": repeats,
-        "plain_steps_per_s": median(plain),
-        "jaxps_steps_per_s": median(through),
-        "plain_all": plain,
-        "jaxps_all": through,
-        "overhead": median(pairs),
-        "overhead_all": pairs,
+        "plain_steps_per_s": median(rates["plain"]),
+        "split_steps_per_s": median(rates["split"]),
+        "split_all": rates["split"],
+        "overhead_split": median(pairs["split"]),
+        "overhead_split_all": pairs["split"],
+        "jaxps_steps_per_s": median(rates["raise"]),
+        "jaxps_unchecked_steps_per_s": median(rates["allow"]),
+        "plain_all": rates["plain"],
+        "jaxps_all": rates["raise"],
+        "jaxps_unchecked_all": rates["allow"],
+        "overhead": median(pairs["raise"]),
+        "overhead_all": pairs["raise"],
+        "overhead_unchecked": median(pairs["allow"]),
+        "overhead_unchecked_all": pairs["allow"],
     }
     log(
-        f"[overhead] median: plain {out['plain_steps_per_s']:.2f} steps/s, jaxps {out['jaxps_steps_per_s']:.2f} steps/s, "
-        f"overhead {out['overhead']:+.1%}"
+        f"[overhead] median: plain {out['plain_steps_per_s']:.2f} steps/s, split {out['split_steps_per_s']:.2f} ({out['overhead_split']:+.1%}), jaxps {out['jaxps_steps_per_s']:.2f} steps/s "
+        f"({out['overhead']:+.1%}), jaxps nonfinite='allow' {out['jaxps_unchecked_steps_per_s']:.2f} steps/s ({out['overhead_unchecked']:+.1%})"
     )
     return out

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     transports = list(args.transports)
     ray = None
-    if "ray" in transports or "seed" in args.only:
+    if any(t.startswith("ray") for t in transports) or "seed" in args.only:
         try:
             import ray
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         except Exception as e:
             log(f"ray unavailable ({error_text(e)}): skipping the ray transport and the seed comparison")
             ray = None
-            transports = [t for t in transports if t != "ray"]
+            transports = [t for t in transports if not t.startswith("ray")]
     failed = []
     try:
         for name in args.only:

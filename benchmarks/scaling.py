@@ -21,7 +21,7 @@ import time
 import numpy as np
 import optax
 
-from benchmarks.common import barrier, barrier_dir, log, report_error, span_rate, transport_options
+from benchmarks.common import barrier, barrier_dir, log, report_error, span_rate, server_args
 
 LEAVES = 8
 LEAF_ELEMENTS = 128 * 1024  # 8 x 512 KiB = 4 MiB
@@ -55,8 +55,7 @@ def run_one(transport: str, workers: int, shards: int, seconds: float) -> tuple[
 
     params = {f"leaf{i}": np.zeros(LEAF_ELEMENTS, np.float32) for i in range(LEAVES)}
     ps = jaxps.ParameterServer(
-        params, optax.sgd(1e-3), shards=shards, transport=transport, mode="async", workers=workers,
-        transport_options=transport_options(transport),
+        params, optax.sgd(1e-3), shards=shards, mode="async", workers=workers, **server_args(transport),
     )
     try:
         with barrier_dir() as bdir:

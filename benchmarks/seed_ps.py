@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import ray
 
-from benchmarks.common import barrier, barrier_dir, error_text, log, median, report_error, span_rate, transport_options
+from benchmarks.common import barrier, barrier_dir, error_text, log, median, report_error, span_rate, server_args
 
 WORKERS = 2
 SHARDS = 2
@@ -109,8 +109,7 @@ def run_jaxps_once(transport: str, dim: int, rounds: int, warmup: int) -> tuple[
     half = dim // 2
     params = {"a": np.zeros(half, np.float32), "b": np.zeros(dim - half, np.float32)}
     ps = jaxps.ParameterServer(
-        params, optax.sgd(-1.0), shards=SHARDS, transport=transport, mode="async", workers=WORKERS,
-        transport_options=transport_options(transport),
+        params, optax.sgd(-1.0), shards=SHARDS, mode="async", workers=WORKERS, **server_args(transport),
     )
     try:
         with barrier_dir() as bdir:

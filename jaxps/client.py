@@ -12,13 +12,17 @@ from typing import Any, Sequence
 
 from jaxps.plan import Plan
 from jaxps.transport import ShardChannel, Waitable
-from jaxps.validate import check_gradients
+from jaxps.validate import start_checking_gradients
 
 
 def gather(waits: Sequence[Waitable], timeout: float | None = None) -> list:
     """The results of `waits`, in order, all within `timeout` seconds in total."""
     deadline = None if timeout is None else time.monotonic() + timeout
     return [w.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for w in waits]
+
+
+def _as_is(leaves):
+    return leaves
 
 
 class PushFuture:
@@ -78,8 +82,11 @@ class Client:
         tree, before any shard sees it.
         """
         self._check_open()
-        leaves = check_gradients(self.plan, grads, self._nonfinite)
-        per_shard = self.plan.split(leaves) if leaves is not None else [None] * len(self._channels)
+        leaves, finite = start_checking_gradients(self.plan, grads, self._nonfinite)
+        # channels that can stage (shared memory) copy while the device checks for NaN/Inf
+        per_shard = [getattr(ch, "stage", _as_is)(part) for ch, part in zip(self._channels, self.plan.split(leaves))]
+        if not finite():
+            per_shard = [None] * len(self._channels)
         parts = []
         for s, ch in enumerate(self._channels):
             tag = self._pulled[s] if self._pulled[s] is not None else (self._tag[s] + 1 if self._tag[s] is not None else 0)

@@ -33,7 +33,9 @@ class ParameterServer:
       max_staleness: ssp only: how many pushes a worker may run ahead of the
         slowest before its pull waits.
       assign: `assign(path_str, leaf) -> shard index`; default: balance bytes.
-      nonfinite: "raise" (default) rejects pushes with NaN/Inf; "skip" drops them.
+      nonfinite: "raise" (default) rejects pushes with NaN/Inf; "skip" drops them;
+        "allow" applies them unchecked, as a plain optax loop would (no device
+        sync per push: faster when the host would otherwise wait for the gradients).
       transport_options: keyword arguments for a transport given by name
         (e.g. Ray's `address`, `num_cpus`, `num_gpus`, `resources`).
     """

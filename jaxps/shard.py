@@ -9,6 +9,7 @@ blocks the shard.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from typing import Any, Callable, Sequence
 
@@ -49,13 +50,14 @@ class Shard:
         self._device = device
         # the shard donates its buffers, so it must own them: always copy
         self._params = spec.plan.view(spec.index, [self._own(x, copy=True) for x in spec.leaves])
+        self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
         self._opt_state = spec.tx.init(self._params)
         self._step_donating, self._step_lent = compile_step(spec.tx)
         self._mean = jax.jit(mean_gradients)
         self._policy = make_policy(spec.mode, spec.workers, spec.backup_workers, spec.max_staleness)
         self._clock = Clock.start(spec.workers)
         self._lock = threading.Lock()
-        self._lent = False  # params handed to a reader: the next step must not donate them
+        self._lent = False  # params handed to a reader: the next step must not donate them while it holds them
         self._pushes: dict[tuple[int, int], PushDone] = {}
         self._pulls: list[tuple[int | None, PullReady, bool]] = []
 
@@ -125,9 +127,17 @@ class Shard:
             if not grads:
                 continue
             mean = grads[0] if len(grads) == 1 else self._mean(grads)
-            update = self._step_lent if self._lent else self._step_donating
+            update = self._step_lent if self._lent and self._refcount() > self._own_refs else self._step_donating
             self._params, self._opt_state = update(self._params, self._opt_state, mean)
             self._lent = False
+
+    def _refcount(self) -> int:
+        """The most Python references to any parameter leaf (a reader that dropped its pull no longer counts).
+
+        Donating a buffer that a dispatched computation still reads is safe: the
+        runtime makes the step wait for it.
+        """
+        return max((sys.getrefcount(x) for x in jax.tree_util.tree_leaves(self._params)), default=0)
 
     def _settle(self, steps: list[Step]) -> None:
         for step in steps:

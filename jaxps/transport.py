@@ -29,6 +29,9 @@ _ALIASES = {"inproc": "inprocess", "mp": "multiprocessing"}
 _INSTALL_HINTS = {"ray": "pip install 'jaxps[ray]'  (or: pip install 'ray>=2.9')"}
 
 
+STAGED = "staged"  # `push(..., STAGED)`: the leaves are those of the channel's last `stage`
+
+
 class ShardDiedError(RuntimeError):
     """A shard's process or actor is gone; its state is lost."""
 
@@ -53,6 +56,10 @@ class ShardChannel(Protocol):
     def leave(self, worker: int) -> None: ...
 
     def stats(self) -> dict: ...
+
+    # Optional: `stage(leaves)` moves the leaves ahead of the push (e.g. copies them into shared
+    # memory) and returns what to pass to `push` instead of them (`STAGED`, or the leaves), so
+    # the client can check them for NaN/Inf meanwhile; a push found bad is then not sent.
 
 
 @runtime_checkable

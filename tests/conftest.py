@@ -9,13 +9,15 @@ import pytest
 import jaxps
 
 # The conformance suite: tests taking the `transport` fixture run once per entry.
-TRANSPORTS = ["inprocess", "multiprocessing", "ray"]
+# "ray" reaches its shards through shared memory here (one machine); "ray-objectstore"
+# is the Ray transport with shared_memory=False, as clients on other machines reach them.
+TRANSPORTS = ["inprocess", "multiprocessing", "ray", "ray-objectstore"]
 
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request):
     """A transport name; transport-specific set-up (e.g. a shared Ray session) hangs off here."""
-    if request.param == "ray":
+    if request.param.startswith("ray"):
         request.getfixturevalue("ray_session")
     return request.param
 
@@ -43,8 +45,12 @@ def make_server(transport):
     """`make_server(params, tx, **kw)` -> a ParameterServer on `transport`, closed after the test."""
     servers = []
 
+    where = {"transport": transport}
+    if transport == "ray-objectstore":
+        where = {"transport": "ray", "transport_options": {"shared_memory": False}}
+
     def make(params, tx, **kw):
-        ps = jaxps.ParameterServer(params, tx, transport=transport, **kw)
+        ps = jaxps.ParameterServer(params, tx, **where, **kw)
         servers.append(ps)
         return ps
 

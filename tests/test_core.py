@@ -88,6 +88,16 @@ def test_bad_modes_are_clear_errors():
         make_policy("sync", 2, 2, None)
 
 
+def test_nonfinite_allow_applies_unchecked_but_still_checks_shapes():
+    params = {"w": np.zeros(3, np.float32)}
+    with jaxps.ParameterServer(params, optax.sgd(1.0), nonfinite="allow") as ps:
+        assert ps.push({"w": np.array([np.nan, 1.0, np.inf], np.float32)}).result() == "applied"
+        np.testing.assert_array_equal(ps.pull()["w"], np.array([np.nan, -1.0, -np.inf], np.float32))
+        with pytest.raises(jaxps.PushError, match=r"\['w'\]: shape \[2\], expected \[3\]"):
+            ps.push({"w": np.ones(2, np.float32)})
+        assert ps.step == 1
+
+
 def test_unknown_transport_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown transport 'rey'; valid transports: .*inprocess.*multiprocessing.*ray.*Did you mean 'ray'"):
         jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="rey")
@@ -121,15 +131,22 @@ def test_sharded_equals_unsharded_every_optimizer(name, shards):
         assert_trees_equal(ps.pull(), expected, ulp=ULP if name in TRANSCENDENTAL else 0)
 
 
-def test_step_is_compiled_once():
-    with jaxps.ParameterServer(params_tree(), optax.adam(1e-3), shards=2) as ps:
+def test_step_donates_only_params_no_pull_still_holds():
+    tx = optax.adam(1e-3)
+    with jaxps.ParameterServer(params_tree(), tx, shards=2) as ps:
+        step, expected, opt_state = optax_oracle(tx), params_tree(), tx.init(params_tree())
         for t in range(6):
-            ps.pull()  # lends the params: the non-donating step
+            held = ps.pull()  # still referenced at the next push: the step must not donate it
             ps.push(grads_like(params_tree(), t))
-        for t in range(3):
-            ps.push(grads_like(params_tree(), t))  # nothing lent: the donating step
+            assert_trees_equal(held, expected)  # intact (a donated array would be deleted)
+            expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
+        for t in range(6, 9):
+            ps.pull()  # dropped at once: the step donates
+            ps.push(grads_like(params_tree(), t))
+            expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
+        assert_trees_equal(ps.pull(), expected, ulp=ULP)
         shard = ps._channels[0]._shard
-        assert shard._step_lent._cache_size() == 1
+        assert shard._step_lent._cache_size() == 1  # each compiled once
         assert shard._step_donating._cache_size() == 1
 
 

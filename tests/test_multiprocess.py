@@ -1,5 +1,6 @@
 """Behaviour specific to the multiprocessing transport, with real spawned processes."""
 
+import gc
 import multiprocessing
 import operator
 import os
@@ -11,12 +12,15 @@ import textwrap
 import threading
 import time
 
+import jax
 import numpy as np
 import optax
 import pytest
+from helpers import assert_trees_equal, grads_like, params_tree
 
 import jaxps
-from transports.multiprocess import MultiprocessingTransport
+from transports import multiprocess
+from transports.multiprocess import POOL, MultiprocessingTransport
 
 PARAMS = {"a": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(5, np.float32), "c": np.float32(2.0)}
 ONES = {k: np.ones_like(v) for k, v in PARAMS.items()}
@@ -58,6 +62,141 @@ def server():
         ps.close()
     for ps in made:
         _assert_clean(ps._transport.pids, ps._transport.shm_prefix)
+
+
+def _conn(ps, shard=0):
+    """This thread's connection to `shard` (its pull buffers are `_lent`)."""
+    return ps._channels[shard]._conn()
+
+
+def _lent(conn):
+    """Indices of the pull buffers that arrays handed out still use (as the next pull sees them)."""
+    multiprocess._collect_garbage()
+    return [i for i, base in enumerate(conn._lent) if base is not None and base() is not None]
+
+
+def _mapped(prefix):
+    """How many segments named with `prefix` this process still maps."""
+    with open("/proc/self/maps") as f:
+        return len({line.split("/dev/shm/")[1].split()[0] for line in f if f"/dev/shm/{prefix}" in line})
+
+
+def _expected(k):
+    """PARAMS after `k` pushes of ONES with sgd(1.0)."""
+    return {name: v - np.float32(k) for name, v in PARAMS.items()}
+
+
+def _assert_values(tree, expected):
+    for name in expected:
+        np.testing.assert_array_equal(np.asarray(tree[name]), expected[name], err_msg=name)
+
+
+def test_pull_lends_its_buffer_and_a_training_loop_reuses_two(server):
+    ps = server()
+    params = ps.pull()
+    conn = _conn(ps)
+    assert _lent(conn) == [0]  # the arrays are views of the pull buffer: no copy on the client
+    for k in range(1, 8):  # pull, push, pull: the previous pull is alive during the next one
+        ps.push(ONES).result(30)
+        params = ps.pull()
+        _assert_values(params, _expected(k))
+    assert len(conn._lent) == 2 and len(_lent(conn)) == 1
+    del params
+    assert _lent(conn) == []
+    for _ in range(3):  # arrays dropped before the next pull: one buffer does
+        jax.block_until_ready(ps.pull())
+    assert len(conn._lent) == 2 and _lent(conn) == []
+
+
+def test_held_pulls_stay_intact_past_the_pool(server):
+    ps = server()
+    held = []  # (pushes before the pull, the pulled tree)
+    for k in range(POOL + 3):  # the last ones find the pool full and are copied out
+        held.append((k, ps.pull()))
+        ps.push(ONES).result(30)
+    conn = _conn(ps)
+    assert len(conn._lent) == POOL and len(_lent(conn)) == POOL - 1
+    for k in range(POOL + 3, 3 * POOL):  # later pushes and pulls, some kept
+        pulled = ps.pull()
+        _assert_values(pulled, _expected(k))
+        if k % 2:
+            held.append((k, pulled))
+        ps.push(ONES).result(30)
+    assert len(conn._lent) == POOL
+    for k, tree in held:
+        _assert_values(tree, _expected(k))
+    held.clear()
+    assert _lent(conn) == []
+    _assert_values(ps.pull(), _expected(3 * POOL))
+
+
+def test_pulled_arrays_are_read_only(server):
+    ps = server()
+    a = ps.pull()["a"]
+    view = np.asarray(a)
+    assert not view.flags.writeable
+    with pytest.raises(ValueError):
+        view[0, 0] = 100.0
+    with pytest.raises(ValueError):
+        view.flags.writeable = True
+    b = a.at[0, 0].set(100.0)  # a new array; the pulled one is unchanged
+    ps.push(ONES).result(30)
+    _assert_values(ps.pull(), _expected(1))
+    np.testing.assert_array_equal(np.asarray(a), PARAMS["a"])
+    assert float(b[0, 0]) == 100.0
+
+
+def test_pulls_match_the_inprocess_transport(server):
+    tx = optax.sgd(0.1, momentum=0.9)
+    ps = server(params_tree(), tx, shards=2)
+    ref = jaxps.ParameterServer(params_tree(), tx, shards=2, transport="inprocess")
+    try:
+        held = []
+        for seed in range(2 * POOL):
+            got, want = ps.pull(), ref.pull()
+            assert_trees_equal(got, want)
+            held.append((got, want))
+            grads = grads_like(want, seed)
+            assert ps.push(grads).result(30) == ref.push(grads).result(30) == "applied"
+        assert_trees_equal(ps.params(), ref.params())
+        for got, want in held:
+            assert_trees_equal(got, want)
+    finally:
+        ref.close()
+
+
+def test_an_abandoned_pull_does_not_hold_a_buffer(server):
+    ps = server(mode="sync", workers=2)
+    c0, c1 = ps.client(0), ps.client(1)
+    kept = c0.pull()
+    c1.pull()
+    c0.push(ONES)  # the step waits for worker 1, and so do worker 0's pulls
+    for _ in range(2 * POOL):
+        with pytest.raises(TimeoutError):
+            c0.pull(timeout=0.05)
+    assert c1.push(ONES).result(30) == "applied"
+    _assert_values(c0.pull(timeout=30), _expected(1))
+    _assert_values(kept, _expected(0))
+    assert len(_conn(ps)._lent) == 2  # `kept`'s buffer, and one for every later pull
+
+
+def test_close_with_pulled_arrays_alive(server):
+    ps = server()
+    held = []
+    for k in range(POOL + 1):
+        held.append(ps.pull())
+        ps.push(ONES).result(30)
+    assert len(_conn(ps)._lent) == POOL
+    ps.close()
+    prefix = ps._transport.shm_prefix
+    _assert_clean(ps._transport.pids, prefix)
+    for k, tree in enumerate(held):  # still mapped, and unchanged
+        _assert_values(tree, _expected(k))
+    assert _mapped(prefix) == POOL - 1  # the buffers lent out; the others are unmapped
+    held.clear()
+    gc.collect()
+    multiprocess._collect_garbage()
+    assert _mapped(prefix) == 0
 
 
 def _pull_push_in_child(client, out):
@@ -208,9 +347,10 @@ if __name__ == "__main__":
     [
         "pass",  # exits without close(): atexit cleans up
         "time.sleep(120)",  # SIGKILLed: the shard notices its parent is gone
+        "held = [ps.pull() for _ in range(6)]; print(flush=True); time.sleep(120)",  # the same, with a full pool
         "while True: ps.push({'w': np.ones(1000, np.float32)}); ps.pull()",  # Ctrl-C
     ],
-    ids=["exit-without-close", "parent-killed", "ctrl-c"],
+    ids=["exit-without-close", "parent-killed", "parent-killed-holding-pulls", "ctrl-c"],
 )
 def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
     script = tmp_path / "train.py"
@@ -222,7 +362,9 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
         prefix, *pids = proc.stdout.readline().split()
         pids = [int(p) for p in pids]
         assert pids, proc.communicate(timeout=60)
-        if ending.startswith("time"):
+        if ending.startswith("held"):
+            assert proc.stdout.readline() == "\n", proc.communicate(timeout=60)  # the pulls are held
+        if "time.sleep" in ending:
             proc.kill()
         elif ending.startswith("while"):
             time.sleep(0.5)
@@ -235,3 +377,18 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
     assert "leaked" not in err and "resource_tracker" not in err, err
     if ending == "pass":
         assert proc.returncode == 0, err
+
+
+def test_large_numpy_push_with_nan_is_staged_then_rejected(server):
+    # >= 1 MB of numpy leaves: the NaN check runs on a thread while the push is copied into shared memory
+    params = {"big": np.zeros(1 << 19, np.float32), "small": np.zeros(3, np.float32)}
+    ps = server(params, shards=2)
+    ones = {k: np.ones_like(v) for k, v in params.items()}
+    ps.push(ones).result(30)
+    bad = {**ones, "big": ones["big"].copy()}
+    bad["big"][-1] = np.nan
+    with pytest.raises(jaxps.PushError, match=r"NaN or Inf in \[\"\['big'\] \(float32\[524288\]\)\"\]"):
+        ps.push(bad)
+    assert ps.step == 1 and float(ps.params()["big"][-1]) == -1.0  # nothing was sent
+    ps.push(ones).result(30)  # the push buffer it was staged in is reused
+    np.testing.assert_array_equal(ps.params()["big"], np.full(1 << 19, -2.0, np.float32))

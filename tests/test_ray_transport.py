@@ -1,5 +1,6 @@
 """Ray-specific behaviour of the Ray transport, on the session's real local Ray."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -87,7 +88,9 @@ def test_run_workers_runs_ray_tasks_in_order_of_args():
 def test_pull_sees_own_unawaited_pushes_through_the_object_store():
     big = {"w": np.zeros(1 << 20, np.float32), "v": np.zeros(1 << 18, np.float32)}  # MBs: via plasma
     ones = {k: np.ones_like(v) for k, v in big.items()}
-    with jaxps.ParameterServer(big, optax.sgd(-1.0), shards=2, transport="ray") as ps:
+    opts = {"shared_memory": False}
+    with jaxps.ParameterServer(big, optax.sgd(-1.0), shards=2, transport="ray", transport_options=opts) as ps:
+        assert not any(ch.via_shared_memory for ch in ps._channels)
         futures = []
         for i in range(10):
             tree = ps.pull()
@@ -95,6 +98,47 @@ def test_pull_sees_own_unawaited_pushes_through_the_object_store():
             futures.append(ps.push(ones))  # not awaited: the next pull must still see it
         assert [f.result(60) for f in futures] == ["applied"] * 10
         assert isinstance(ps.pull()["w"], jnp.ndarray)
+
+
+@ray.remote(num_cpus=0.01)
+def _routes(client):
+    client.pull()
+    return [ch.via_shared_memory for ch in client._channels]
+
+
+def _segments():
+    return {n for n in os.listdir("/dev/shm") if n.startswith("jaxps_")}
+
+
+def test_clients_on_the_shard_node_use_shared_memory_and_leave_no_segments():
+    before = _segments()
+    with _server() as ps:
+        _pull_push(ps.client(0), 3)
+        assert [ch.via_shared_memory for ch in ps.client(0)._channels] == [True, True]
+        assert ray.get(_routes.remote(ps.client(1)), timeout=120) == [True, True]
+        np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 3.0, np.float32))
+    with _server(transport_options={"shared_memory": False}) as ps:
+        assert ray.get(_routes.remote(ps.client(1)), timeout=120) == [False, False]
+    assert _segments() <= before
+
+
+def test_shared_memory_and_object_store_clients_share_a_sync_step():
+    from jaxps.client import Client
+    from transports.ray_transport import RayChannel
+
+    with _server(mode="sync", workers=2) as ps:
+        local = ps.client(0)
+        remote = Client(1, ps.plan, [RayChannel(a, i) for i, a in enumerate(ps._transport.actors)])  # no endpoint
+        assert [ch.via_shared_memory for ch in local._channels] == [True, True]
+        assert [ch.via_shared_memory for ch in remote._channels] == [False, False]
+        for _ in range(3):
+            local.pull(), remote.pull()
+            waiting = remote.push(ONES)  # through Ray: settled by the shared-memory push that closes the step
+            threes = {k: np.full_like(v, 3.0) for k, v in ONES.items()}
+            assert local.push(threes).result(60) == "applied"
+            assert waiting.result(60) == "applied"
+        np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 6.0, np.float32))  # 3 steps of mean 2
+        assert ps.step == 3
 
 
 def test_shard_actors_get_the_cpus_asked_for():
@@ -119,8 +163,9 @@ def test_busy_resources_time_out_and_free_what_was_placed():
     assert _wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
 
 
-def test_killed_shard_raises_shard_died_error():
-    with _server(mode="sync", workers=2) as ps:
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_killed_shard_raises_shard_died_error(shared_memory):
+    with _server(mode="sync", workers=2, transport_options={"shared_memory": shared_memory}) as ps:
         waiting = ps.client(0)
         waiting.pull()
         waiting.push(ONES)

@@ -3,11 +3,22 @@
 Only small control messages (request ids, worker, tag, versions, outcomes)
 cross the `multiprocessing.connection` sockets; array data crosses only
 through shared memory. Every connection (one per client thread and process)
-gets a push buffer and a pull buffer sized to the shard, created by the shard
-process and unlinked as soon as the client has mapped them, so no segment
-name outlives a handshake and a killed process leaks nothing. The initial
-leaves travel the same way; the `ShardSpec` (with the optax closures) goes by
-cloudpickle.
+gets a push buffer and a pool of pull buffers (one at first, at most `POOL`),
+each sized to the shard, created by the shard process and unlinked as soon as
+the client has mapped them, so no segment name outlives a handshake and a
+killed process leaks nothing. The initial leaves travel the same way; the
+`ShardSpec` (with the optax closures) goes by cloudpickle.
+
+A pull names a pull buffer that no earlier pull's arrays still use; the shard
+copies the parameters into it, and the client lends it out without copying:
+the pulled leaves are read-only numpy views over the buffer, put on the device
+with `jax.device_put`, which on CPU adopts them (and keeps them alive) instead
+of copying. The buffer is free again once every array over it is gone, so a
+loop that drops its last pull before the next one alternates between one or
+two buffers, whose pages stay mapped. If the user keeps pulls alive, the pool
+grows; at `POOL` buffers the last free one is never lent: pulls landing there
+are copied out. The shard writes only into the buffer a pull names, and the
+client never names one that is lent out.
 
 A request's reply is read by the thread that waits for it (no reader
 threads): replies may come out of order (a sync push is settled later), so
@@ -40,10 +51,18 @@ import numpy as np
 
 from jaxps.client import run_worker
 from jaxps.shard import ShardSpec
-from jaxps.transport import ShardDiedError
+from jaxps.transport import STAGED, ShardDiedError
 from transports import shm
 
+try:  # JAX drops the numpy array under a dead jax array at its next call or GC; this does it now
+    from jax._src.lib import _jax
+
+    _collect_garbage = _jax.collect_garbage
+except (ImportError, AttributeError):  # another jaxlib: a freed pull buffer is seen a little later
+    _collect_garbage = lambda: None
+
 _SLICE = 0.05  # seconds a waiting thread holds a connection's lock at a time
+POOL = 4  # pull buffers per connection, at most
 _MAIN_GUARD = "a script that starts a ParameterServer must do so under `if __name__ == '__main__':`"
 
 
@@ -112,7 +131,7 @@ class _Reply:
 
 
 class _Conn:
-    """One thread's connection to a shard process, with its two shared buffers."""
+    """One thread's connection to a shard process, with its push buffer and pull buffers."""
 
     def __init__(self, channel: "MultiprocessingChannel"):
         self.channel = channel
@@ -120,7 +139,8 @@ class _Conn:
         self._ids = itertools.count()
         self._replies: weakref.WeakValueDictionary[int, _Reply] = weakref.WeakValueDictionary()
         self._push_busy: int | None = None  # push whose leaves the shard has not copied out yet
-        self._live_pull: int | None = None  # the one pull whose leaves the pull buffer may receive
+        self._live_pull: int | None = None  # the one pull whose leaves may be read (others are abandoned)
+        self._live_buf = (0, False)  # its pull buffer, and whether its views are lent out
         self._dead = False
         self.broken = False  # interrupted mid-message: the channel opens a new connection
         try:
@@ -131,22 +151,29 @@ class _Conn:
             kind, *names = self._c.recv()
             if kind == "error":
                 raise RuntimeError(f"shard {channel.index} could not serve a new connection:\n{names[0]}")
-            self._bufs = [shm.attach(n) for n in names]
+            self._bufs = [shm.attach(n) for n in names]  # the push buffer, then the first pull buffer
             self._c.send("attached")
         except BaseException as e:
             self._c.close()
             if isinstance(e, (OSError, EOFError)):
                 raise channel.gone() from e
             raise
-        self._push_views, self._pull_views = (shm.views(b, channel.specs, channel.offsets) for b in self._bufs)
+        self._push_views = shm.views(self._bufs[0], channel.specs, channel.offsets)
+        self._lent: list[weakref.ref | None] = [None]  # per pull buffer: the base of the views it last lent out
 
     # -- requests ---------------------------------------------------------------
+    def stage(self, leaves) -> str:
+        """Copies `leaves` into the push buffer, once the shard is done with the last push's."""
+        with self._lock:
+            self.wait(lambda: self._push_busy is None, None)
+            for view, x in zip(self._push_views, leaves):
+                np.copyto(view, np.asarray(x))
+        return STAGED
+
     def push(self, worker, tag, based_on, leaves) -> _Reply:
         with self._lock:
-            if leaves is not None:
-                self.wait(lambda: self._push_busy is None, None)
-                for view, x in zip(self._push_views, leaves):
-                    np.copyto(view, np.asarray(x))
+            if leaves is not None and leaves is not STAGED:
+                self.stage(leaves)
             rid, reply = self._send("push", worker, tag, based_on, leaves is not None)
             if leaves is not None:
                 self._push_busy = rid
@@ -158,9 +185,46 @@ class _Conn:
                 old = self._replies.pop(self._live_pull, None)
                 if old is not None:
                     old._set(error=RuntimeError("superseded by a later pull from the same thread"))
-            rid, reply = self._send("pull", worker)
-            self._live_pull = rid
+                self._live_pull = None
+            buf = self._free_buffer()
+            rid, reply = self._send("pull", worker, buf[0])
+            self._live_pull, self._live_buf = rid, buf
             return reply
+
+    def _free_buffer(self) -> tuple[int, bool]:
+        """A pull buffer no pulled array uses (growing the pool if need be), and whether to lend it.
+
+        At `POOL` buffers the last free one is not lent, so a pull always has
+        one. An abandoned pull's buffer is free: the shard handles requests in
+        order, so it will not write there once it has seen this pull.
+        """
+        _collect_garbage()
+        free = [i for i, base in enumerate(self._lent) if base is None or base() is None]
+        if not free:
+            free = [self._grow()]
+        return free[0], len(self._lent) < POOL or len(free) > 1
+
+    def _grow(self) -> int:
+        """Maps one more pull buffer, made by the shard, which unlinks its name once told it is mapped."""
+        name = self.call("grow")
+        try:
+            buf = shm.attach(name)
+        finally:
+            self.call("mapped", name)
+        self._bufs.append(buf)
+        self._lent.append(None)
+        return len(self._lent) - 1
+
+    def _take(self, buf: int, lend: bool) -> list[jax.Array]:
+        """The leaves just pulled into buffer `buf`: lent out as read-only views, or copied out."""
+        views = shm.views(self._bufs[1 + buf], self.channel.specs, self.channel.offsets)
+        if not lend:
+            return [_own(v) for v in views]
+        for v in views:
+            v.flags.writeable = False
+        if views:  # every array over the buffer (JAX's included) keeps their base alive
+            self._lent[buf] = weakref.ref(views[0].base)
+        return [jax.device_put(v) for v in views]
 
     def call(self, op: str, *args) -> Any:
         with self._lock:
@@ -216,7 +280,7 @@ class _Conn:
             self._live_pull = None
             reply = self._replies.pop(rid, None)
             if reply is not None:
-                reply._set((rest[0], [_own(v) for v in self._pull_views]))
+                reply._set((rest[0], self._take(*self._live_buf)))
             return
         reply = self._replies.pop(rid, None)
         if reply is None:
@@ -242,18 +306,19 @@ class _Conn:
         self._c.close()
 
     def close(self) -> None:
-        """Drops the connection and unmaps the buffers (if no thread is using them)."""
+        """Drops the connection and unmaps the buffers (those still lent out go with their last view)."""
         if not self._lock.acquire(timeout=1.0):
             return
         try:
             self._die()
             self._c.close()
-            self._push_views = self._pull_views = []
+            self._push_views = []
             for b in self._bufs:
                 try:
                     b.close()
-                except BufferError:  # a view is still out there; the mapping goes with it
+                except BufferError:  # a pulled array still uses it; the mapping goes with the last one
                     pass
+            self._bufs = []
         finally:
             self._lock.release()
 
@@ -288,6 +353,9 @@ class MultiprocessingChannel:
             self._conns.add(conn)
         return conn
 
+    def stage(self, leaves) -> str:
+        return self._conn().stage(leaves)
+
     def push(self, worker, tag, based_on, leaves) -> _Reply:
         return self._conn().push(worker, tag, based_on, leaves)
 
@@ -313,16 +381,26 @@ class MultiprocessingChannel:
 class _Peer:
     """The shard process's side of one connection."""
 
-    def __init__(self, conn, shard, bufs, specs):
-        self._conn, self._shard, self._bufs = conn, shard, bufs
-        offsets, _ = shm.layout(specs)
-        self._push_views, self._pull_views = (shm.views(b, specs, offsets) for b in bufs)
+    def __init__(self, conn, server: "_Server", name: str, bufs):
+        self._conn, self._server, self._shard, self._bufs = conn, server, server._shard, bufs
+        self._name = name  # of this connection's segments
+        self._offsets, _ = shm.layout(server._specs)
+        self._push_views = shm.views(bufs[0], server._specs, self._offsets)
+        self._pull_views = [shm.views(bufs[1], server._specs, self._offsets)]
         self._lock = threading.Lock()  # taken after the shard's lock, never before
         self._live_pull: int | None = None
+        self._live_buf = 0  # the pull buffer the live pull's leaves go to
         self._closed = False
 
     def run(self) -> None:
-        ops = {"push": self._push, "pull": self._pull, "leave": self._leave, "stats": self._stats}
+        ops = {
+            "push": self._push,
+            "pull": self._pull,
+            "leave": self._leave,
+            "stats": self._stats,
+            "grow": self._grow,
+            "mapped": self._mapped,
+        }
         try:
             while True:
                 try:
@@ -334,6 +412,7 @@ class _Peer:
                 except Exception as e:
                     self._send((rid, "error", _pack(e), traceback.format_exc()))
         finally:
+            self._server.release([f"{self._name}_pull{i}" for i in range(len(self._pull_views))])  # a grow cut short
             with self._lock:
                 self._closed = True
                 self._push_views = self._pull_views = []
@@ -378,9 +457,11 @@ class _Peer:
             settled, early = early, None
         self._send((rid, "outcome", settled[0]) if settled else (rid, "taken"))
 
-    def _pull(self, rid, worker) -> None:
-        with self._lock:
-            self._live_pull = rid
+    def _pull(self, rid, worker, buf) -> None:
+        if not 0 <= buf < len(self._pull_views):
+            raise ValueError(f"no pull buffer {buf}")
+        with self._lock:  # an earlier pull not served yet is abandoned: its buffer may be reused
+            self._live_pull, self._live_buf = rid, buf
         self._shard.pull(worker, functools.partial(self._ready, rid), lend=False)
 
     def _ready(self, rid, version, leaves) -> None:  # under the shard's lock: the leaves are consistent
@@ -388,9 +469,23 @@ class _Peer:
             if self._closed or rid != self._live_pull:
                 return
             self._live_pull = None
-            for view, x in zip(self._pull_views, leaves):
+            for view, x in zip(self._pull_views[self._live_buf], leaves):
                 np.copyto(view, np.asarray(x))
             self._send_locked((rid, "pulled", version))
+
+    def _grow(self, rid) -> None:
+        """A new pull buffer; its name lasts until the client says it has mapped it ('mapped')."""
+        if len(self._pull_views) >= POOL:
+            raise RuntimeError(f"a connection has at most {POOL} pull buffers")
+        name = f"{self._name}_pull{len(self._pull_views)}"
+        buf = self._server.create(name)
+        self._bufs.append(buf)
+        self._pull_views.append(shm.views(buf, self._server._specs, self._offsets))
+        self._send((rid, "ok", name))
+
+    def _mapped(self, rid, name) -> None:
+        self._server.release([name])
+        self._send((rid, "ok", None))
 
     def _leave(self, rid, worker) -> None:
         self._shard.leave(worker)
@@ -422,32 +517,41 @@ class _Server:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn) -> None:
-        n = next(self._ids)
-        names = [f"{self._prefix}s{self._shard.index}c{n}_{kind}" for kind in ("push", "pull")]
+        name = f"{self._prefix}s{self._shard.index}c{next(self._ids)}"
+        names = [f"{name}_push", f"{name}_pull0"]
         bufs = []
         try:
-            with self._lock:
-                if self._stopping:
-                    return conn.close()
-                self._unlinked_later.update(names)
-                bufs = [shm.create(name, self._size) for name in names]
+            bufs = [self.create(n) for n in names]
             conn.send(("buffers", *names))
             if conn.recv() != "attached":
                 raise EOFError
         except Exception:
-            try:
-                conn.send(("error", traceback.format_exc()))
-            except OSError:
-                pass
+            if not self._stopping:
+                try:
+                    conn.send(("error", traceback.format_exc()))
+                except OSError:
+                    pass
             for b in bufs:
                 b.close()
             return conn.close()
         finally:
-            with self._lock:
-                for name in names:
-                    shm.unlink(name)
-                self._unlinked_later.difference_update(names)
-        _Peer(conn, self._shard, bufs, self._specs).run()
+            self.release(names)
+        _Peer(conn, self, name, bufs).run()
+
+    def create(self, name: str):
+        """A new segment the size of the shard, for a client to map; its name lasts until `release`."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError(f"shard {self._shard.index} is stopping")
+            self._unlinked_later.add(name)
+            return shm.create(name, self._size)
+
+    def release(self, names) -> None:
+        """Unlinks `names` (their mappings stay); a no-op for those already gone."""
+        with self._lock:
+            for name in names:
+                shm.unlink(name)
+            self._unlinked_later.difference_update(names)
 
     def stop(self) -> None:
         with self._lock:
@@ -524,7 +628,8 @@ class MultiprocessingTransport:
 
     `pids` are the shard processes' ids; every shared-memory segment of this
     server is named with `shm_prefix`. Each client thread (in any process)
-    maps two buffers the size of each shard it talks to.
+    maps, per shard it talks to, a push buffer and one to `POOL` pull buffers
+    the size of the shard (more only while it keeps earlier pulls alive).
     """
 
     def __init__(self, start_timeout: float = 60.0):

@@ -1,8 +1,16 @@
 """Ray transport: each shard is an asyncio Ray actor, workers are Ray tasks.
 
-Arrays travel through Ray's object store: a push is one `ray.put` of the
-shard's leaf list; a shard puts its leaves into the store once per version,
-and every pull of that version gets the same object, read zero-copy.
+Across machines, arrays travel through Ray's object store: a push is one
+`ray.put` of the shard's leaf list; a shard puts its leaves into the store
+once per version, and every pull of that version gets the same object, read
+zero-copy. On the shard's own machine, a client talks to the actor through
+shared memory instead (`shared_memory=True`, the default): the actor also
+serves its `Shard` the way a multiprocessing shard process does (a Unix
+socket for control messages, per-connection shared buffers that live as long
+as the connection). Every object-store transfer writes a new object, and
+fresh shared pages cost a page fault each (a `ray.put` of 20 MB takes ~10x a
+memcpy on a small VM); the connection's buffers are written again and again.
+Ray still places, starts and kills the shards and runs the workers.
 
 Order. Ray runs the calls of one submitter in order only on a synchronous,
 single-threaded actor; an asyncio (or threaded) actor may start a call while
@@ -23,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sys
 import threading
 import time
 import uuid
@@ -40,7 +50,7 @@ DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
 class _ShardActor:
     """One `jaxps.shard.Shard`, served on an asyncio event loop."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, shared_memory: bool = True):
         import jax.numpy as jnp  # here, once Ray has set up this process's devices
 
         from jaxps.shard import Shard
@@ -50,9 +60,14 @@ class _ShardActor:
         self._published: tuple[int, Any] | None = None  # (version, ObjectRef of its leaves)
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
+        self._endpoint = _serve_shared_memory(self._shard, spec) if shared_memory else None
 
     async def ready(self) -> int:
         return self._shard.index
+
+    async def endpoint(self) -> dict | None:
+        """Where clients on this node reach the shard through shared memory (None: object store only)."""
+        return self._endpoint
 
     async def push(self, caller, seq, worker, tag, based_on, leaves):
         done = asyncio.get_running_loop().create_future()
@@ -104,8 +119,38 @@ class _ShardActor:
 
 
 def _resolve(future: asyncio.Future, value: Any) -> None:
+    """Completes `future` from any thread (a shared-memory client's step may settle a Ray caller's push)."""
+    try:
+        on_loop = asyncio.get_running_loop() is future.get_loop()
+    except RuntimeError:
+        on_loop = False
+    if on_loop:
+        _set_result(future, value)
+    else:
+        future.get_loop().call_soon_threadsafe(_set_result, future, value)
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _serve_shared_memory(shard, spec) -> dict | None:
+    """Serves `shard` to clients on this node as a multiprocessing shard process does; its endpoint."""
+    if not sys.platform.startswith("linux"):  # abstract Unix sockets
+        return None
+    from multiprocessing import connection
+
+    from transports.multiprocess import _Server
+
+    plan = spec.plan
+    specs = [(plan.leaves[i].shape, plan.leaves[i].dtype) for i in plan.shard_leaves[spec.index]]
+    prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
+    address, authkey = f"\0{prefix}s{spec.index}", os.urandom(32)
+    listener = connection.Listener(address, "AF_UNIX", backlog=64, authkey=authkey)
+    threading.Thread(target=_Server(shard, specs, prefix).accept, args=(listener,), daemon=True).start()
+    node = ray.get_runtime_context().get_node_id()
+    return {"node": node, "pid": os.getpid(), "address": address, "authkey": authkey, "specs": specs}
 
 
 @ray.remote
@@ -154,44 +199,101 @@ def _to_jax(value):
     return version, [jax.device_put(x) for x in ray.get(ref)]
 
 
+def _shared_memory_channel(index: int, actor, endpoint: dict | None):
+    """A multiprocessing channel to the actor's shared-memory server, if this process is on its node."""
+    if endpoint is None or not ray.is_initialized() or ray.get_runtime_context().get_node_id() != endpoint["node"]:
+        return None
+    from transports.multiprocess import MultiprocessingChannel
+
+    class SharedMemoryChannel(MultiprocessingChannel):
+        def __reduce__(self):  # never pickled: a RayChannel decides afresh in each process
+            raise TypeError("pickle the RayChannel, not its shared-memory connection")
+
+        def gone(self) -> Exception:
+            return super().gone() if self._closed else _died(index, actor, RuntimeError("its shared-memory connection closed"))
+
+    return SharedMemoryChannel(index, endpoint["pid"], endpoint["address"], endpoint["authkey"], endpoint["specs"])
+
+
+_UNDECIDED = object()
+
+
 class RayChannel:
     """A client's line to one shard actor; picklable into Ray tasks and actors.
 
     Every unpickled copy is a new caller whose calls the actor runs in order.
+    In each process it decides once how to reach the actor: through shared
+    memory on the actor's node (if the actor serves it), else through Ray.
     """
 
-    def __init__(self, actor, index: int):
+    def __init__(self, actor, index: int, endpoint: dict | None = None):
         self.actor = actor
         self.index = index
+        self._endpoint = endpoint
         self._new_caller()
 
     def _new_caller(self) -> None:
         self._caller = uuid.uuid4().hex
         self._seq = itertools.count()
         self._lock = threading.Lock()
+        self._local: Any = _UNDECIDED
 
     def __getstate__(self):
-        return {"actor": self.actor, "index": self.index}
+        return {"actor": self.actor, "index": self.index, "endpoint": self._endpoint}
 
     def __setstate__(self, state):
-        self.actor, self.index = state["actor"], state["index"]
+        self.actor, self.index, self._endpoint = state["actor"], state["index"], state["endpoint"]
         self._new_caller()
+
+    @property
+    def via_shared_memory(self) -> bool:
+        """Whether this process reaches the shard through shared memory (decided on first use)."""
+        return self._route() is not None
+
+    def _route(self):
+        with self._lock:
+            if self._local is _UNDECIDED:
+                self._local = _shared_memory_channel(self.index, self.actor, self._endpoint)
+            return self._local
+
+    def close(self) -> None:
+        """Drops this process's shared-memory connections (if any)."""
+        with self._lock:
+            local, self._local = self._local, None
+        if local is not None and local is not _UNDECIDED:
+            local.close()
 
     def _call(self, method: str, *args) -> ray.ObjectRef:
         with self._lock:  # sequence numbers in submission order
             return getattr(self.actor, method).remote(self._caller, next(self._seq), *args)
 
-    def push(self, worker, tag, based_on, leaves) -> RayFuture:
+    def stage(self, leaves):
+        local = self._route()
+        return local.stage(leaves) if local is not None else leaves
+
+    def push(self, worker, tag, based_on, leaves):
+        local = self._route()
+        if local is not None:
+            return local.push(worker, tag, based_on, leaves)
         ref = None if leaves is None else ray.put([np.asarray(x) for x in leaves])
         return RayFuture(self._call("push", worker, tag, based_on, ref), self)
 
-    def pull(self, worker) -> RayFuture:
+    def pull(self, worker):
+        local = self._route()
+        if local is not None:
+            return local.pull(worker)
         return RayFuture(self._call("pull", worker), self, _to_jax)
 
     def leave(self, worker) -> None:
+        local = self._route()
+        if local is not None:
+            return local.leave(worker)
         RayFuture(self._call("leave", worker), self).result()
 
     def stats(self) -> dict:
+        local = self._route()
+        if local is not None:
+            return local.stats()
         return RayFuture(self._call("stats"), self).result()
 
     def __repr__(self) -> str:
@@ -225,6 +327,8 @@ class RayTransport:
       worker_options: Ray task options for `run_workers` (default
         `num_cpus=0.01, max_retries=0`).
       start_timeout: seconds to wait for the shard actors to be placed and built.
+      shared_memory: clients on a shard actor's node reach it through shared
+        memory (default); False sends every array through the object store.
 
     `close()` kills the shard actors and shuts Ray down only if `start` called
     `ray.init` (for a joined cluster that disconnects this driver; the cluster
@@ -240,13 +344,16 @@ class RayTransport:
         init_options: dict | None = None,
         worker_options: dict | None = None,
         start_timeout: float = 120.0,
+        shared_memory: bool = True,
     ):
         self._address = address
         self._actor_options = {"num_cpus": num_cpus or 0, "num_gpus": num_gpus or 0, "resources": dict(resources or {})}
         self._init_options = dict(init_options or {})
         self._worker_options = {**DEFAULT_WORKER_OPTIONS, **(worker_options or {})}
         self._start_timeout = start_timeout
+        self._shared_memory = shared_memory
         self._actors: list = []
+        self._channels: list[RayChannel] = []
         self._started_ray = False
 
     @property
@@ -260,16 +367,17 @@ class RayTransport:
             self._started_ray = True
         self._check_feasible()
         actor_cls = _ShardActor.options(max_restarts=0, **self._actor_options)
-        self._actors = [actor_cls.remote(spec) for spec in specs]
-        refs = [a.ready.remote() for a in self._actors]
+        self._actors = [actor_cls.remote(spec, self._shared_memory) for spec in specs]
+        refs = [a.endpoint.remote() for a in self._actors]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=self._start_timeout)
         if pending:
             raise TimeoutError(
                 f"{len(pending)} of {len(refs)} shard actors not started after {self._start_timeout} s; "
                 f"each asks for {self._need()}, the cluster has {ray.available_resources()} available"
             )
-        ray.get(refs)  # raises what a shard's constructor raised
-        return [RayChannel(a, spec.index) for a, spec in zip(self._actors, specs)]
+        endpoints = ray.get(refs)  # raises what a shard's constructor raised
+        self._channels = [RayChannel(a, spec.index, e) for a, spec, e in zip(self._actors, specs, endpoints)]
+        return list(self._channels)
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any], worker_options: dict | None = None) -> list:
         """Runs `jaxps.client.run_worker(fn, client_i, arg_i)` as one Ray task each; results in order."""
@@ -286,6 +394,9 @@ class RayTransport:
     def close(self) -> None:
         """Kills the shard actors; shuts Ray down if `start` started it. Idempotent."""
         actors, self._actors = self._actors, []
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            channel.close()
         if ray.is_initialized():
             for actor in actors:
                 try:

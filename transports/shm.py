@@ -87,8 +87,17 @@ def layout(specs: Sequence[tuple[tuple[int, ...], Any]]) -> tuple[list[int], int
 
 
 def views(buf: mmap.mmap, specs, offsets) -> list[np.ndarray]:
-    """Numpy arrays over `buf` (they keep it exported: drop them before closing it)."""
-    return [np.ndarray(shape, dtype, buffer=buf, offset=o) for (shape, dtype), o in zip(specs, offsets)]
+    """Numpy arrays over `buf`, all with one `.base`: a byte array over it, alive while any array made from them is.
+
+    They hold `buf` exported (`np.frombuffer`; `np.ndarray(buffer=buf)` would
+    not): while one lives, `buf.close()` raises BufferError instead of unmapping.
+    """
+    whole = np.frombuffer(buf, np.uint8)
+    out = []
+    for (shape, dtype), o in zip(specs, offsets):
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        out.append(whole[o : o + n].view(dtype).reshape(shape))
+    return out
 
 
 @dataclasses.dataclass
