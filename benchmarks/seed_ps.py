@@ -129,7 +129,7 @@ def run(quick: bool, transports) -> dict:
         plan = [(10_000, 5)]
         repeats, warmup = 1, 2
     else:
-        plan = [(1_000_000, 40), (10_000_000, 15)]
+        plan = [(1_000_000, 100), (10_000_000, 30)]
         repeats, warmup = 5, 3
     rows, errors = [], []
     for dim, rounds in plan:
