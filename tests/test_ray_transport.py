@@ -128,7 +128,8 @@ def test_shared_memory_and_object_store_clients_share_a_sync_step():
 
     with _server(mode="sync", workers=2) as ps:
         local = ps.client(0)
-        remote = Client(1, ps.plan, [RayChannel(a, i) for i, a in enumerate(ps._transport.actors)])  # no endpoint
+        elsewhere = [{**ch._endpoint, "node": "another-node"} for ch in local._channels]  # as seen from another machine
+        remote = Client(1, ps.plan, [RayChannel(a, i, e) for i, (a, e) in enumerate(zip(ps._transport.actors, elsewhere))])
         assert [ch.via_shared_memory for ch in local._channels] == [True, True]
         assert [ch.via_shared_memory for ch in remote._channels] == [False, False]
         for _ in range(3):
