@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from jaxps.plan import Plan
 from jaxps.transport import ShardChannel, Waitable
-from jaxps.validate import start_checking_gradients
+from jaxps.validate import check_gradients, nonfinite_paths, reject_nonfinite
 
 
 def gather(waits: Sequence[Waitable], timeout: float | None = None) -> list:
@@ -21,8 +21,10 @@ def gather(waits: Sequence[Waitable], timeout: float | None = None) -> list:
     return [w.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for w in waits]
 
 
-def _as_is(leaves):
-    return leaves
+def _stage(channel: ShardChannel, leaves: list, check: bool) -> tuple[Any, list[bool] | None]:
+    """(what to push, per leaf whether it is free of NaN/Inf, or None if the channel did not check)."""
+    stage = getattr(channel, "stage", None)
+    return stage(leaves, check) if stage is not None else (leaves, None)
 
 
 class PushFuture:
@@ -82,17 +84,29 @@ class Client:
         tree, before any shard sees it.
         """
         self._check_open()
-        leaves, finite = start_checking_gradients(self.plan, grads, self._nonfinite)
-        # channels that can stage (shared memory) copy while the device checks for NaN/Inf
-        per_shard = [getattr(ch, "stage", _as_is)(part) for ch, part in zip(self._channels, self.plan.split(leaves))]
-        if not finite():
-            per_shard = [None] * len(self._channels)
+        per_shard = self.plan.split(check_gradients(self.plan, grads))
+        check = self._nonfinite != "allow"
+        staged = [_stage(ch, leaves, check) for ch, leaves in zip(self._channels, per_shard)]
+        if check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite):
+            staged = [(None, None)] * len(staged)  # skipped: nothing is sent
+        per_shard = [payload for payload, _ in staged]
         parts = []
         for s, ch in enumerate(self._channels):
             tag = self._pulled[s] if self._pulled[s] is not None else (self._tag[s] + 1 if self._tag[s] is not None else 0)
             parts.append(ch.push(self.worker, tag, self._based_on[s], per_shard[s]))
             self._tag[s], self._pulled[s] = tag, None
         return PushFuture(parts)
+
+    def _nonfinite_paths(self, per_shard: list, staged: list) -> list[str]:
+        """Paths holding NaN/Inf: as the channels found while staging, else checked here (one device sync)."""
+        bad, unchecked = [], []
+        for ids, leaves, (_, finite) in zip(self.plan.shard_leaves, per_shard, staged):
+            specs = [self.plan.leaves[i] for i in ids]
+            if finite is None:
+                unchecked += zip(specs, leaves)
+            else:
+                bad += [spec.path for spec, ok in zip(specs, finite) if not ok]
+        return bad + nonfinite_paths([s for s, _ in unchecked], [x for _, x in unchecked])
 
     def leave(self) -> None:
         """This worker is done: sync steps and ssp pulls stop waiting for it. Idempotent."""

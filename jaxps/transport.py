@@ -57,9 +57,10 @@ class ShardChannel(Protocol):
 
     def stats(self) -> dict: ...
 
-    # Optional: `stage(leaves)` moves the leaves ahead of the push (e.g. copies them into shared
-    # memory) and returns what to pass to `push` instead of them (`STAGED`, or the leaves), so
-    # the client can check them for NaN/Inf meanwhile; a push found bad is then not sent.
+    # Optional: `stage(leaves, check) -> (payload, finite)` moves the leaves ahead of the push
+    # (e.g. copies them into shared memory) and returns what to pass to `push` instead (`STAGED`,
+    # or the leaves); with `check`, also per leaf whether it is free of NaN/Inf, as seen while
+    # copying (None: not checked, the client checks). A push found bad is then not sent.
 
 
 @runtime_checkable

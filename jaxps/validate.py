@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,36 +73,36 @@ def _host_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def _all_host_finite(arrays: Sequence[np.ndarray]) -> bool:
-    return all(_host_finite(x) for x in arrays)
-
-
-@functools.cache
-def _host_checker() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxps-nonfinite")
-
-
-def start_nonfinite_check(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> Callable[[], list[str]]:
-    """Starts the NaN/Inf check without waiting for it (on the device, or a thread for large numpy
-    leaves), so the caller can move the leaves meanwhile; call the result for the bad paths."""
+def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[str]:
+    """Paths of floating-point leaves holding NaN or Inf (one device sync when all are finite)."""
     floats = [(s, x) for s, x in zip(specs, leaves) if jnp.issubdtype(s.dtype, jnp.inexact)]
     on_device = [x for _, x in floats if isinstance(x, jax.Array)]
     on_host = [np.asarray(x) for _, x in floats if not isinstance(x, jax.Array)]
-    device_finite = _all_finite(on_device) if on_device else None
-    host_finite = _host_checker().submit(_all_host_finite, on_host) if sum(x.nbytes for x in on_host) >= 1 << 20 else None
-
-    def paths() -> list[str]:
-        host_ok = host_finite.result() if host_finite is not None else _all_host_finite(on_host)
-        if (device_finite is None or bool(device_finite)) and host_ok:
-            return []
-        return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x, np.float32)).all())]
-
-    return paths
+    if (not on_device or bool(_all_finite(on_device))) and all(_host_finite(x) for x in on_host):
+        return []
+    return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x, np.float32)).all())]
 
 
-def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[str]:
-    """Paths of floating-point leaves holding NaN or Inf (one device sync when all are finite)."""
-    return start_nonfinite_check(specs, leaves)()
+CHUNK_BYTES = 1 << 20  # copied and then checked while still in cache
+
+
+def copy_checked(dst: np.ndarray, src: np.ndarray) -> bool:
+    """`np.copyto(dst, src)`, and whether the copied values are free of NaN and Inf.
+
+    Chunk by chunk, so the check reads what the copy just wrote from the
+    cache, not memory: about 30% less than a copy and a separate check.
+    """
+    if not np.issubdtype(dst.dtype, np.inexact):
+        np.copyto(dst, src)
+        return True
+    d, s = dst.reshape(-1), np.asarray(src).reshape(-1)
+    step = max(1, CHUNK_BYTES // d.itemsize)
+    finite = True
+    for i in range(0, d.size, step):
+        chunk = d[i : i + step]
+        np.copyto(chunk, s[i : i + step])
+        finite = finite and _host_finite(chunk)
+    return finite
 
 
 def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
@@ -118,37 +116,22 @@ def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
     return out
 
 
-def start_checking_gradients(plan: Plan, grads: Any, nonfinite: str = "raise") -> tuple[list[Any], Callable[[], bool]]:
-    """Flat gradient leaves cast to the parameter dtypes, and `finite()` to call before sending them.
-
-    Raises `PushError` naming the tree paths, shapes and dtypes at fault; the
-    NaN/Inf check runs meanwhile on the device, and `finite()` waits for it:
-    it raises `PushError` too, or (with `nonfinite="skip"`) returns False.
-    `nonfinite="allow"` skips that check (and its wait).
-    """
-    leaves = check_structure(plan, grads)
-    check_leaves(plan.leaves, leaves)
-    if nonfinite == "allow":
-        return cast(plan.leaves, leaves), lambda: True
-    bad_paths = start_nonfinite_check(plan.leaves, leaves)
-
-    def finite() -> bool:
-        bad = set(bad_paths())
-        if bad and nonfinite == "raise":
-            shown = [f"{s.path} ({s.describe()})" for s in plan.leaves if s.path in bad]
-            raise PushError(
-                f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
-                "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
-            )
-        return not bad
-
-    return cast(plan.leaves, leaves), finite
+def reject_nonfinite(plan: Plan, bad: Sequence[str], nonfinite: str) -> bool:
+    """Whether a push with NaN/Inf at paths `bad` is skipped; raises `PushError` if it must be refused."""
+    if bad and nonfinite == "raise":
+        shown = [f"{s.path} ({s.describe()})" for s in plan.leaves if s.path in set(bad)]
+        raise PushError(
+            f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
+            "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
+        )
+    return bool(bad)
 
 
-def check_gradients(plan: Plan, grads: Any, nonfinite: str = "raise") -> list[Any] | None:
-    """Flat gradient leaves cast to the parameter dtypes; None if skipped as non-finite.
+def check_gradients(plan: Plan, grads: Any) -> list[Any]:
+    """Flat gradient leaves cast to the parameter dtypes (NaN and Inf are checked apart).
 
     Raises `PushError` naming the tree paths, shapes and dtypes at fault.
     """
-    leaves, finite = start_checking_gradients(plan, grads, nonfinite)
-    return leaves if finite() else None
+    leaves = check_structure(plan, grads)
+    check_leaves(plan.leaves, leaves)
+    return cast(plan.leaves, leaves)

@@ -52,6 +52,7 @@ import numpy as np
 from jaxps.client import run_worker
 from jaxps.shard import ShardSpec
 from jaxps.transport import STAGED, ShardDiedError
+from jaxps.validate import copy_checked
 from transports import shm
 
 try:  # JAX drops the numpy array under a dead jax array at its next call or GC; this does it now
@@ -162,13 +163,16 @@ class _Conn:
         self._lent: list[weakref.ref | None] = [None]  # per pull buffer: the base of the views it last lent out
 
     # -- requests ---------------------------------------------------------------
-    def stage(self, leaves) -> str:
-        """Copies `leaves` into the push buffer, once the shard is done with the last push's."""
+    def stage(self, leaves, check: bool = False) -> tuple[str, list[bool] | None]:
+        """Copies `leaves` into the push buffer once the shard is done with the last push's
+        (checking each for NaN/Inf as it goes, if asked)."""
         with self._lock:
             self.wait(lambda: self._push_busy is None, None)
+            if check:
+                return STAGED, [copy_checked(view, np.asarray(x)) for view, x in zip(self._push_views, leaves)]
             for view, x in zip(self._push_views, leaves):
                 np.copyto(view, np.asarray(x))
-        return STAGED
+        return STAGED, None
 
     def push(self, worker, tag, based_on, leaves) -> _Reply:
         with self._lock:
@@ -353,8 +357,8 @@ class MultiprocessingChannel:
             self._conns.add(conn)
         return conn
 
-    def stage(self, leaves) -> str:
-        return self._conn().stage(leaves)
+    def stage(self, leaves, check: bool = False) -> tuple[str, list[bool] | None]:
+        return self._conn().stage(leaves, check)
 
     def push(self, worker, tag, based_on, leaves) -> _Reply:
         return self._conn().push(worker, tag, based_on, leaves)

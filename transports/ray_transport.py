@@ -267,9 +267,9 @@ class RayChannel:
         with self._lock:  # sequence numbers in submission order
             return getattr(self.actor, method).remote(self._caller, next(self._seq), *args)
 
-    def stage(self, leaves):
+    def stage(self, leaves, check: bool = False):
         local = self._route()
-        return local.stage(leaves) if local is not None else leaves
+        return local.stage(leaves, check) if local is not None else (leaves, None)
 
     def push(self, worker, tag, based_on, leaves):
         local = self._route()
