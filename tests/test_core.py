@@ -98,6 +98,22 @@ def test_nonfinite_allow_applies_unchecked_but_still_checks_shapes():
         assert ps.step == 1
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.int32])
+@pytest.mark.parametrize("bad_at", [None, "first", "second chunk", "last"])
+def test_copy_checked_copies_and_finds_nan_in_any_chunk(dtype, bad_at):
+    from jaxps.validate import CHUNK_BYTES, copy_checked
+
+    chunk = CHUNK_BYTES // np.dtype(dtype).itemsize
+    src = np.arange(chunk * 3 // 2).astype(dtype)  # a chunk and a half
+    where = {"first": 0, "second chunk": chunk + 7, "last": src.size - 1}.get(bad_at)
+    if where is not None and dtype != np.int32:
+        src[where] = np.nan
+    dst = np.zeros_like(src)
+    finite = copy_checked(dst, src)
+    assert dst.tobytes() == src.tobytes()  # bit for bit, NaN included
+    assert finite == (where is None or dtype == np.int32)
+
+
 def test_unknown_transport_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown transport 'rey'; valid transports: .*inprocess.*multiprocessing.*ray.*Did you mean 'ray'"):
         jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="rey")

@@ -380,7 +380,7 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
 
 
 def test_large_numpy_push_with_nan_is_staged_then_rejected(server):
-    # >= 1 MB of numpy leaves: the NaN check runs on a thread while the push is copied into shared memory
+    # several 1 MB chunks: the push is checked chunk by chunk as it is copied into shared memory
     params = {"big": np.zeros(1 << 19, np.float32), "small": np.zeros(3, np.float32)}
     ps = server(params, shards=2)
     ones = {k: np.ones_like(v) for k, v in params.items()}
