@@ -50,6 +50,20 @@ def _transports_in(rows) -> list[str]:
     return [t for t in TRANSPORTS if t in seen] + sorted({t for t in seen if t not in TRANSPORTS})
 
 
+def _grid(by: dict, rows: list, row_keys, col_keys, cell) -> list[str]:
+    """Markdown lines `| transport | row key | cells |`, one per transport and row key: `cell(r)` of the
+    result `by[(transport, row key, column key)]`, "failed" if it failed, empty if it was not measured."""
+    out = []
+    for tr in _transports_in(rows):
+        for k in row_keys:
+            cells = [
+                "" if r is None else "failed" if "error" in r else cell(r)
+                for r in (by.get((tr, k, c)) for c in col_keys)
+            ]
+            out.append(f"| {tr} | {k} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render_tables(results: dict) -> str:
     """The result tables (markdown), one section per benchmark that ran."""
     out: list[str] = []
@@ -82,26 +96,10 @@ def render_tables(results: dict) -> str:
             "| *memcpy* | | " + " | ".join(f"{memcpy[str(s)]:.2f}" for s in sizes) + " |",
         ]
         by = {(r["transport"], r["leaves"], r["bytes"]): r for r in rows}
-        for tr in _transports_in(rows):
-            for leaves in sorted({r["leaves"] for r in rows}):
-                cells = []
-                for s in sizes:
-                    r = by.get((tr, leaves, s))
-                    if r is None:
-                        cells.append("")
-                    elif "error" in r:
-                        cells.append("failed")
-                    else:
-                        cells.append(f"{r['GBps']:.3g} ({_pct(r['fraction_of_memcpy'])})")
-                out.append(f"| {tr} | {leaves} | " + " | ".join(cells) + " |")
+        layouts = sorted({r["leaves"] for r in rows})
+        out += _grid(by, rows, layouts, sizes, lambda r: f"{r['GBps']:.3g} ({_pct(r['fraction_of_memcpy'])})")
         out += ["", "Median round-trip time (ms):", "", head, sep]
-        for tr in _transports_in(rows):
-            for leaves in sorted({r["leaves"] for r in rows}):
-                cells = []
-                for s in sizes:
-                    r = by.get((tr, leaves, s))
-                    cells.append("" if r is None else "failed" if "error" in r else f"{1e3 * r['round_trip_s']:.3g}")
-                out.append(f"| {tr} | {leaves} | " + " | ".join(cells) + " |")
+        out += _grid(by, rows, layouts, sizes, lambda r: f"{1e3 * r['round_trip_s']:.3g}")
         out.append("")
 
     seed = results.get("seed")
@@ -179,13 +177,7 @@ def render_tables(results: dict) -> str:
             "|---|---|" + "---|" * len(workers),
         ]
         by = {(r["transport"], r["shards"], r["workers"]): r for r in rows}
-        for tr in _transports_in(rows):
-            for s in sorted({r["shards"] for r in rows}):
-                cells = []
-                for w in workers:
-                    r = by.get((tr, s, w))
-                    cells.append("" if r is None else "failed" if "error" in r else f"{r['updates_per_s']:.1f}")
-                out.append(f"| {tr} | {s} | " + " | ".join(cells) + " |")
+        out += _grid(by, rows, sorted({r["shards"] for r in rows}), workers, lambda r: f"{r['updates_per_s']:.1f}")
         out.append("")
 
     errors = [e for k in ("bandwidth", "seed", "overhead", "scaling") for e in results.get(k, {}).get("errors", [])]

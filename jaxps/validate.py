@@ -119,7 +119,8 @@ def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
 def reject_nonfinite(plan: Plan, bad: Sequence[str], nonfinite: str) -> bool:
     """Whether a push with NaN/Inf at paths `bad` is skipped; raises `PushError` if it must be refused."""
     if bad and nonfinite == "raise":
-        shown = [f"{s.path} ({s.describe()})" for s in plan.leaves if s.path in set(bad)]
+        bad = set(bad)
+        shown = [f"{s.path} ({s.describe()})" for s in plan.leaves if s.path in bad]
         raise PushError(
             f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
             "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
