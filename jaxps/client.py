@@ -129,3 +129,11 @@ def run_worker(fn, client: Client, arg: Any) -> Any:
         return fn(client, arg)
     finally:
         client.leave()
+
+
+def leave_quietly(client: Client) -> None:
+    """`client.leave()` for a worker that could not leave by itself (its process died); a shard that is gone says so on the next call."""
+    try:
+        client.leave()
+    except Exception:
+        pass

@@ -47,6 +47,7 @@ class Clock:
     pushes: tuple[int, ...] = ()  # pushes received, per worker
     last_tag: tuple[int | None, ...] = ()  # step of each worker's last push
     left: frozenset[int] = frozenset()  # workers that have finished
+    joined_at: tuple[int, ...] = ()  # each worker's push count when it last (re)joined
     pending: Mapping[int, Mapping[int, Contribution]] = dataclasses.field(default_factory=dict)
     applied: int = 0  # optimizer updates applied
     pushes_applied: int = 0
@@ -73,6 +74,14 @@ class Clock:
             "staleness_count": self.staleness_count,
             "worker_pushes": list(self.pushes),
         }
+
+
+def _join(clock: Clock, worker: int) -> Clock:
+    """`worker`, having left, takes part again (a new `run_workers`); ssp counts its pushes from here."""
+    joined = list(clock.joined_at) + [0] * max(0, len(clock.pushes) - len(clock.joined_at))
+    if worker < len(joined):
+        joined[worker] = clock.pushes[worker]
+    return dataclasses.replace(clock, left=clock.left - {worker}, joined_at=tuple(joined))
 
 
 def _received(clock: Clock, c: Contribution) -> Clock:
@@ -119,6 +128,9 @@ class Async:
     def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:
         return dataclasses.replace(clock, left=clock.left | {worker}), []
 
+    def join(self, clock: Clock, worker: int) -> Clock:
+        return _join(clock, worker)
+
 
 @dataclasses.dataclass(frozen=True)
 class SSP(Async):
@@ -127,8 +139,9 @@ class SSP(Async):
     max_staleness: int = 0
 
     def pull_ready(self, clock: Clock, worker: int) -> bool:
-        active = [n for w, n in enumerate(clock.pushes) if w not in clock.left]
-        return not active or clock.pushes[worker] - min(active) <= self.max_staleness
+        progress = [n - (clock.joined_at[w] if w < len(clock.joined_at) else 0) for w, n in enumerate(clock.pushes)]
+        active = [n for w, n in enumerate(progress) if w not in clock.left]
+        return not active or progress[worker] - min(active) <= self.max_staleness
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +150,14 @@ class Sync:
 
     backup: int = 0
 
-    def quorum(self, clock: Clock) -> int:
-        active = clock.workers - len(clock.left)
-        return max(1, min(clock.workers - self.backup, active))
+    def quorum(self, clock: Clock, tag: int) -> int:
+        """Gradients step `tag` waits for: `workers - backup`, or fewer once workers leave.
+
+        A worker that left after pushing for `tag` still counts: its gradient is in.
+        """
+        arrived = clock.pending.get(tag, {})
+        can_arrive = sum(1 for w in range(clock.workers) if w not in clock.left or w in arrived)
+        return max(1, min(clock.workers - self.backup, can_arrive))
 
     def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
         if c.tag < clock.version:  # its step is already applied: a straggler
@@ -154,7 +172,7 @@ class Sync:
 
     def _close_ready(self, clock: Clock) -> tuple[Clock, list[Step]]:
         steps = []
-        while clock.pending.get(clock.version) and len(clock.pending[clock.version]) >= self.quorum(clock):
+        while clock.pending.get(clock.version) and len(clock.pending[clock.version]) >= self.quorum(clock, clock.version):
             pending = dict(clock.pending)
             arrived = pending.pop(clock.version)
             step = Step(clock.version, tuple(arrived[w] for w in sorted(arrived)))
@@ -168,6 +186,9 @@ class Sync:
 
     def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:
         return self._close_ready(dataclasses.replace(clock, left=clock.left | {worker}))
+
+    def join(self, clock: Clock, worker: int) -> Clock:
+        return _join(clock, worker)
 
 
 def make_policy(mode: str, workers: int | None, backup_workers: int, max_staleness: int | None):

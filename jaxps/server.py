@@ -63,8 +63,10 @@ class ParameterServer:
         check_shardable(tx, self._plan, leaves)
         self._transport = make_transport(transport, transport_options)
         self._workers = workers
+        self._mode = mode
         self._nonfinite = nonfinite
         self._clients: dict[int, Client] = {}
+        self._finished: set[int] = set()  # workers an earlier `run_workers` let leave
         self._closed = False
         specs = [
             ShardSpec(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness)
@@ -130,14 +132,27 @@ class ParameterServer:
         """Runs `fn(client_i, args[i])` for each i on the transport's own execution
         units (threads, spawned processes, Ray tasks) and returns their results.
 
-        Each worker leaves the server when its function returns, so sync steps
-        and ssp pulls do not wait for a finished worker.
+        Each worker leaves the server when its function returns (or its process
+        dies), so sync steps and ssp pulls do not wait for a finished worker. Each
+        call starts its workers afresh, so it can be called again (e.g. train,
+        evaluate, train on), with the same semantics every time.
         """
         self._check_open()
         args = list(args)
         if self._workers is not None and len(args) > self._workers:
             raise ValueError(f"{len(args)} worker arguments for a server of workers={self._workers}")
-        return self._transport.run_workers(fn, [self.client(i) for i in range(len(args))], args)
+        if self._mode in ("sync", "ssp") and len(args) != self._workers:
+            raise ValueError(
+                f"mode={self._mode!r} with workers={self._workers} needs one argument per worker, got {len(args)}: "
+                f"steps would wait forever for workers {list(range(len(args), self._workers))}"
+            )
+        workers = range(len(args))
+        self._rejoin(workers)
+        clients = [Client(i, self._plan, self._channels, self._nonfinite) for i in workers]
+        try:
+            return self._transport.run_workers(fn, clients, args)
+        finally:
+            self._finished.update(workers)
 
     def close(self) -> None:
         """Stops the shards and frees their resources. Idempotent."""
@@ -159,6 +174,17 @@ class ParameterServer:
     def _shard_stats(self) -> list[dict]:
         self._check_open()
         return [ch.stats() for ch in self._channels]
+
+    def _rejoin(self, workers) -> None:
+        """Lets workers that an earlier `run_workers` let leave take part again, on every shard, before any starts."""
+        again = [w for w in workers if w in self._finished]
+        for channel in self._channels if again else ():
+            join = getattr(channel, "join", None)
+            if join is None:
+                raise RuntimeError(f"{type(channel).__name__} has no join(worker), so run_workers cannot run its workers again")
+            for w in again:
+                join(w)
+        self._finished.difference_update(again)
 
     def _check_open(self) -> None:
         if self._closed:

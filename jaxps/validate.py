@@ -80,7 +80,7 @@ def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[st
     on_host = [np.asarray(x) for _, x in floats if not isinstance(x, jax.Array)]
     if (not on_device or bool(_all_finite(on_device))) and all(_host_finite(x) for x in on_host):
         return []
-    return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x, np.float32)).all())]
+    return [s.path for s, x in floats if not bool(np.isfinite(np.asarray(x)).all())]  # no cast: keeps complex parts, float64 range
 
 
 CHUNK_BYTES = 1 << 20  # copied and then checked while still in cache

@@ -77,6 +77,48 @@ def test_sync_clock_leave_lowers_the_quorum():
     assert [s.gradients for s in steps] == [["g0"]]
 
 
+def test_sync_clock_a_worker_that_pushed_and_left_still_counts_for_its_step():
+    # worker 1 pushes its last step and leaves before worker 0's push for the same step arrives:
+    # the step must wait for worker 0 and be the mean of both, not close on worker 1 alone
+    policy, clock = Sync(), Clock.start(2)
+    clock, steps, _ = policy.push(clock, Contribution(1, 0, "g1", 0))
+    clock, steps = policy.leave(clock, 1)
+    assert not steps and clock.version == 0
+    clock, steps, outcome = policy.push(clock, Contribution(0, 0, "g0", 0))
+    assert [s.gradients for s in steps] == [["g0", "g1"]] and outcome is None
+    # with a backup worker, 2 of 3 are enough, whoever has left
+    policy, clock = Sync(backup=1), Clock.start(3)
+    clock, _, _ = policy.push(clock, Contribution(2, 0, "g2", 0))
+    clock, steps = policy.leave(clock, 2)
+    assert not steps
+    clock, steps, _ = policy.push(clock, Contribution(0, 0, "g0", 0))
+    assert [s.gradients for s in steps] == [["g0", "g2"]]
+
+
+def test_ssp_clock_counts_a_rejoined_worker_from_its_join():
+    policy, clock = make_policy("ssp", 2, 0, 1), Clock.start(2)
+    for t in range(3):
+        clock, _, _ = policy.push(clock, Contribution(0, t, "g", t))
+    assert not policy.pull_ready(clock, 0)  # 3 pushes ahead of worker 1
+    for w in (0, 1):
+        clock, _ = policy.leave(clock, w)
+        clock = policy.join(clock, w)  # a new run_workers
+    assert policy.pull_ready(clock, 0) and policy.pull_ready(clock, 1)
+    clock, _, _ = policy.push(clock, Contribution(0, 3, "g", 3))
+    clock, _, _ = policy.push(clock, Contribution(0, 4, "g", 4))
+    assert not policy.pull_ready(clock, 0) and policy.pull_ready(clock, 1)
+
+
+def test_run_workers_in_sync_and_ssp_needs_one_argument_per_worker():
+    for mode, kw in (("sync", {}), ("ssp", {"max_staleness": 1})):
+        with jaxps.ParameterServer(params_tree(), optax.sgd(0.1), mode=mode, workers=3, **kw) as ps:
+            with pytest.raises(ValueError, match=r"needs one argument per worker, got 2: steps would wait forever for workers \[2\]"):
+                ps.run_workers(lambda client, arg: arg, [0, 1])
+            assert ps.run_workers(lambda client, arg: arg, [0, 1, 2]) == [0, 1, 2]
+    with jaxps.ParameterServer(params_tree(), optax.sgd(0.1), workers=3) as ps:  # async: fewer is fine
+        assert ps.run_workers(lambda client, arg: arg, [7]) == [7]
+
+
 def test_bad_modes_are_clear_errors():
     with pytest.raises(ValueError, match="unknown mode 'bsp'; valid modes: async, sync, ssp"):
         jaxps.ParameterServer(params_tree(), optax.sgd(0.1), mode="bsp")

@@ -272,6 +272,24 @@ def test_run_workers_propagates_a_worker_error(server):
     assert ps.run_workers(lambda client, arg: arg * 2, [21]) == [42]
 
 
+def test_a_dead_worker_process_leaves_so_the_others_go_on(server):
+    ps = server(shards=2, mode="sync", workers=2)
+
+    def work(client, steps):
+        for t in range(steps):
+            client.pull(timeout=60)
+            if client.worker == 1 and t == 1:
+                os._exit(3)  # dies without leaving, as an OOM kill would
+            client.push({k: np.ones_like(v) for k, v in PARAMS.items()}).result(60)
+        return steps
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker 1's process died \(exit code 3\)"):
+        ps.run_workers(work, [4, 4])
+    assert time.monotonic() - t0 < 50, "worker 0 waited for the dead worker until its timeout"
+    assert ps.step == 4  # step 0 with both, steps 1-3 with worker 0 alone
+
+
 def test_killed_shard_raises_shard_died_error(server):
     ps = server(shards=2)
     client = ps.client(0)

@@ -204,7 +204,7 @@ def test_close_kills_every_shard_actor_and_is_idempotent():
     assert ray.is_initialized()  # it joined the session's Ray: left running
 
 
-def test_transport_that_started_ray_shuts_it_down():
+def test_ray_started_by_transports_is_shut_down_with_the_last_of_them():
     script = textwrap.dedent(
         """
         import os
@@ -212,8 +212,11 @@ def test_transport_that_started_ray_shuts_it_down():
         import numpy as np, optax, ray, jaxps
         assert not ray.is_initialized()
         opts = {"address": "local", "init_options": {"num_cpus": 1, "logging_level": "warning"}}
+        other = jaxps.ParameterServer({"v": np.zeros(2, np.float32)}, optax.sgd(-1.0), transport="ray",
+                                      transport_options=opts)  # started Ray
         with jaxps.ParameterServer({"w": np.zeros(3, np.float32)}, optax.sgd(-1.0), transport="ray",
-                                   transport_options=opts) as ps:
+                                   transport_options=opts) as ps:  # uses that session
+            other.close()  # must not shut Ray down under ps
             ps.push({"w": np.ones(3, np.float32)}).result(60)
             assert ray.is_initialized()
             assert float(ps.params()["w"][0]) == 1.0

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -175,6 +176,29 @@ def test_finished_workers_do_not_block_sync(make_server):
     assert ps.step == 5
 
 
+def test_sync_run_workers_twice_with_pushes_not_waited_on(make_server):
+    # A worker that pushes its last gradient and leaves still counts for that step, and a
+    # second run_workers starts its workers afresh: every step is one step on both workers' mean.
+    params, tx, steps = params_tree(), optax.sgd(0.1, momentum=0.9), 3
+    ps = make_server(params, tx, shards=2, mode="sync", workers=2)
+
+    def work(client, offset):
+        for t in range(steps):
+            client.pull(timeout=60)
+            client.push(grads_like(params, seed=offset + 100 * t + client.worker))  # not waited on
+        return client.worker
+
+    for offset in (0, 1000):
+        assert ps.run_workers(work, [offset, offset]) == [0, 1]
+    step, expected, opt_state = optax_oracle(tx), params, tx.init(params)
+    for offset in (0, 1000):
+        for t in range(steps):
+            expected, opt_state = step(expected, opt_state, mean([grads_like(params, seed=offset + 100 * t + i) for i in range(2)]))
+    assert_trees_equal(ps.params(), expected)
+    stats = ps.stats()
+    assert (stats["steps"], stats["pushes_applied"], stats["pushes_dropped"]) == (2 * steps, 4 * steps, 0)
+
+
 class Pair(NamedTuple):
     w: jax.Array
     b: jax.Array
@@ -226,6 +250,17 @@ def test_bad_push_changes_nothing(make_server, bad, match):
     expected, opt_state = step(params, opt_state, g0)
     expected, _ = step(expected, opt_state, g1)
     assert_trees_equal(ps.pull(), expected)
+
+
+def test_nan_in_an_imaginary_part_is_refused(make_server):
+    params = {"z": jnp.ones(4, jnp.complex64), "w": jnp.ones(3)}
+    ps = make_server(params, optax.sgd(0.1), shards=2)
+    z = np.array([1 + 1j, complex(1, np.nan), 1, 1], np.complex64)
+    for g in ({"z": jnp.asarray(z), "w": jnp.ones(3)}, {"z": z, "w": np.ones(3, np.float32)}):
+        with pytest.raises(jaxps.PushError, match=r"NaN or Inf in \[\"\['z'\] \(complex64\[4\]\)\"\]"):
+            ps.push(g)
+    assert_trees_equal(ps.params(), params)
+    assert ps.step == 0
 
 
 def test_nonfinite_skip_mode(make_server):

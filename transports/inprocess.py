@@ -33,6 +33,9 @@ class InProcessChannel:
     def leave(self, worker) -> None:
         self._shard.leave(worker)
 
+    def join(self, worker) -> None:
+        self._shard.join(worker)
+
     def stats(self) -> dict:
         return self._shard.stats()
 

@@ -49,7 +49,7 @@ import cloudpickle
 import jax
 import numpy as np
 
-from jaxps.client import run_worker
+from jaxps.client import leave_quietly, run_worker
 from jaxps.shard import ShardSpec
 from jaxps.transport import STAGED, ShardDiedError
 from jaxps.validate import copy_checked
@@ -369,6 +369,9 @@ class MultiprocessingChannel:
     def leave(self, worker) -> None:
         self._conn().call("leave", worker)
 
+    def join(self, worker) -> None:
+        self._conn().call("join", worker)
+
     def stats(self) -> dict:
         return self._conn().call("stats")
 
@@ -401,6 +404,7 @@ class _Peer:
             "push": self._push,
             "pull": self._pull,
             "leave": self._leave,
+            "join": self._join,
             "stats": self._stats,
             "grow": self._grow,
             "mapped": self._mapped,
@@ -493,6 +497,10 @@ class _Peer:
 
     def _leave(self, rid, worker) -> None:
         self._shard.leave(worker)
+        self._send((rid, "ok", None))
+
+    def _join(self, rid, worker) -> None:
+        self._shard.join(worker)
         self._send((rid, "ok", None))
 
     def _stats(self, rid) -> None:
@@ -678,9 +686,11 @@ class MultiprocessingTransport:
                     daemon=True,
                 )
                 self._ctrls.append(ours)
-                p.start()
+                try:
+                    p.start()
+                finally:
+                    theirs.close()  # the child has its copy (or never started)
                 self._procs.append(p)
-                theirs.close()
             deadline = time.monotonic() + self.start_timeout
             for spec, p, ctrl in zip(specs, self._procs, self._ctrls):
                 self._await_ready(spec.index, p, ctrl, deadline)
@@ -721,9 +731,11 @@ class MultiprocessingTransport:
                 ours, theirs = self._ctx.Pipe(duplex=False)
                 p = self._ctx.Process(target=_worker_main, args=(theirs, payload), name=f"jaxps-worker-{i}")
                 pipes[ours] = i
-                p.start()
+                try:
+                    p.start()
+                finally:
+                    theirs.close()  # the child has its copy (or never started)
                 procs.append(p)
-                theirs.close()
             while pipes:
                 for ours in connection.wait(list(pipes)):
                     i = pipes.pop(ours)
@@ -732,6 +744,7 @@ class MultiprocessingTransport:
                     except EOFError:
                         procs[i].join(5.0)
                         errors[i] = RuntimeError(f"worker {i}'s process died (exit code {procs[i].exitcode})")
+                        leave_quietly(clients[i])  # so that the others' sync steps and ssp pulls go on
                         continue
                     finally:
                         ours.close()

@@ -100,6 +100,9 @@ class _ShardActor:
     async def leave(self, caller, seq, worker):
         return await self._in_turn(caller, seq, lambda: self._shard.leave(worker))
 
+    async def join(self, caller, seq, worker):
+        return await self._in_turn(caller, seq, lambda: self._shard.join(worker))
+
     async def stats(self, caller, seq):
         return await self._in_turn(caller, seq, self._shard.stats)
 
@@ -217,6 +220,11 @@ def _shared_memory_channel(index: int, actor, endpoint: dict | None):
 
 _UNDECIDED = object()
 
+# The Ray session a transport started with `ray.init`, and how many transports use it:
+# it is shut down with the last of them, not under the others' feet.
+_own_session = {"ours": False, "users": 0}
+_own_session_lock = threading.Lock()
+
 
 class RayChannel:
     """A client's line to one shard actor; picklable into Ray tasks and actors.
@@ -290,6 +298,12 @@ class RayChannel:
             return local.leave(worker)
         RayFuture(self._call("leave", worker), self).result()
 
+    def join(self, worker) -> None:
+        local = self._route()
+        if local is not None:
+            return local.join(worker)
+        RayFuture(self._call("join", worker), self).result()
+
     def stats(self) -> dict:
         local = self._route()
         if local is not None:
@@ -330,9 +344,10 @@ class RayTransport:
       shared_memory: clients on a shard actor's node reach it through shared
         memory (default); False sends every array through the object store.
 
-    `close()` kills the shard actors and shuts Ray down only if `start` called
-    `ray.init` (for a joined cluster that disconnects this driver; the cluster
-    stays up).
+    `close()` kills the shard actors. If a transport's `start` called `ray.init`,
+    the last transport using that session shuts Ray down (for a joined cluster
+    that disconnects this driver; the cluster stays up); a session the user
+    started is left running.
     """
 
     def __init__(
@@ -362,9 +377,13 @@ class RayTransport:
         return list(self._actors)
 
     def start(self, specs: Sequence[Any]) -> list[RayChannel]:
-        if not ray.is_initialized():
-            ray.init(address=self._address, **{"include_dashboard": False, **self._init_options})
-            self._started_ray = True
+        with _own_session_lock:
+            if not ray.is_initialized():
+                ray.init(address=self._address, **{"include_dashboard": False, **self._init_options})
+                _own_session.update(ours=True, users=0)
+            if _own_session["ours"]:
+                _own_session["users"] += 1
+                self._started_ray = True  # uses the session a transport started
         self._check_feasible()
         actor_cls = _ShardActor.options(max_restarts=0, **self._actor_options)
         self._actors = [actor_cls.remote(spec, self._shared_memory) for spec in specs]
@@ -381,10 +400,17 @@ class RayTransport:
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any], worker_options: dict | None = None) -> list:
         """Runs `jaxps.client.run_worker(fn, client_i, arg_i)` as one Ray task each; results in order."""
+        from jaxps.client import leave_quietly
+
         task = _run_worker.options(**{**self._worker_options, **(worker_options or {})})
         refs = [task.remote(fn, c, a) for c, a in zip(clients, args)]
-        try:
-            ray.wait(refs, num_returns=len(refs))  # let every worker finish, as threads would
+        try:  # let every worker finish, as threads would
+            index, running = {ref: i for i, ref in enumerate(refs)}, list(refs)
+            while running:
+                done, running = ray.wait(running, num_returns=1)
+                for ref in done:
+                    if _failed(ref):  # a task whose process died could not leave by itself
+                        leave_quietly(clients[index[ref]])
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
@@ -392,7 +418,7 @@ class RayTransport:
         return ray.get(refs)
 
     def close(self) -> None:
-        """Kills the shard actors; shuts Ray down if `start` started it. Idempotent."""
+        """Kills the shard actors; shuts Ray down if a transport started it and this was its last user. Idempotent."""
         actors, self._actors = self._actors, []
         channels, self._channels = self._channels, []
         for channel in channels:
@@ -406,7 +432,11 @@ class RayTransport:
             _await_death(actors, timeout=10.0)
         if self._started_ray:
             self._started_ray = False
-            ray.shutdown()
+            with _own_session_lock:
+                _own_session["users"] -= 1
+                if _own_session["users"] == 0:
+                    _own_session["ours"] = False
+                    ray.shutdown()
 
     def _need(self) -> dict:
         o = self._actor_options
@@ -419,3 +449,13 @@ class RayTransport:
         if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
             have = [{k: v for k, v in r.items() if not k.startswith("node:") and "memory" not in k} for r in nodes]
             raise ValueError(f"no node of the Ray cluster has the resources each shard actor asks for {need}; its nodes have {have}")
+
+
+def _failed(ref) -> bool:
+    """Whether the finished task behind `ref` raised (or its worker died)."""
+    try:
+        ray.get(ref)
+    except Exception:
+        return True
+    return False
+
