@@ -8,7 +8,10 @@ One round trip, timed from the caller: `ps.push(grads).result()` then
     bandwidth                  = 2 x tree size / median round-trip seconds
     memcpy bandwidth           = tree size / median seconds of a warm single-core
                                  `np.copyto` of a same-size float32 buffer (same run)
-    fraction of memcpy         = bandwidth / memcpy bandwidth = 2 x t_memcpy / t_round_trip
+    fraction of memcpy         = bandwidth / memcpy bandwidth = 2 x t_memcpy / t_round_trip,
+                                 with t_memcpy timed right before and right after
+                                 that transport's round trips (side by side: the
+                                 machine's load drifts)
 
 Trees are float32, either one leaf or 100 equal leaves; gradients are jax
 arrays (what a worker's `jax.grad` hands over).
@@ -24,7 +27,7 @@ import numpy as np
 import optax
 
 import jaxps
-from benchmarks.common import TRANSPORTS, adaptive_reps, fmt_bytes, log, median, memcpy_seconds, report_error, time_calls, server_args
+from benchmarks.common import TRANSPORTS, adaptive_reps, fmt_bytes, log, median, memcpy_timer, report_error, time_calls, server_args
 
 SIZES_FULL = (4_000, 40_000, 400_000, 4_000_000, 40_000_000, 100_000_000, 400_000_000)
 SIZES_QUICK = (4_000, 400_000)
@@ -71,20 +74,23 @@ def run(quick: bool, transports=TRANSPORTS) -> dict:
     rows, errors = [], []
     memcpy = {}
     for nbytes in sizes:
-        t_copy = memcpy_seconds(nbytes)
-        memcpy[nbytes] = nbytes / t_copy / 1e9
-        log(f"[bandwidth] memcpy {fmt_bytes(nbytes):>7}: {memcpy[nbytes]:8.2f} GB/s")
+        timer = memcpy_timer(nbytes)
+        copies = timer(9)
         for leaves in layouts:
             for tr in transports:
                 what = f"{tr} {fmt_bytes(nbytes)} x{leaves} leaves"
+                before = timer(5)
                 try:
                     ts = round_trips(tr, nbytes, leaves, budget, min_reps, max_reps)
                 except Exception as e:
                     errors.append(f"bandwidth {what}: {report_error(what, e)}")
                     rows.append({"transport": tr, "bytes": nbytes, "leaves": leaves, "error": errors[-1]})
                     continue
+                after = timer(5)
+                copies += before + after
                 t = median(ts)
                 bw = 2 * nbytes / t / 1e9
+                reference = nbytes / median(before + after) / 1e9
                 rows.append(
                     {
                         "transport": tr,
@@ -93,12 +99,14 @@ def run(quick: bool, transports=TRANSPORTS) -> dict:
                         "round_trip_s": t,
                         "round_trips_s": ts,
                         "GBps": bw,
-                        "memcpy_GBps": memcpy[nbytes],
-                        "fraction_of_memcpy": bw / memcpy[nbytes],
+                        "memcpy_GBps": reference,
+                        "fraction_of_memcpy": bw / reference,
                     }
                 )
                 log(
                     f"[bandwidth] {tr:>15} {fmt_bytes(nbytes):>7} x{leaves:<3} leaves: round trip {t * 1e3:9.3f} ms "
-                    f"(median of {len(ts)}), {bw:7.3f} GB/s = {bw / memcpy[nbytes]:6.1%} of memcpy"
+                    f"(median of {len(ts)}), {bw:7.3f} GB/s = {bw / reference:6.1%} of memcpy ({reference:.2f} GB/s around it)"
                 )
+        memcpy[nbytes] = nbytes / median(copies) / 1e9
+        log(f"[bandwidth] memcpy {fmt_bytes(nbytes):>7}: {memcpy[nbytes]:8.2f} GB/s (median of all its copies)")
     return {"rows": rows, "memcpy_GBps": {str(k): v for k, v in memcpy.items()}, "sizes": list(sizes), "errors": errors}

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -61,20 +62,24 @@ def adaptive_reps(first: float, budget_s: float, lo: int = 3, hi: int = 30) -> i
     return int(max(lo, min(hi, budget_s / max(first, 1e-6))))
 
 
-def memcpy_seconds(nbytes: int, reps: int = 9) -> float:
-    """Median seconds of a warm single-core `np.copyto` of `nbytes` (both buffers touched first)."""
+def memcpy_timer(nbytes: int) -> Callable[[int], list[float]]:
+    """`timer(reps)`: seconds of each of `reps` warm single-core `np.copyto`s of `nbytes` (buffers touched once, reused)."""
     n = max(1, nbytes // 4)
     src = np.ones(n, np.float32)
     dst = np.zeros(n, np.float32)
     np.copyto(dst, src)  # warm: pages faulted in, caches as they will be
     inner = max(1, int(2e6 // max(nbytes, 1)))  # small copies: time a batch of them
-    ts = []
-    for _ in range(max(reps, 3)):
-        t = time.perf_counter()
-        for _ in range(inner):
-            np.copyto(dst, src)
-        ts.append((time.perf_counter() - t) / inner)
-    return median(ts)
+
+    def timer(reps: int) -> list[float]:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(inner):
+                np.copyto(dst, src)
+            ts.append((time.perf_counter() - t) / inner)
+        return ts
+
+    return timer
 
 
 # -- a start barrier that works across threads, spawned processes and Ray tasks ---------
@@ -105,6 +110,48 @@ def span_rate(stamps: list[tuple[float, float, int]]) -> tuple[float, float, int
     end = max(e for _, e, _ in stamps)
     count = sum(c for _, _, c in stamps)
     return count / (end - start), end - start, count
+
+
+@contextmanager
+def cpu_busy(period: float = 0.05):
+    """Samples the machine's CPU time counters (Linux `/proc/stat`) every `period` s in a thread.
+
+    Yields `busy(start, end)`: the share of all CPUs' time that was not idle between
+    two `time.perf_counter` stamps (None where `/proc/stat` is missing). It tells a
+    run that is CPU-bound (near 100%) from one that waits.
+    """
+
+    def read() -> tuple[float, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return time.perf_counter(), sum(ticks), ticks[3] + ticks[4]  # idle + iowait
+
+    samples = [read()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(period):
+            samples.append(read())
+
+    def busy(start: float, end: float) -> float | None:
+        inside = [x for x in samples if x is not None and start - period <= x[0] <= end + period]
+        if len(inside) < 2:
+            return None
+        (_, total0, idle0), (_, total1, idle1) = inside[0], inside[-1]
+        return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    if samples[0] is not None:
+        thread.start()
+    try:
+        yield busy
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
 
 
 # -- sessions and failures ----------------------------------------------------------

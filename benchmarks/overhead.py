@@ -54,7 +54,7 @@ def load_setup(n_examples: int):
 def run(quick: bool) -> dict:
     import jaxps
 
-    steps, repeats, n_batches = (5, 2, 4) if quick else (100, 11, 60)
+    steps, repeats, n_batches = (5, 2, 4) if quick else (100, 15, 60)
     ConvNet, loss_fn, to_inputs, images, labels, source = load_setup(BATCH * n_batches)
     log(f"[overhead] {source}")
     batches = [(to_inputs(images[i * BATCH : (i + 1) * BATCH]), labels[i * BATCH : (i + 1) * BATCH]) for i in range(n_batches)]

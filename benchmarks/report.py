@@ -87,7 +87,8 @@ def render_tables(results: dict) -> str:
             "### 1. Bandwidth: push+pull round trip",
             "",
             "Bandwidth = 2 × tree size / median round-trip time, in GB/s, and (in brackets) as a fraction of the "
-            "single-core memcpy bandwidth (`np.copyto`, warm) of a same-size buffer measured in the same run. "
+            "single-core memcpy bandwidth (`np.copyto`, warm) of a same-size buffer, timed right before and right after "
+            "that transport's round trips (the *memcpy* row: the median of all of them). "
             "Server: 1 shard, `optax.sgd(1e-3)`. Up to a few MB the memcpy runs in cache, so small trees show "
             "latency, not bandwidth (see the round-trip times below).",
             "",
@@ -108,16 +109,19 @@ def render_tables(results: dict) -> str:
             "### 2. Against the seed's sharded numpy Ray parameter server",
             "",
             f"{seed['workers']} workers, {seed['shards']} shards, float32 D elements, each worker "
-            f"{seed['warmup']} warm-up + K timed pull→push rounds; median of {seed['repeats']} alternating runs.",
+            f"{seed['warmup']} warm-up + K timed pull→push rounds; median of {seed['repeats']} alternating runs. "
+            "CPUs busy: the share of all CPUs' time not idle during the timed rounds (`/proc/stat`), median over runs; "
+            "near 100% means the run is CPU-bound.",
             "",
-            "| D | K | system | updates/s (median) | all runs | jaxps / seed |",
-            "|---|---|---|---|---|---|",
+            "| D | K | system | updates/s (median) | all runs | jaxps / seed | CPUs busy |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in seed["rows"]:
             runs = ", ".join(f"{x:.0f}" for x in r.get("updates_per_s_all", []))
             rate = f"{r['updates_per_s']:.1f}" if "updates_per_s" in r else "failed"
             ratio = "" if r["system"] == "seed" or "ratio_to_seed" not in r else f"**{r['ratio_to_seed']:.2f}x**"
-            out.append(f"| {r['dim']:,} | {r['rounds']} | {r['system']} | {rate} | {runs} | {ratio} |")
+            load = _pct(r["cpu_busy"]) if "cpu_busy" in r else ""
+            out.append(f"| {r['dim']:,} | {r['rounds']} | {r['system']} | {rate} | {runs} | {ratio} | {load} |")
         out.append("")
 
     ov = results.get("overhead")

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import ray
 
-from benchmarks.common import barrier, barrier_dir, error_text, log, median, report_error, span_rate, server_args
+from benchmarks.common import barrier, barrier_dir, cpu_busy, error_text, log, median, report_error, span_rate, server_args
 
 WORKERS = 2
 SHARDS = 2
@@ -75,10 +75,10 @@ def worker(dim, rounds, warmup, bdir, index, *parameter_servers):
     return start, time.perf_counter(), rounds
 
 
-def run_seed_once(servers, dim: int, rounds: int, warmup: int) -> tuple[float, float]:
+def run_seed_once(servers, dim: int, rounds: int, warmup: int) -> list[tuple[float, float, int]]:
+    """Per-worker (start, end, rounds) stamps of one seed run."""
     with barrier_dir() as bdir:
-        stamps = ray.get([worker.remote(dim, rounds, warmup, bdir, i, *servers) for i in range(WORKERS)])
-    return span_rate(stamps)[:2]
+        return ray.get([worker.remote(dim, rounds, warmup, bdir, i, *servers) for i in range(WORKERS)])
 
 
 # -- the same workload through jaxps ------------------------------------------------------
@@ -103,7 +103,8 @@ def jaxps_worker(client, arg):
     return start, time.perf_counter(), rounds
 
 
-def run_jaxps_once(transport: str, dim: int, rounds: int, warmup: int) -> tuple[float, float]:
+def run_jaxps_once(transport: str, dim: int, rounds: int, warmup: int) -> list[tuple[float, float, int]]:
+    """Per-worker (start, end, rounds) stamps of one jaxps run, after checking the final parameters."""
     import jaxps
 
     half = dim // 2
@@ -119,7 +120,7 @@ def run_jaxps_once(transport: str, dim: int, rounds: int, warmup: int) -> tuple[
         got = (float(np.asarray(final["a"][0])), float(np.asarray(final["b"][-1])))
         if got != (want, want):
             raise AssertionError(f"jaxps/{transport}: params {got} after {want} pushes of ones, expected {want}")
-        return span_rate(stamps)[:2]
+        return stamps
     finally:
         ps.close()
 
@@ -132,43 +133,56 @@ def run(quick: bool, transports) -> dict:
         plan = [(1_000_000, 100), (10_000_000, 30)]
         repeats, warmup = 5, 3
     rows, errors = [], []
-    for dim, rounds in plan:
-        servers = [ParameterServer.remote(dim // SHARDS) for _ in range(SHARDS)]
-        try:
-            runs: dict[str, list[float]] = {"seed": [], **{t: [] for t in transports}}
-            failed: dict[str, str] = {}
-            for rep in range(repeats):
-                for name in runs:
-                    if name in failed:
-                        continue
-                    what = f"seed workload D={dim:,} {name} (repeat {rep + 1}/{repeats})"
-                    try:
-                        if name == "seed":
-                            rate, secs = run_seed_once(servers, dim, rounds, warmup)
-                        else:
-                            rate, secs = run_jaxps_once(name, dim, rounds, warmup)
-                    except Exception as e:
-                        failed[name] = report_error(what, e)
-                        errors.append(f"{what}: {failed[name]}")
-                        continue
-                    runs[name].append(rate)
-                    log(f"[seed] D={dim:>10,} {name:>15} repeat {rep + 1}/{repeats}: {rate:9.1f} updates/s ({WORKERS}x{rounds} rounds in {secs:.3f} s)")
-            seed = median(runs["seed"]) if runs["seed"] else None
-            for name, rates in runs.items():
-                row = {"dim": dim, "rounds": rounds, "system": name if name == "seed" else f"jaxps/{name}", "updates_per_s_all": rates}
-                if name in failed:
-                    row["error"] = failed[name]
-                if rates:
-                    row["updates_per_s"] = median(rates)
-                    if seed:
-                        row["ratio_to_seed"] = row["updates_per_s"] / seed
-                rows.append(row)
-                if rates and seed:
-                    log(f"[seed] D={dim:>10,} {row['system']:>22}: median {row['updates_per_s']:9.1f} updates/s, {row['ratio_to_seed']:.2f}x the seed")
-        finally:
-            for s in servers:
-                try:
-                    ray.kill(s)
-                except Exception as e:  # pragma: no cover
-                    log(f"  (could not kill a seed actor: {error_text(e)})")
+    with cpu_busy() as busy:
+        for dim, rounds in plan:
+            rows += _compare(dim, rounds, repeats, warmup, transports, busy, errors)
     return {"rows": rows, "workers": WORKERS, "shards": SHARDS, "repeats": repeats, "warmup": warmup, "errors": errors}
+
+
+def _compare(dim: int, rounds: int, repeats: int, warmup: int, transports, busy, errors: list) -> list[dict]:
+    """Rows for one D: the seed and each transport, alternating, `repeats` times."""
+    servers = [ParameterServer.remote(dim // SHARDS) for _ in range(SHARDS)]
+    try:
+        runs: dict[str, list[float]] = {"seed": [], **{t: [] for t in transports}}
+        loads: dict[str, list[float]] = {name: [] for name in runs}
+        failed: dict[str, str] = {}
+        for rep in range(repeats):
+            for name in runs:
+                if name in failed:
+                    continue
+                what = f"seed workload D={dim:,} {name} (repeat {rep + 1}/{repeats})"
+                try:
+                    stamps = run_seed_once(servers, dim, rounds, warmup) if name == "seed" else run_jaxps_once(name, dim, rounds, warmup)
+                except Exception as e:
+                    failed[name] = report_error(what, e)
+                    errors.append(f"{what}: {failed[name]}")
+                    continue
+                rate, secs, _ = span_rate(stamps)
+                load = busy(min(s for s, _, _ in stamps), max(e for _, e, _ in stamps))
+                runs[name].append(rate)
+                if load is not None:
+                    loads[name].append(load)
+                cpu = "" if load is None else f", CPUs {load:.0%} busy"
+                log(f"[seed] D={dim:>10,} {name:>15} repeat {rep + 1}/{repeats}: {rate:9.1f} updates/s ({WORKERS}x{rounds} rounds in {secs:.3f} s{cpu})")
+        rows = []
+        seed = median(runs["seed"]) if runs["seed"] else None
+        for name, rates in runs.items():
+            row = {"dim": dim, "rounds": rounds, "system": name if name == "seed" else f"jaxps/{name}", "updates_per_s_all": rates}
+            if name in failed:
+                row["error"] = failed[name]
+            if loads[name]:
+                row["cpu_busy"] = median(loads[name])
+            if rates:
+                row["updates_per_s"] = median(rates)
+                if seed:
+                    row["ratio_to_seed"] = row["updates_per_s"] / seed
+            rows.append(row)
+            if rates and seed:
+                log(f"[seed] D={dim:>10,} {row['system']:>22}: median {row['updates_per_s']:9.1f} updates/s, {row['ratio_to_seed']:.2f}x the seed")
+        return rows
+    finally:
+        for s in servers:
+            try:
+                ray.kill(s)
+            except Exception as e:  # pragma: no cover
+                log(f"  (could not kill a seed actor: {error_text(e)})")
