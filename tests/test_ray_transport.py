@@ -85,6 +85,25 @@ def test_run_workers_runs_ray_tasks_in_order_of_args():
         np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 5.0, np.float32))
 
 
+def test_a_worker_task_whose_process_dies_leaves_so_the_others_go_on():
+    def work(client, steps):
+        import os
+
+        for t in range(steps):
+            client.pull(timeout=60)
+            if client.worker == 1 and t == 1:
+                os._exit(3)  # its Ray worker process dies without leaving
+            client.push(ONES).result(60)
+        return steps
+
+    with _server(mode="sync", workers=2) as ps:
+        t0 = time.monotonic()
+        with pytest.raises(ray.exceptions.RayError):
+            ps.run_workers(work, [4, 4])
+        assert time.monotonic() - t0 < 50, "worker 0 waited for the dead worker until its timeout"
+        assert ps.step == 4  # step 0 with both, steps 1-3 with worker 0 alone
+
+
 def test_pull_sees_own_unawaited_pushes_through_the_object_store():
     big = {"w": np.zeros(1 << 20, np.float32), "v": np.zeros(1 << 18, np.float32)}  # MBs: via plasma
     ones = {k: np.ones_like(v) for k, v in big.items()}
