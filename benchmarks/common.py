@@ -137,8 +137,8 @@ def cpu_busy(period: float = 0.05):
             samples.append(read())
 
     def busy(start: float, end: float) -> float | None:
-        inside = [x for x in samples if x is not None and start - period <= x[0] <= end + period]
-        if len(inside) < 2:
+        inside = [x for x in samples if x is not None and start <= x[0] <= end]  # nothing from outside the window
+        if len(inside) < 2:  # shorter than about two periods
             return None
         (_, total0, idle0), (_, total1, idle1) = inside[0], inside[-1]
         return 1.0 - (idle1 - idle0) / max(1, total1 - total0)

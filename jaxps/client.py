@@ -53,7 +53,15 @@ class PushFuture:
 class Client:
     """Worker `worker`'s view of the server. Use it from one thread at a time."""
 
-    def __init__(self, worker: int, plan: Plan, channels: Sequence[ShardChannel], nonfinite: str = "raise"):
+    def __init__(
+        self,
+        worker: int,
+        plan: Plan,
+        channels: Sequence[ShardChannel],
+        nonfinite: str = "raise",
+        versions: Sequence[int | None] | None = None,
+    ):
+        """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step."""
         self.worker = worker
         self.plan = plan
         self._channels = list(channels)
@@ -61,7 +69,7 @@ class Client:
         n = len(self._channels)
         self._pulled: list[int | None] = [None] * n  # version pulled since the last push
         self._based_on: list[int | None] = [None] * n  # version of the last pull
-        self._tag: list[int | None] = [None] * n  # step of the last push
+        self._tag: list[int | None] = [None if v is None else v - 1 for v in versions or [None] * n]  # step of the last push
         self._left = False
 
     def pull(self, timeout: float | None = None) -> Any:
@@ -108,16 +116,27 @@ class Client:
                 bad += [spec.path for spec, ok in zip(specs, finite) if not ok]
         return bad + nonfinite_paths([s for s, _ in unchecked], [x for _, x in unchecked])
 
+    @property
+    def left(self) -> bool:
+        """Whether this worker has left through this client."""
+        return self._left
+
     def leave(self) -> None:
         """This worker is done: sync steps and ssp pulls stop waiting for it. Idempotent."""
         if not self._left:
             self._left = True
-            for ch in self._channels:
-                ch.leave(self.worker)
+            errors = []
+            for ch in self._channels:  # every shard is told, even if one of them is gone
+                try:
+                    ch.leave(self.worker)
+                except Exception as e:
+                    errors.append(e)
+            if errors:
+                raise errors[0]
 
     def _check_open(self) -> None:
         if self._left:
-            raise RuntimeError(f"worker {self.worker} has left the server; make a new ParameterServer to train again")
+            raise RuntimeError(f"worker {self.worker} has left the server; ps.client({self.worker}) gives it a new client")
 
     def __repr__(self) -> str:
         return f"Client(worker={self.worker}, shards={len(self._channels)})"

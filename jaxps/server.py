@@ -85,13 +85,17 @@ class ParameterServer:
         return self._plan
 
     def client(self, worker: int) -> Client:
-        """Worker `worker`'s client (one per worker; picklable on multiprocessing and Ray)."""
+        """Worker `worker`'s client (one per worker; picklable on multiprocessing and Ray).
+
+        A worker that has left (`client.leave()`, or the end of `run_workers`)
+        gets a new client, and takes part again from the current step.
+        """
         self._check_open()
         if not isinstance(worker, int) or worker < 0 or (self._workers is not None and worker >= self._workers):
             bound = f"[0, {self._workers})" if self._workers is not None else ">= 0"
             raise ValueError(f"worker index must be an int in {bound}, got {worker!r}")
-        if worker not in self._clients:
-            self._clients[worker] = Client(worker, self._plan, self._channels, self._nonfinite)
+        if worker not in self._clients or self._has_left(worker):
+            self._clients[worker] = self._new_clients([worker])[0]
         return self._clients[worker]
 
     def pull(self, timeout: float | None = None) -> Any:
@@ -146,9 +150,8 @@ class ParameterServer:
                 f"mode={self._mode!r} with workers={self._workers} needs one argument per worker, got {len(args)}: "
                 f"steps would wait forever for workers {list(range(len(args), self._workers))}"
             )
-        workers = range(len(args))
-        self._rejoin(workers)
-        clients = [Client(i, self._plan, self._channels, self._nonfinite) for i in workers]
+        workers = list(range(len(args)))
+        clients = self._new_clients(workers)
         try:
             return self._transport.run_workers(fn, clients, args)
         finally:
@@ -175,16 +178,28 @@ class ParameterServer:
         self._check_open()
         return [ch.stats() for ch in self._channels]
 
-    def _rejoin(self, workers) -> None:
-        """Lets workers that an earlier `run_workers` let leave take part again, on every shard, before any starts."""
-        again = [w for w in workers if w in self._finished]
-        for channel in self._channels if again else ():
+    def _has_left(self, worker: int) -> bool:
+        return worker in self._finished or (worker in self._clients and self._clients[worker].left)
+
+    def _new_clients(self, workers: list[int]) -> list[Client]:
+        """Fresh clients for `workers`, each (re)joined on every shard first, so all start from the current step.
+
+        Joining also restarts ssp's push counts for them together. A channel
+        without `join` is fine as long as none of them has left.
+        """
+        versions = [[None] * len(self._channels) for _ in workers]
+        for s, channel in enumerate(self._channels):
             join = getattr(channel, "join", None)
             if join is None:
-                raise RuntimeError(f"{type(channel).__name__} has no join(worker), so run_workers cannot run its workers again")
-            for w in again:
-                join(w)
-        self._finished.difference_update(again)
+                if any(self._has_left(w) for w in workers):
+                    raise RuntimeError(f"{type(channel).__name__} has no join(worker), so a worker that left cannot take part again")
+                continue
+            for i, w in enumerate(workers):
+                versions[i][s] = join(w)
+        self._finished.difference_update(workers)
+        for w in workers:  # a cached client of theirs would not know about the join
+            self._clients.pop(w, None)
+        return [Client(w, self._plan, self._channels, self._nonfinite, v) for w, v in zip(workers, versions)]
 
     def _check_open(self) -> None:
         if self._closed:

@@ -97,11 +97,12 @@ class Shard:
             self._clock = clock
             self._settle(steps)
 
-    def join(self, worker: int) -> None:
-        """`worker`, having left, takes part again (a new `run_workers`)."""
+    def join(self, worker: int) -> int:
+        """`worker` takes part (again, if it had left); returns the version, the step its first push is for."""
         with self._lock:
             self._clock = self._policy.join(self._clock, worker)
             self._serve_pulls()
+            return self._clock.version
 
     def block_until_ready(self) -> None:
         """Waits until every dispatched step has run (and so has read its gradients)."""

@@ -57,8 +57,9 @@ class ShardChannel(Protocol):
 
     def stats(self) -> dict: ...
 
-    # Optional: `join(worker)` lets a worker that left take part again; `run_workers` calls it
-    # (and waits for it) before it runs a worker a second time.
+    # Optional: `join(worker) -> version` lets a worker take part (again, if it left) from the
+    # shard's current version; `run_workers` calls it for every worker before starting them.
+    # Without it, a worker that left cannot come back.
     # Optional: `stage(leaves, check) -> (payload, finite)` moves the leaves ahead of the push
     # (e.g. copies them into shared memory) and returns what to pass to `push` instead (`STAGED`,
     # or the leaves); with `check`, also per leaf whether it is free of NaN/Inf, as seen while

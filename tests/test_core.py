@@ -119,6 +119,27 @@ def test_run_workers_in_sync_and_ssp_needs_one_argument_per_worker():
         assert ps.run_workers(lambda client, arg: arg, [7]) == [7]
 
 
+def test_leave_tells_every_shard_even_if_one_is_gone():
+    from jaxps.client import Client
+
+    class Gone:
+        def leave(self, worker):
+            raise jaxps.ShardDiedError("shard 0 is gone")
+
+    class Alive:
+        def __init__(self):
+            self.left = []
+
+        def leave(self, worker):
+            self.left.append(worker)
+
+    alive = Alive()
+    client = Client(3, jaxps.make_plan(params_tree(), 2), [Gone(), alive])
+    with pytest.raises(jaxps.ShardDiedError, match="shard 0 is gone"):
+        client.leave()
+    assert alive.left == [3] and client.left
+
+
 def test_bad_modes_are_clear_errors():
     with pytest.raises(ValueError, match="unknown mode 'bsp'; valid modes: async, sync, ssp"):
         jaxps.ParameterServer(params_tree(), optax.sgd(0.1), mode="bsp")

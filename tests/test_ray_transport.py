@@ -240,11 +240,20 @@ def test_ray_started_by_transports_is_shut_down_with_the_last_of_them():
             assert ray.is_initialized()
             assert float(ps.params()["w"][0]) == 1.0
         print("initialized after close:", ray.is_initialized())
+        # the user shuts the session down and a later server starts another: the old server's close leaves it
+        old = jaxps.ParameterServer({"v": np.zeros(2, np.float32)}, optax.sgd(-1.0), transport="ray", transport_options=opts)
+        ray.shutdown()
+        new = jaxps.ParameterServer({"v": np.zeros(2, np.float32)}, optax.sgd(-1.0), transport="ray", transport_options=opts)
+        old.close()
+        assert new.push({"v": np.ones(2, np.float32)}).result(60) == "applied"
+        new.close()
+        print("initialized after the second session:", ray.is_initialized())
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "initialized after close: False" in out.stdout
+    assert "initialized after the second session: False" in out.stdout
 
 
 def test_transport_instance_reuses_the_running_session():

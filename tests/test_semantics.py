@@ -199,6 +199,36 @@ def test_sync_run_workers_twice_with_pushes_not_waited_on(make_server):
     assert (stats["steps"], stats["pushes_applied"], stats["pushes_dropped"]) == (2 * steps, 4 * steps, 0)
 
 
+def test_a_worker_that_left_takes_part_again_from_the_current_step(make_server):
+    # by hand (then leave), run_workers twice, by hand again: every phase's workers push before
+    # their first pull, and each such push is for the current step, never a "dropped" straggler
+    ps = make_server({"w": np.zeros(3, np.float32)}, optax.sgd(-1.0), mode="sync", workers=2)
+
+    def push_first(client, value):
+        g = {"w": np.full(3, value, np.float32)}
+        first = client.push(g).result(60)
+        client.pull(timeout=60)
+        return [first, client.push(g).result(60)]
+
+    def by_hand():
+        clients, out = [ps.client(0), ps.client(1)], {}  # every worker's client before any pushes
+        threads = [threading.Thread(target=lambda c, v: out.update({c.worker: push_first(c, v)}), args=cv) for cv in zip(clients, (1.0, 3.0))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        return [out.get(0), out.get(1)]
+
+    phases = [by_hand()]
+    for i in (0, 1):
+        ps.client(i).leave()
+    phases += [ps.run_workers(push_first, [1.0, 3.0]) for _ in range(2)]
+    phases.append(by_hand())
+    assert phases == [[["applied"] * 2] * 2] * 4
+    assert (ps.step, ps.stats()["pushes_dropped"]) == (8, 0)
+    np.testing.assert_array_equal(np.asarray(ps.params()["w"]), np.full(3, 16.0, np.float32))  # 8 steps of the mean, 2
+
+
 class Pair(NamedTuple):
     w: jax.Array
     b: jax.Array

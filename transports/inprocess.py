@@ -33,8 +33,8 @@ class InProcessChannel:
     def leave(self, worker) -> None:
         self._shard.leave(worker)
 
-    def join(self, worker) -> None:
-        self._shard.join(worker)
+    def join(self, worker) -> int:
+        return self._shard.join(worker)
 
     def stats(self) -> dict:
         return self._shard.stats()

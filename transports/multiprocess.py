@@ -369,8 +369,8 @@ class MultiprocessingChannel:
     def leave(self, worker) -> None:
         self._conn().call("leave", worker)
 
-    def join(self, worker) -> None:
-        self._conn().call("join", worker)
+    def join(self, worker) -> int:
+        return self._conn().call("join", worker)
 
     def stats(self) -> dict:
         return self._conn().call("stats")
@@ -500,8 +500,7 @@ class _Peer:
         self._send((rid, "ok", None))
 
     def _join(self, rid, worker) -> None:
-        self._shard.join(worker)
-        self._send((rid, "ok", None))
+        self._send((rid, "ok", self._shard.join(worker)))
 
     def _stats(self, rid) -> None:
         self._send((rid, "ok", self._shard.stats()))

@@ -220,10 +220,14 @@ def _shared_memory_channel(index: int, actor, endpoint: dict | None):
 
 _UNDECIDED = object()
 
-# The Ray session a transport started with `ray.init`, and how many transports use it:
-# it is shut down with the last of them, not under the others' feet.
-_own_session = {"ours": False, "users": 0}
+# The Ray session a transport started with `ray.init` (its GCS address), and how many
+# transports use it: it is shut down with the last of them, not under the others' feet.
+_own_session: dict[str, Any] = {"gcs": None, "users": 0}
 _own_session_lock = threading.Lock()
+
+
+def _gcs_address() -> str | None:
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
 
 
 class RayChannel:
@@ -298,11 +302,11 @@ class RayChannel:
             return local.leave(worker)
         RayFuture(self._call("leave", worker), self).result()
 
-    def join(self, worker) -> None:
+    def join(self, worker) -> int:
         local = self._route()
         if local is not None:
             return local.join(worker)
-        RayFuture(self._call("join", worker), self).result()
+        return RayFuture(self._call("join", worker), self).result()
 
     def stats(self) -> dict:
         local = self._route()
@@ -369,7 +373,8 @@ class RayTransport:
         self._shared_memory = shared_memory
         self._actors: list = []
         self._channels: list[RayChannel] = []
-        self._started_ray = False
+        self._session: str | None = None  # the GCS address of a transport-started session this one counts in
+        self._actors_gcs: str | None = None  # the session the actors live in
 
     @property
     def actors(self) -> list:
@@ -380,13 +385,14 @@ class RayTransport:
         with _own_session_lock:
             if not ray.is_initialized():
                 ray.init(address=self._address, **{"include_dashboard": False, **self._init_options})
-                _own_session.update(ours=True, users=0)
-            if _own_session["ours"]:
+                _own_session.update(gcs=_gcs_address(), users=0)
+            if _own_session["gcs"] is not None and _own_session["gcs"] == _gcs_address():
                 _own_session["users"] += 1
-                self._started_ray = True  # uses the session a transport started
+                self._session = _own_session["gcs"]
         self._check_feasible()
         actor_cls = _ShardActor.options(max_restarts=0, **self._actor_options)
         self._actors = [actor_cls.remote(spec, self._shared_memory) for spec in specs]
+        self._actors_gcs = _gcs_address()
         refs = [a.endpoint.remote() for a in self._actors]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=self._start_timeout)
         if pending:
@@ -423,20 +429,21 @@ class RayTransport:
         channels, self._channels = self._channels, []
         for channel in channels:
             channel.close()
-        if ray.is_initialized():
+        if actors and _gcs_address() == self._actors_gcs:  # (their session may have been shut down since)
             for actor in actors:
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass
             _await_death(actors, timeout=10.0)
-        if self._started_ray:
-            self._started_ray = False
-            with _own_session_lock:
+        session, self._session = self._session, None
+        with _own_session_lock:
+            if session is not None and session == _own_session["gcs"]:
                 _own_session["users"] -= 1
                 if _own_session["users"] == 0:
-                    _own_session["ours"] = False
-                    ray.shutdown()
+                    _own_session["gcs"] = None
+                    if _gcs_address() == session:
+                        ray.shutdown()
 
     def _need(self) -> dict:
         o = self._actor_options
