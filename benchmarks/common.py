@@ -104,10 +104,14 @@ def barrier(dirpath: str, index: int, n: int, timeout: float = 600.0) -> None:
         time.sleep(0.0005)
 
 
+def span(stamps: list[tuple[float, float, int]]) -> tuple[float, float]:
+    """(first start, last end) of per-worker `(start, end, updates)` stamps."""
+    return min(s for s, _, _ in stamps), max(e for _, e, _ in stamps)
+
+
 def span_rate(stamps: list[tuple[float, float, int]]) -> tuple[float, float, int]:
     """(updates/s, seconds, updates) from per-worker `(start, end, updates)` stamps."""
-    start = min(s for s, _, _ in stamps)
-    end = max(e for _, e, _ in stamps)
+    start, end = span(stamps)
     count = sum(c for _, _, c in stamps)
     return count / (end - start), end - start, count
 

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import ray
 
-from benchmarks.common import barrier, barrier_dir, cpu_busy, error_text, log, median, report_error, span_rate, server_args
+from benchmarks.common import barrier, barrier_dir, cpu_busy, error_text, log, median, report_error, span, span_rate, server_args
 
 WORKERS = 2
 SHARDS = 2
@@ -158,7 +158,7 @@ def _compare(dim: int, rounds: int, repeats: int, warmup: int, transports, busy,
                     errors.append(f"{what}: {failed[name]}")
                     continue
                 rate, secs, _ = span_rate(stamps)
-                load = busy(min(s for s, _, _ in stamps), max(e for _, e, _ in stamps))
+                load = busy(*span(stamps))
                 runs[name].append(rate)
                 if load is not None:
                     loads[name].append(load)

@@ -410,18 +410,24 @@ class RayTransport:
 
         task = _run_worker.options(**{**self._worker_options, **(worker_options or {})})
         refs = [task.remote(fn, c, a) for c, a in zip(clients, args)]
+        index, running, outcomes = {ref: i for i, ref in enumerate(refs)}, list(refs), {}
         try:  # let every worker finish, as threads would
-            index, running = {ref: i for i, ref in enumerate(refs)}, list(refs)
             while running:
                 done, running = ray.wait(running, num_returns=1)
                 for ref in done:
-                    if _failed(ref):  # a task whose process died could not leave by itself
-                        leave_quietly(clients[index[ref]])
+                    try:
+                        outcomes[index[ref]] = (ray.get(ref), None)
+                    except Exception as e:
+                        outcomes[index[ref]] = (None, e)
+                        leave_quietly(clients[index[ref]])  # a task whose process died could not leave by itself
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
             raise
-        return ray.get(refs)
+        for _, error in (outcomes[i] for i in range(len(refs))):
+            if error is not None:
+                raise error  # the first in worker order, as ray.get(refs) would
+        return [outcomes[i][0] for i in range(len(refs))]
 
     def close(self) -> None:
         """Kills the shard actors; shuts Ray down if a transport started it and this was its last user. Idempotent."""
@@ -456,13 +462,3 @@ class RayTransport:
         if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
             have = [{k: v for k, v in r.items() if not k.startswith("node:") and "memory" not in k} for r in nodes]
             raise ValueError(f"no node of the Ray cluster has the resources each shard actor asks for {need}; its nodes have {have}")
-
-
-def _failed(ref) -> bool:
-    """Whether the finished task behind `ref` raised (or its worker died)."""
-    try:
-        ray.get(ref)
-    except Exception:
-        return True
-    return False
-
