@@ -3,21 +3,21 @@
 Parameters are pytrees, partitioned by tree path into shards; each shard's
 update is a pure, jit-compiled optax step; workers compute `jax.grad` on their
 own devices; shards and workers talk over a transport chosen at run time.
+
+This module holds what a training loop uses. Writing a transport of your own:
+`jaxps.transport`.
 """
 
 from jaxps.client import Client as Client
 from jaxps.client import PushFuture as PushFuture
 from jaxps.consistency import MODES as MODES
+from jaxps.errors import ServerClosedError as ServerClosedError
+from jaxps.errors import ShardDiedError as ShardDiedError
 from jaxps.plan import Plan as Plan
 from jaxps.plan import make_plan as make_plan
+from jaxps.registry import available_transports as available_transports
+from jaxps.registry import register_transport as register_transport
 from jaxps.server import ParameterServer as ParameterServer
-from jaxps.shard import Shard as Shard
-from jaxps.shard import ShardSpec as ShardSpec
-from jaxps.transport import ShardChannel as ShardChannel
-from jaxps.transport import ShardDiedError as ShardDiedError
-from jaxps.transport import Transport as Transport
-from jaxps.transport import available_transports as available_transports
-from jaxps.transport import register_transport as register_transport
 from jaxps.update import NotShardableError as NotShardableError
 from jaxps.validate import PushError as PushError
 
@@ -31,11 +31,8 @@ __all__ = [
     "Plan",
     "PushError",
     "PushFuture",
-    "Shard",
-    "ShardChannel",
+    "ServerClosedError",
     "ShardDiedError",
-    "ShardSpec",
-    "Transport",
     "available_transports",
     "make_plan",
     "register_transport",

@@ -7,24 +7,25 @@ channels are (multiprocessing, Ray), so it can travel into the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Sequence
 
+from jaxps.errors import ServerClosedError
 from jaxps.plan import Plan
-from jaxps.transport import ShardChannel, Waitable
+from jaxps.service import Leave, Pull, Push
 from jaxps.validate import check_gradients, nonfinite_paths, reject_nonfinite
 
 
-def gather(waits: Sequence[Waitable], timeout: float | None = None) -> list:
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until `deadline` (a `time.monotonic()` value; None: no limit)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def gather(waits: Sequence[Any], timeout: float | None = None) -> list:
     """The results of `waits`, in order, all within `timeout` seconds in total."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    return [w.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for w in waits]
-
-
-def _stage(channel: ShardChannel, leaves: list, check: bool) -> tuple[Any, list[bool] | None]:
-    """(what to push, per leaf whether it is free of NaN/Inf, or None if the channel did not check)."""
-    stage = getattr(channel, "stage", None)
-    return stage(leaves, check) if stage is not None else (leaves, None)
+    return [w.result(remaining(deadline)) for w in waits]
 
 
 class PushFuture:
@@ -34,9 +35,9 @@ class PushFuture:
     or 'skipped' (non-finite gradients with `nonfinite='skip'`).
     """
 
-    def __init__(self, parts: Sequence[Waitable] | None, outcome: str | None = None):
-        self._parts = list(parts or [])
-        self._outcome = outcome
+    def __init__(self, parts: Sequence[Any]):
+        self._parts = list(parts)
+        self._outcome: str | None = None
 
     def result(self, timeout: float | None = None) -> str:
         if self._outcome is None:
@@ -45,9 +46,23 @@ class PushFuture:
         return self._outcome
 
     def done(self) -> bool:
-        if self._outcome is not None:
-            return True
-        return all(getattr(p, "done", lambda: False)() for p in self._parts)
+        return self._outcome is not None or all(p.done() for p in self._parts)
+
+
+@dataclasses.dataclass
+class ShardLink:
+    """A client's line to one shard and what it has seen of that shard's clock."""
+
+    channel: Any  # a jaxps.transport.ShardChannel
+    pulled: int | None = None  # the version pulled since the last push (None: no pull since)
+    based_on: int | None = None  # the version of the last pull
+    last_step: int | None = None  # the step the last push was for
+
+    def next_step(self) -> int:
+        """The step a push now is for: the version last pulled, else the one after the last push's."""
+        if self.pulled is not None:
+            return self.pulled
+        return 0 if self.last_step is None else self.last_step + 1
 
 
 class Client:
@@ -57,63 +72,68 @@ class Client:
         self,
         worker: int,
         plan: Plan,
-        channels: Sequence[ShardChannel],
+        channels: Sequence[Any],
         nonfinite: str = "raise",
         versions: Sequence[int | None] | None = None,
     ):
         """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step."""
         self.worker = worker
         self.plan = plan
-        self._channels = list(channels)
         self._nonfinite = nonfinite
-        n = len(self._channels)
-        self._pulled: list[int | None] = [None] * n  # version pulled since the last push
-        self._based_on: list[int | None] = [None] * n  # version of the last pull
-        self._tag: list[int | None] = [None if v is None else v - 1 for v in versions or [None] * n]  # step of the last push
+        versions = versions or [None] * len(channels)
+        self._links = [ShardLink(ch, last_step=None if v is None else v - 1) for ch, v in zip(channels, versions)]
         self._left = False
+        self._interrupted = False
+
+    @property
+    def channels(self) -> list:
+        """The channels to the shards, by shard index."""
+        return [link.channel for link in self._links]
 
     def pull(self, timeout: float | None = None) -> Any:
         """The current parameters, as a tree like the initial one.
 
         Sees every earlier push of this client; in sync mode waits until the
         step of the last push is applied, in ssp mode while this worker is too
-        far ahead of the slowest.
+        far ahead of the slowest. `timeout` bounds the whole call.
         """
         self._check_open()
-        replies = gather([ch.pull(self.worker) for ch in self._channels], timeout)
-        for s, (version, _) in enumerate(replies):
-            self._pulled[s] = self._based_on[s] = version
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waits = [link.channel.submit(Pull(self.worker), timeout=remaining(deadline)) for link in self._links]
+        replies = gather(waits, remaining(deadline))
+        for link, (version, _) in zip(self._links, replies):
+            link.pulled = link.based_on = version
         return self.plan.merge([leaves for _, leaves in replies])
 
     def push(self, grads: Any) -> PushFuture:
         """Sends gradients for the parameters last pulled; checks them first.
 
-        Raises `jaxps.PushError` naming the paths, shapes and dtypes of a bad
-        tree, before any shard sees it.
+        All or nothing: every leaf is converted and checked (and staged) before
+        any shard sees any of it; a bad tree raises `jaxps.PushError` naming
+        the paths, shapes and dtypes at fault, and no shard changes.
         """
         self._check_open()
         per_shard = self.plan.split(check_gradients(self.plan, grads))
         check = self._nonfinite != "allow"
-        staged = [_stage(ch, leaves, check) for ch, leaves in zip(self._channels, per_shard)]
-        if check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite):
-            staged = [(None, None)] * len(staged)  # skipped: nothing is sent
-        per_shard = [payload for payload, _ in staged]
+        staged = [link.channel.stage(leaves, check) for link, leaves in zip(self._links, per_shard)]
+        skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
         parts = []
-        for s, ch in enumerate(self._channels):
-            tag = self._pulled[s] if self._pulled[s] is not None else (self._tag[s] + 1 if self._tag[s] is not None else 0)
-            parts.append(ch.push(self.worker, tag, self._based_on[s], per_shard[s]))
-            self._tag[s], self._pulled[s] = tag, None
+        for link, stage in zip(self._links, staged):
+            step = link.next_step()
+            request = Push(self.worker, step, link.based_on, skipped)
+            parts.append(link.channel.submit(request, None if skipped else stage.payload))
+            link.last_step, link.pulled = step, None
         return PushFuture(parts)
 
     def _nonfinite_paths(self, per_shard: list, staged: list) -> list[str]:
         """Paths holding NaN/Inf: as the channels found while staging, else checked here (one device sync)."""
         bad, unchecked = [], []
-        for ids, leaves, (_, finite) in zip(self.plan.shard_leaves, per_shard, staged):
-            specs = [self.plan.leaves[i] for i in ids]
-            if finite is None:
+        for shard, (leaves, stage) in enumerate(zip(per_shard, staged)):
+            specs = self.plan.shard_specs(shard)
+            if stage.finite is None:
                 unchecked += zip(specs, leaves)
             else:
-                bad += [spec.path for spec, ok in zip(specs, finite) if not ok]
+                bad += [spec.path for spec, ok in zip(specs, stage.finite) if not ok]
         return bad + nonfinite_paths([s for s, _ in unchecked], [x for _, x in unchecked])
 
     @property
@@ -123,23 +143,33 @@ class Client:
 
     def leave(self) -> None:
         """This worker is done: sync steps and ssp pulls stop waiting for it. Idempotent."""
-        if not self._left:
-            self._left = True
-            errors = []
-            for ch in self._channels:  # every shard is told, even if one of them is gone
-                try:
-                    ch.leave(self.worker)
-                except Exception as e:
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+        if self._left:
+            return
+        self._left = True
+        errors = []
+        for link in self._links:  # every shard is told, even if one of them is gone
+            try:
+                if not link.channel.closed:
+                    link.channel.call(Leave(self.worker))
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def interrupt(self) -> None:
+        """Makes this client's next call raise `ServerClosedError`: its driver was interrupted (Ctrl-C)."""
+        self._interrupted = True
 
     def _check_open(self) -> None:
+        if self._interrupted:
+            raise ServerClosedError(f"the driver was interrupted: worker {self.worker} stops here")
+        if any(link.channel.closed for link in self._links):
+            raise ServerClosedError(f"the ParameterServer is closed: worker {self.worker}'s client can no longer be used")
         if self._left:
             raise RuntimeError(f"worker {self.worker} has left the server; ps.client({self.worker}) gives it a new client")
 
     def __repr__(self) -> str:
-        return f"Client(worker={self.worker}, shards={len(self._channels)})"
+        return f"Client(worker={self.worker}, shards={len(self._links)})"
 
 
 def run_worker(fn, client: Client, arg: Any) -> Any:

@@ -19,10 +19,10 @@ MODES = ("async", "sync", "ssp")
 
 
 class Contribution(NamedTuple):
-    """One worker's push for step `tag`: its gradients (None: skipped) and the version they were computed on."""
+    """One worker's push for step `for_step`: its gradients (None: skipped) and the version they were computed on."""
 
     worker: int
-    tag: int
+    for_step: int
     grads: Any
     based_on: int | None
 
@@ -45,7 +45,7 @@ class Clock:
     workers: int
     version: int = 0  # steps closed
     pushes: tuple[int, ...] = ()  # pushes received, per worker
-    last_tag: tuple[int | None, ...] = ()  # step of each worker's last push
+    last_step: tuple[int | None, ...] = ()  # step of each worker's last push
     left: frozenset[int] = frozenset()  # workers that have finished
     joined_at: tuple[int, ...] = ()  # each worker's push count when it last (re)joined
     pending: Mapping[int, Mapping[int, Contribution]] = dataclasses.field(default_factory=dict)
@@ -60,7 +60,7 @@ class Clock:
     @classmethod
     def start(cls, workers: int | None) -> "Clock":
         n = workers or 0
-        return cls(workers=n, pushes=(0,) * n, last_tag=(None,) * n)
+        return cls(workers=n, pushes=(0,) * n, last_step=(None,) * n)
 
     def stats(self) -> dict:
         return {
@@ -85,13 +85,13 @@ def _join(clock: Clock, worker: int) -> Clock:
 
 
 def _received(clock: Clock, c: Contribution) -> Clock:
-    worker, tag = c.worker, c.tag
+    worker, for_step = c.worker, c.for_step
     grow = max(0, worker + 1 - len(clock.pushes))  # async servers take any number of workers
     pushes = list(clock.pushes) + [0] * grow
     pushes[worker] += 1
-    last = list(clock.last_tag) + [None] * grow
-    last[worker] = tag
-    return dataclasses.replace(clock, pushes=tuple(pushes), last_tag=tuple(last))
+    last = list(clock.last_step) + [None] * grow
+    last[worker] = for_step
+    return dataclasses.replace(clock, pushes=tuple(pushes), last_step=tuple(last))
 
 
 def _closed(clock: Clock, step: Step) -> Clock:
@@ -150,23 +150,23 @@ class Sync:
 
     backup: int = 0
 
-    def quorum(self, clock: Clock, tag: int) -> int:
-        """Gradients step `tag` waits for: `workers - backup`, or fewer once workers leave.
+    def quorum(self, clock: Clock, for_step: int) -> int:
+        """Gradients step `for_step` waits for: `workers - backup`, or fewer once workers leave.
 
-        A worker that left after pushing for `tag` still counts: its gradient is in.
+        A worker that left after pushing for `for_step` still counts: its gradient is in.
         """
-        arrived = clock.pending.get(tag, {})
+        arrived = clock.pending.get(for_step, {})
         can_arrive = sum(1 for w in range(clock.workers) if w not in clock.left or w in arrived)
         return max(1, min(clock.workers - self.backup, can_arrive))
 
     def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
-        if c.tag < clock.version:  # its step is already applied: a straggler
+        if c.for_step < clock.version:  # its step is already applied: a straggler
             clock = _received(clock, c)
             return dataclasses.replace(clock, pushes_dropped=clock.pushes_dropped + 1), [], "dropped"
-        if c.worker in clock.pending.get(c.tag, {}):
-            raise ValueError(f"worker {c.worker} pushed twice for step {c.tag}")
+        if c.worker in clock.pending.get(c.for_step, {}):
+            raise ValueError(f"worker {c.worker} pushed twice for step {c.for_step}")
         pending = dict(clock.pending)
-        pending[c.tag] = {**pending.get(c.tag, {}), c.worker: c}
+        pending[c.for_step] = {**pending.get(c.for_step, {}), c.worker: c}
         clock = dataclasses.replace(_received(clock, c), pending=pending)
         return (*self._close_ready(clock), None)
 
@@ -181,7 +181,7 @@ class Sync:
         return clock, steps
 
     def pull_ready(self, clock: Clock, worker: int) -> bool:
-        last = clock.last_tag[worker]
+        last = clock.last_step[worker]
         return last is None or clock.version > last
 
     def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:

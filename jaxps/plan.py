@@ -54,6 +54,14 @@ class Plan:
             groups[s].append(i)
         return tuple(tuple(g) for g in groups)
 
+    def shard_specs(self, shard: int) -> tuple[LeafSpec, ...]:
+        """The `LeafSpec`s of shard `shard`'s leaves, in order."""
+        return tuple(self.leaves[i] for i in self.shard_leaves[shard])
+
+    def layout(self, shard: int) -> tuple[tuple[tuple[int, ...], np.dtype], ...]:
+        """`(shape, dtype)` of shard `shard`'s leaves, in order: how they are laid out in a buffer."""
+        return tuple((s.shape, s.dtype) for s in self.shard_specs(shard))
+
     @property
     def paths(self) -> dict[str, int]:
         """Tree path -> shard index."""

@@ -9,9 +9,11 @@ import optax
 
 from jaxps.client import Client, gather
 from jaxps.consistency import make_policy
+from jaxps.errors import ServerClosedError
 from jaxps.plan import Assign, Plan, make_plan
-from jaxps.shard import ShardSpec
-from jaxps.transport import make_transport
+from jaxps.registry import make_transport
+from jaxps.service import Join, Pull, Stats
+from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
 
@@ -68,12 +70,12 @@ class ParameterServer:
         self._clients: dict[int, Client] = {}
         self._finished: set[int] = set()  # workers an earlier `run_workers` let leave
         self._closed = False
-        specs = [
-            ShardSpec(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness)
+        configs = [
+            ShardConfig(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness)
             for s, ids in enumerate(self._plan.shard_leaves)
         ]
         try:
-            self._channels = self._transport.start(specs)
+            self._channels = self._transport.start(configs)
         except BaseException:
             self._transport.close()
             raise
@@ -109,7 +111,7 @@ class ParameterServer:
     def params(self, timeout: float | None = None) -> Any:
         """The parameters after every push whose future has completed (never waits on a clock)."""
         self._check_open()
-        replies = gather([ch.pull(None) for ch in self._channels], timeout)
+        replies = gather([ch.submit(Pull(None), timeout=timeout) for ch in self._channels], timeout)
         return self._plan.merge([leaves for _, leaves in replies])
 
     @property
@@ -161,6 +163,8 @@ class ParameterServer:
         """Stops the shards and frees their resources. Idempotent."""
         if not self._closed:
             self._closed = True
+            for channel in self._channels:  # clients taken from this server now fail at once
+                channel.close()
             self._transport.close()
 
     def __enter__(self) -> "ParameterServer":
@@ -176,7 +180,7 @@ class ParameterServer:
     # -- internals ---------------------------------------------------------------
     def _shard_stats(self) -> list[dict]:
         self._check_open()
-        return [ch.stats() for ch in self._channels]
+        return gather([ch.submit(Stats()) for ch in self._channels])
 
     def _has_left(self, worker: int) -> bool:
         return worker in self._finished or (worker in self._clients and self._clients[worker].left)
@@ -184,18 +188,9 @@ class ParameterServer:
     def _new_clients(self, workers: list[int]) -> list[Client]:
         """Fresh clients for `workers`, each (re)joined on every shard first, so all start from the current step.
 
-        Joining also restarts ssp's push counts for them together. A channel
-        without `join` is fine as long as none of them has left.
+        Joining also restarts ssp's push counts for them together.
         """
-        versions = [[None] * len(self._channels) for _ in workers]
-        for s, channel in enumerate(self._channels):
-            join = getattr(channel, "join", None)
-            if join is None:
-                if any(self._has_left(w) for w in workers):
-                    raise RuntimeError(f"{type(channel).__name__} has no join(worker), so a worker that left cannot take part again")
-                continue
-            for i, w in enumerate(workers):
-                versions[i][s] = join(w)
+        versions = [gather([ch.submit(Join(w)) for ch in self._channels]) for w in workers]
         self._finished.difference_update(workers)
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
@@ -203,4 +198,4 @@ class ParameterServer:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("the ParameterServer is closed")
+            raise ServerClosedError("the ParameterServer is closed")

@@ -27,7 +27,7 @@ PullReady = Callable[[int, list], Any]  # (version, leaves)
 
 
 @dataclasses.dataclass
-class ShardSpec:
+class ShardConfig:
     """Everything needed to start shard `index` anywhere (picklable with cloudpickle)."""
 
     index: int
@@ -43,38 +43,38 @@ class ShardSpec:
 class Shard:
     """One shard's parameters, optimizer state and clock."""
 
-    def __init__(self, spec: ShardSpec, device: Any = None):
-        self.index = spec.index
-        self._plan = spec.plan
-        self._specs = [spec.plan.leaves[i] for i in spec.plan.shard_leaves[spec.index]]
+    def __init__(self, config: ShardConfig, device: Any = None):
+        self.index = config.index
+        self._plan = config.plan
+        self._leaf_specs = config.plan.shard_specs(config.index)
         self._device = device
         # the shard donates its buffers, so it must own them: always copy
-        self._params = spec.plan.view(spec.index, [self._own(x, copy=True) for x in spec.leaves])
+        self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in config.leaves])
         self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
-        self._opt_state = spec.tx.init(self._params)
-        self._step_donating, self._step_lent = compile_step(spec.tx)
+        self._opt_state = config.tx.init(self._params)
+        self._step_donating, self._step_lent = compile_step(config.tx)
         self._mean = jax.jit(mean_gradients)
-        self._policy = make_policy(spec.mode, spec.workers, spec.backup_workers, spec.max_staleness)
-        self._clock = Clock.start(spec.workers)
+        self._policy = make_policy(config.mode, config.workers, config.backup_workers, config.max_staleness)
+        self._clock = Clock.start(config.workers)
         self._lock = threading.Lock()
         self._lent = False  # params handed to a reader: the next step must not donate them while it holds them
         self._pushes: dict[tuple[int, int], PushDone] = {}
         self._pulls: list[tuple[int | None, PullReady, bool]] = []
 
     # -- requests -------------------------------------------------------------
-    def push(self, worker: int, tag: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone) -> None:
-        """Offers `worker`'s gradients (None: skipped) for step `tag`; `done` fires once it is settled."""
+    def push(self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone) -> None:
+        """Offers `worker`'s gradients (None: skipped) for step `for_step`; `done` fires once it is settled."""
         if leaves is not None:
-            check_leaves(self._specs, leaves)
+            check_leaves(self._leaf_specs, leaves)
             grads = self._plan.view(self.index, [self._own(x, copy=not isinstance(x, jax.Array)) for x in leaves])
         else:
             grads = None
         with self._lock:
-            clock, steps, outcome = self._policy.push(self._clock, Contribution(worker, tag, grads, based_on))
+            clock, steps, outcome = self._policy.push(self._clock, Contribution(worker, for_step, grads, based_on))
             self._apply(steps)
             self._clock = clock
             if outcome is None:
-                self._pushes[(worker, tag)] = done
+                self._pushes[(worker, for_step)] = done
             else:
                 done(outcome)
             self._settle(steps)
@@ -149,7 +149,7 @@ class Shard:
     def _settle(self, steps: list[Step]) -> None:
         for step in steps:
             for c in step.contributions:
-                done = self._pushes.pop((c.worker, c.tag), None)
+                done = self._pushes.pop((c.worker, c.for_step), None)
                 if done is not None:
                     done("applied" if c.grads is not None else "skipped")
         self._serve_pulls()

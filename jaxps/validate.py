@@ -40,17 +40,30 @@ def check_structure(plan: Plan, grads: Any) -> list[Any]:
     return leaves
 
 
+def _leaf_problem(spec: LeafSpec, x: Any) -> str | None:
+    """What is wrong with gradient leaf `x` for parameter `spec`, if anything."""
+    if isinstance(x, jax.Array) and x.is_deleted():
+        return f"{spec.path}: the array was deleted (donated to a jitted call?); expected {spec.describe()}"
+    if getattr(x, "dtype", None) == spec.dtype and getattr(x, "shape", None) == spec.shape:
+        return None  # the common case, without jnp.result_type's cost
+    try:
+        dtype = _leaf_dtype(x)
+    except TypeError:
+        dtype = None
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
+        got = getattr(x, "dtype", None) or type(x).__name__
+        return f"{spec.path}: {got} is not numeric; expected {spec.describe()}"
+    shape = tuple(np.shape(x))
+    if shape != spec.shape:
+        return f"{spec.path}: shape {list(shape)}, expected {list(spec.shape)} ({dtype.name} -> {spec.dtype.name})"
+    if not jnp.can_cast(dtype, spec.dtype, casting="same_kind"):
+        return f"{spec.path}: dtype {dtype.name} cannot be cast to the parameter's {spec.dtype.name} (shape {list(shape)})"
+    return None
+
+
 def check_leaves(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> None:
-    """Raises `PushError` naming every leaf whose shape or dtype does not fit."""
-    problems = []
-    for spec, x in zip(specs, leaves):
-        if getattr(x, "dtype", None) == spec.dtype and getattr(x, "shape", None) == spec.shape:
-            continue  # the common case, without jnp.result_type's cost
-        shape, dtype = tuple(np.shape(x)), _leaf_dtype(x)
-        if shape != spec.shape:
-            problems.append(f"{spec.path}: shape {list(shape)}, expected {list(spec.shape)} ({dtype.name} -> {spec.dtype.name})")
-        elif not jnp.can_cast(dtype, spec.dtype, casting="same_kind"):
-            problems.append(f"{spec.path}: dtype {dtype.name} cannot be cast to the parameter's {spec.dtype.name} (shape {list(shape)})")
+    """Raises `PushError` naming every leaf that is not numeric, or whose shape or dtype does not fit."""
+    problems = [p for p in (_leaf_problem(spec, x) for spec, x in zip(specs, leaves)) if p is not None]
     if problems:
         raise PushError("push rejected, nothing was changed: " + "; ".join(problems))
 
@@ -106,13 +119,19 @@ def copy_checked(dst: np.ndarray, src: np.ndarray) -> bool:
 
 
 def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
-    """Leaves in their parameter dtype: jax arrays stay on their device, the rest become numpy."""
+    """Leaves in their parameter dtype: jax arrays stay on their device, the rest become numpy.
+
+    Every leaf is converted here, so a push fails (if it does) before any shard sees it.
+    """
     out = []
     for spec, x in zip(specs, leaves):
-        if isinstance(x, jax.Array):
-            out.append(x if x.dtype == spec.dtype else x.astype(spec.dtype))
-        else:
-            out.append(np.asarray(x, dtype=spec.dtype))
+        try:
+            if isinstance(x, jax.Array):
+                out.append(x if x.dtype == spec.dtype else x.astype(spec.dtype))
+            else:
+                out.append(np.asarray(x, dtype=spec.dtype))
+        except Exception as e:
+            raise PushError(f"push rejected, nothing was changed: {spec.path} cannot be converted to {spec.describe()}: {e}") from e
     return out
 
 

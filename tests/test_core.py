@@ -1,5 +1,6 @@
 """The pure parts (plan, clocks, optimizer checks) and in-process end-to-end loops."""
 
+import concurrent.futures
 import subprocess
 import sys
 
@@ -121,17 +122,22 @@ def test_run_workers_in_sync_and_ssp_needs_one_argument_per_worker():
 
 def test_leave_tells_every_shard_even_if_one_is_gone():
     from jaxps.client import Client
+    from jaxps.transport import Leave, ShardChannel
 
-    class Gone:
-        def leave(self, worker):
+    class Gone(ShardChannel):
+        def submit(self, request, payload=None, timeout=None):
             raise jaxps.ShardDiedError("shard 0 is gone")
 
-    class Alive:
+    class Alive(ShardChannel):
         def __init__(self):
             self.left = []
 
-        def leave(self, worker):
-            self.left.append(worker)
+        def submit(self, request, payload=None, timeout=None):
+            assert isinstance(request, Leave)
+            self.left.append(request.worker)
+            future = concurrent.futures.Future()
+            future.set_result(None)
+            return future
 
     alive = Alive()
     client = Client(3, jaxps.make_plan(params_tree(), 2), [Gone(), alive])
@@ -183,10 +189,10 @@ def test_unknown_transport_lists_valid_ones():
 
 
 def test_transport_by_module_path_and_registry():
-    ps = jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="transports.inprocess:InProcessTransport")
+    ps = jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="jaxps.transports.inprocess:InProcessTransport")
     assert_trees_equal(ps.pull(), params_tree())
     ps.close()
-    from transports.inprocess import InProcessTransport
+    from jaxps.transports.inprocess import InProcessTransport
 
     jaxps.register_transport("mine", InProcessTransport)
     assert "mine" in jaxps.available_transports()
@@ -224,7 +230,7 @@ def test_step_donates_only_params_no_pull_still_holds():
             ps.push(grads_like(params_tree(), t))
             expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
         assert_trees_equal(ps.pull(), expected, ulp=ULP)
-        shard = ps._channels[0]._shard
+        shard = ps._channels[0]._service.shard
         assert shard._step_lent._cache_size() == 1  # each compiled once
         assert shard._step_donating._cache_size() == 1
 

@@ -40,7 +40,7 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 
 def _transport_params():
-    for name, module in [("inprocess", "transports.inprocess"), ("multiprocessing", "transports.multiprocess"), ("ray", "transports.ray_transport")]:
+    for name, module in [("inprocess", "jaxps.transports.inprocess"), ("multiprocessing", "jaxps.transports.multiprocess"), ("ray", "jaxps.transports.ray_transport")]:
         missing = importlib.util.find_spec(module) is None or (name == "ray" and importlib.util.find_spec("ray") is None)
         yield pytest.param(name, marks=pytest.mark.skipif(missing, reason=f"{module} (or its dependency) is not there yet"))
 

@@ -19,8 +19,8 @@ import pytest
 from helpers import assert_trees_equal, grads_like, params_tree
 
 import jaxps
-from transports import multiprocess
-from transports.multiprocess import POOL, MultiprocessingTransport
+from jaxps.transports import shm_channel
+from jaxps.transports.multiprocess import POOL, MultiprocessingTransport
 
 PARAMS = {"a": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(5, np.float32), "c": np.float32(2.0)}
 ONES = {k: np.ones_like(v) for k, v in PARAMS.items()}
@@ -66,12 +66,12 @@ def server():
 
 def _conn(ps, shard=0):
     """This thread's connection to `shard` (its pull buffers are `_lent`)."""
-    return ps._channels[shard]._conn()
+    return ps._channels[shard].conn()
 
 
 def _lent(conn):
     """Indices of the pull buffers that arrays handed out still use (as the next pull sees them)."""
-    multiprocess._collect_garbage()
+    shm_channel.collect_garbage()
     return [i for i, base in enumerate(conn._lent) if base is not None and base() is not None]
 
 
@@ -195,7 +195,7 @@ def test_close_with_pulled_arrays_alive(server):
     assert _mapped(prefix) == POOL - 1  # the buffers lent out; the others are unmapped
     held.clear()
     gc.collect()
-    multiprocess._collect_garbage()
+    shm_channel.collect_garbage()
     assert _mapped(prefix) == 0
 
 

@@ -15,7 +15,7 @@ import pytest
 import jaxps
 
 ray = pytest.importorskip("ray")
-from transports.ray_transport import RayTransport  # noqa: E402
+from jaxps.transports.ray_transport import RayTransport  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -122,7 +122,7 @@ def test_pull_sees_own_unawaited_pushes_through_the_object_store():
 @ray.remote(num_cpus=0.01)
 def _routes(client):
     client.pull()
-    return [ch.via_shared_memory for ch in client._channels]
+    return [ch.via_shared_memory for ch in client.channels]
 
 
 def _segments():
@@ -133,7 +133,7 @@ def test_clients_on_the_shard_node_use_shared_memory_and_leave_no_segments():
     before = _segments()
     with _server() as ps:
         _pull_push(ps.client(0), 3)
-        assert [ch.via_shared_memory for ch in ps.client(0)._channels] == [True, True]
+        assert [ch.via_shared_memory for ch in ps.client(0).channels] == [True, True]
         assert ray.get(_routes.remote(ps.client(1)), timeout=120) == [True, True]
         np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 3.0, np.float32))
     with _server(transport_options={"shared_memory": False}) as ps:
@@ -143,14 +143,14 @@ def test_clients_on_the_shard_node_use_shared_memory_and_leave_no_segments():
 
 def test_shared_memory_and_object_store_clients_share_a_sync_step():
     from jaxps.client import Client
-    from transports.ray_transport import RayChannel
+    from jaxps.transports.ray_transport import RayChannel
 
     with _server(mode="sync", workers=2) as ps:
         local = ps.client(0)
-        elsewhere = [{**ch._endpoint, "node": "another-node"} for ch in local._channels]  # as seen from another machine
+        elsewhere = [ch.endpoint._replace(node="another-node") for ch in local.channels]  # as seen from another machine
         remote = Client(1, ps.plan, [RayChannel(a, i, e) for i, (a, e) in enumerate(zip(ps._transport.actors, elsewhere))])
-        assert [ch.via_shared_memory for ch in local._channels] == [True, True]
-        assert [ch.via_shared_memory for ch in remote._channels] == [False, False]
+        assert [ch.via_shared_memory for ch in local.channels] == [True, True]
+        assert [ch.via_shared_memory for ch in remote.channels] == [False, False]
         for _ in range(3):
             local.pull(), remote.pull()
             waiting = remote.push(ONES)  # through Ray: settled by the shared-memory push that closes the step

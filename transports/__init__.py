@@ -1,1 +1,1 @@
-"""jaxps's built-in transports, imported lazily by name (see `jaxps.transport`)."""
+"""jaxps's built-in transports, chosen by name at run time (`jaxps.registry`); writing one: `jaxps.transport`."""

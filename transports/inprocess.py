@@ -8,36 +8,38 @@ them. The choice for one machine, for tests, and for debugging.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from typing import Any, Callable, Sequence
 
-from jaxps.client import run_worker
-from jaxps.shard import Shard, ShardSpec
+from jaxps.errors import ServerClosedError
+from jaxps.transport import Reply, Shard, ShardChannel, ShardConfig, ShardService, run_worker
 
 
-class InProcessChannel:
-    """Direct calls into a `Shard` of this process."""
+class _FutureReply(Reply):
+    lend = True  # the caller gets the shard's own arrays
 
-    def __init__(self, shard: Shard):
-        self._shard = shard
+    def __init__(self):
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
 
-    def push(self, worker, tag, based_on, leaves) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._shard.push(worker, tag, based_on, leaves, future.set_result)
-        return future
+    def send(self, value: Any) -> None:
+        self.future.set_result(value)
 
-    def pull(self, worker) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._shard.pull(worker, lambda version, leaves: future.set_result((version, leaves)))
-        return future
 
-    def leave(self, worker) -> None:
-        self._shard.leave(worker)
+class InProcessChannel(ShardChannel):
+    """Direct calls into a shard service of this process."""
 
-    def join(self, worker) -> int:
-        return self._shard.join(worker)
+    def __init__(self, service: ShardService):
+        self._service = service
 
-    def stats(self) -> dict:
-        return self._shard.stats()
+    def submit(self, request, payload=None, timeout=None) -> concurrent.futures.Future:
+        if self.closed:
+            raise ServerClosedError("the ParameterServer is closed")
+        reply = _FutureReply()
+        try:
+            self._service.handle(request, reply, payload)
+        except Exception as e:
+            reply.future.set_exception(e)
+        return reply.future
 
     def __reduce__(self):
         raise TypeError(
@@ -52,13 +54,40 @@ class InProcessTransport:
     def __init__(self, device: Any = None):
         self._device = device
 
-    def start(self, specs: Sequence[ShardSpec]) -> list[InProcessChannel]:
-        return [InProcessChannel(Shard(spec, self._device)) for spec in specs]
+    def start(self, configs: Sequence[ShardConfig]) -> list[InProcessChannel]:
+        return [InProcessChannel(ShardService(Shard(config, self._device))) for config in configs]
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any]) -> list:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(clients)), thread_name_prefix="jaxps-worker") as pool:
-            futures = [pool.submit(run_worker, fn, c, a) for c, a in zip(clients, args)]
-            return [f.result() for f in futures]
+        """Runs each `fn(client, arg)` in a thread of its own; results in order, the first error raised.
+
+        The threads are daemons: on Ctrl-C the driver raises at once, each
+        worker stops at its next pull or push, and none holds up the exit.
+        """
+        results: list = [None] * len(clients)
+        errors: dict[int, BaseException] = {}
+
+        def run(i: int, client: Any, arg: Any) -> None:
+            try:
+                results[i] = run_worker(fn, client, arg)
+            except BaseException as e:
+                errors[i] = e
+
+        threads = [
+            threading.Thread(target=run, args=(i, c, a), name=f"jaxps-worker-{i}", daemon=True)
+            for i, (c, a) in enumerate(zip(clients, args))
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # KeyboardInterrupt
+            for c in clients:
+                c.interrupt()
+            raise
+        if errors:
+            raise errors[min(errors)]
+        return results
 
     def close(self) -> None:
         pass

@@ -30,9 +30,8 @@ forever); change them with `worker_options`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
-import os
-import sys
 import threading
 import time
 import uuid
@@ -40,7 +39,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from jaxps.errors import ServerClosedError, ShardDiedError
+from jaxps.service import Pull, Reply
+from jaxps.transport import ShardChannel, Staged, leave_quietly
+from jaxps.transports import wire
+from jaxps.transports.shm_channel import SharedMemoryChannel
 
 DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
 
@@ -48,63 +53,40 @@ DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
 # -- the actor ---------------------------------------------------------------------
 @ray.remote
 class _ShardActor:
-    """One `jaxps.shard.Shard`, served on an asyncio event loop."""
+    """One shard's `ShardService`, served on an asyncio event loop (and on a shared-memory endpoint)."""
 
-    def __init__(self, spec, shared_memory: bool = True):
-        import jax.numpy as jnp  # here, once Ray has set up this process's devices
-
+    def __init__(self, config, shared_memory: bool = True):
+        from jaxps.service import ShardService  # here, once Ray has set up this process's devices
         from jaxps.shard import Shard
+        from jaxps.transports.endpoint import serve
 
-        self._jnp = jnp
-        self._shard = Shard(spec)
+        self._service = ShardService(Shard(config))
         self._published: tuple[int, Any] | None = None  # (version, ObjectRef of its leaves)
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
-        self._endpoint = _serve_shared_memory(self._shard, spec) if shared_memory else None
+        self._endpoint = None
+        if shared_memory:
+            node = ray.get_runtime_context().get_node_id()
+            self._endpoint = serve(self._service, config.plan.layout(config.index), node=node).endpoint
 
     async def ready(self) -> int:
-        return self._shard.index
+        return self._service.shard.index
 
-    async def endpoint(self) -> dict | None:
+    async def endpoint(self):
         """Where clients on this node reach the shard through shared memory (None: object store only)."""
         return self._endpoint
 
-    async def push(self, caller, seq, worker, tag, based_on, leaves):
-        done = asyncio.get_running_loop().create_future()
+    async def call(self, caller: str, seq: int, request, payload=None):
+        """Carries out `request` (a push's gradients in `payload`) in `caller`'s order; its answer."""
+        reply = _ActorReply(self, asyncio.get_running_loop().create_future())
+        await self._in_turn(caller, seq, lambda: self._service.handle(request, reply, payload))
+        return await reply.future
 
-        def register():
-            # object-store arrays go away with their ref: copy those the shard keeps (sync
-            # mode); otherwise use them in place and wait for the step before returning
-            keep = self._shard.keeps_gradients
-            grads = None if leaves is None else [self._jnp.array(x, copy=keep) for x in leaves]
-            self._shard.push(worker, tag, based_on, grads, lambda outcome: _resolve(done, outcome))
-            if not keep:
-                self._shard.block_until_ready()
-
-        await self._in_turn(caller, seq, register)
-        return await done
-
-    async def pull(self, caller, seq, worker):
-        done = asyncio.get_running_loop().create_future()
-
-        def ready(version, leaves):
-            # one copy into the object store per version, shared by every pull of it;
-            # the shard's own buffers are not lent, so its next step may donate them
-            if self._published is None or self._published[0] != version:
-                self._published = (version, ray.put([np.asarray(x) for x in leaves]))
-            _resolve(done, self._published)
-
-        await self._in_turn(caller, seq, lambda: self._shard.pull(worker, ready, lend=False))
-        return await done
-
-    async def leave(self, caller, seq, worker):
-        return await self._in_turn(caller, seq, lambda: self._shard.leave(worker))
-
-    async def join(self, caller, seq, worker):
-        return await self._in_turn(caller, seq, lambda: self._shard.join(worker))
-
-    async def stats(self, caller, seq):
-        return await self._in_turn(caller, seq, self._shard.stats)
+    def publish(self, version: int, leaves: list):
+        """The object holding `leaves` at `version`: one copy into the object store per version."""
+        if self._published is None or self._published[0] != version:
+            self._published = (version, ray.put([np.asarray(x) for x in leaves]))
+        return self._published
 
     async def _in_turn(self, caller: str, seq: int, call: Callable[[], Any]) -> Any:
         """Runs `call` once every earlier call of `caller` has had its turn."""
@@ -119,6 +101,22 @@ class _ShardActor:
             following = self._waiting.pop((caller, seq + 1), None)
             if following is not None:
                 _resolve(following, None)
+
+
+class _ActorReply(Reply):
+    """Answers one object-store call: resolves the call's future (from any thread)."""
+
+    borrowed = True  # object-store arrays go away with their ref, once the call returns
+
+    def __init__(self, actor: _ShardActor, future: asyncio.Future):
+        self._actor, self.future = actor, future
+
+    def send(self, value: Any) -> None:
+        _resolve(self.future, value)
+
+    def pulled(self, version: int, leaves: list) -> None:
+        # not lent: the shard's next step may donate its buffers
+        _resolve(self.future, self._actor.publish(version, leaves))
 
 
 def _resolve(future: asyncio.Future, value: Any) -> None:
@@ -138,40 +136,34 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
         future.set_result(value)
 
 
-def _serve_shared_memory(shard, spec) -> dict | None:
-    """Serves `shard` to clients on this node as a multiprocessing shard process does; its endpoint."""
-    if not sys.platform.startswith("linux"):  # abstract Unix sockets
-        return None
-    from multiprocessing import connection
-
-    from transports.multiprocess import _Server
-
-    plan = spec.plan
-    specs = [(plan.leaves[i].shape, plan.leaves[i].dtype) for i in plan.shard_leaves[spec.index]]
-    prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
-    address, authkey = f"\0{prefix}s{spec.index}", os.urandom(32)
-    listener = connection.Listener(address, "AF_UNIX", backlog=64, authkey=authkey)
-    threading.Thread(target=_Server(shard, specs, prefix).accept, args=(listener,), daemon=True).start()
-    node = ray.get_runtime_context().get_node_id()
-    return {"node": node, "pid": os.getpid(), "address": address, "authkey": authkey, "specs": specs}
-
-
 @ray.remote
 def _run_worker(fn, client, arg):
-    from jaxps.client import run_worker
+    from jaxps.transport import run_worker
 
     return run_worker(fn, client, arg)
 
 
 # -- the client's side ---------------------------------------------------------------
-def _died(index: int, actor, error: Exception) -> Exception:
-    from jaxps.transport import ShardDiedError
-
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def shard_died(index: int, actor, why: str) -> Exception:
     return ShardDiedError(
         f"shard {index} died: its Ray actor {actor._actor_id.hex()} is gone and its parameters "
-        f"and optimizer state with it ({first})"
+        f"and optimizer state with it ({why})"
     )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def unwrap_task_error(e: BaseException) -> BaseException:
+    """The exception a Ray task raised, as itself (Ray wraps it, with colour codes, in a RayTaskError)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(e, RayTaskError) and isinstance(cause, BaseException):
+        cause.__cause__ = wire.RemoteTraceback(f"\n\nin a Ray worker task:\n{wire.strip_ansi(e.traceback_str)}")
+        cause.__suppress_context__ = True
+        return cause
+    return e
 
 
 class RayFuture:
@@ -185,8 +177,12 @@ class RayFuture:
     def result(self, timeout: float | None = None) -> Any:
         try:
             value = ray.get(self._ref, timeout=timeout)
+        except GetTimeoutError:
+            raise TimeoutError(f"shard {self._channel.index} did not answer within {timeout} s") from None
         except RayActorError as e:
-            raise _died(self._channel.index, self._channel.actor, e) from e
+            raise self._channel.gone(_first_line(e)) from e
+        except RayTaskError as e:
+            raise unwrap_task_error(e)
         return self._convert(value) if self._convert else value
 
     def done(self) -> bool:
@@ -202,22 +198,6 @@ def _to_jax(value):
     return version, [jax.device_put(x) for x in ray.get(ref)]
 
 
-def _shared_memory_channel(index: int, actor, endpoint: dict | None):
-    """A multiprocessing channel to the actor's shared-memory server, if this process is on its node."""
-    if endpoint is None or not ray.is_initialized() or ray.get_runtime_context().get_node_id() != endpoint["node"]:
-        return None
-    from transports.multiprocess import MultiprocessingChannel
-
-    class SharedMemoryChannel(MultiprocessingChannel):
-        def __reduce__(self):  # never pickled: a RayChannel decides afresh in each process
-            raise TypeError("pickle the RayChannel, not its shared-memory connection")
-
-        def gone(self) -> Exception:
-            return super().gone() if self._closed else _died(index, actor, RuntimeError("its shared-memory connection closed"))
-
-    return SharedMemoryChannel(index, endpoint["pid"], endpoint["address"], endpoint["authkey"], endpoint["specs"])
-
-
 _UNDECIDED = object()
 
 # The Ray session a transport started with `ray.init` (its GCS address), and how many
@@ -230,7 +210,7 @@ def _gcs_address() -> str | None:
     return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
 
 
-class RayChannel:
+class RayChannel(ShardChannel):
     """A client's line to one shard actor; picklable into Ray tasks and actors.
 
     Every unpickled copy is a new caller whose calls the actor runs in order.
@@ -238,10 +218,10 @@ class RayChannel:
     memory on the actor's node (if the actor serves it), else through Ray.
     """
 
-    def __init__(self, actor, index: int, endpoint: dict | None = None):
+    def __init__(self, actor, index: int, endpoint: wire.Endpoint | None = None):
         self.actor = actor
         self.index = index
-        self._endpoint = endpoint
+        self.endpoint = endpoint
         self._new_caller()
 
     def _new_caller(self) -> None:
@@ -251,68 +231,56 @@ class RayChannel:
         self._local: Any = _UNDECIDED
 
     def __getstate__(self):
-        return {"actor": self.actor, "index": self.index, "endpoint": self._endpoint}
+        return {"actor": self.actor, "index": self.index, "endpoint": self.endpoint}
 
     def __setstate__(self, state):
-        self.actor, self.index, self._endpoint = state["actor"], state["index"], state["endpoint"]
+        self.actor, self.index, self.endpoint = state["actor"], state["index"], state["endpoint"]
         self._new_caller()
+
+    def gone(self, why: str) -> Exception:
+        return ServerClosedError("the ParameterServer is closed") if self.closed else shard_died(self.index, self.actor, why)
 
     @property
     def via_shared_memory(self) -> bool:
         """Whether this process reaches the shard through shared memory (decided on first use)."""
         return self._route() is not None
 
-    def _route(self):
+    def _route(self) -> SharedMemoryChannel | None:
         with self._lock:
             if self._local is _UNDECIDED:
-                self._local = _shared_memory_channel(self.index, self.actor, self._endpoint)
+                self._local = self._shared_memory_channel()
             return self._local
 
+    def _shared_memory_channel(self) -> SharedMemoryChannel | None:
+        """A channel to the actor's shared-memory endpoint, if this process is on its node."""
+        e = self.endpoint
+        if e is None or not ray.is_initialized() or ray.get_runtime_context().get_node_id() != e.node:
+            return None
+        return SharedMemoryChannel(self.index, e, functools.partial(self.gone, "its shared-memory connection closed"))
+
+    def stage(self, leaves, check: bool) -> Staged:
+        local = self._route()
+        if local is not None:
+            return local.stage(leaves, check)
+        return Staged(ray.put([np.asarray(x) for x in leaves]), None)  # every leaf converted before any shard sees one
+
+    def submit(self, request, payload=None, timeout=None):
+        if self.closed:
+            raise self.gone("closed")
+        local = self._route()
+        if local is not None:
+            return local.submit(request, payload, timeout)
+        with self._lock:  # sequence numbers in submission order
+            ref = self.actor.call.remote(self._caller, next(self._seq), request, payload)
+        return RayFuture(ref, self, _to_jax if isinstance(request, Pull) else None)
+
     def close(self) -> None:
-        """Drops this process's shared-memory connections (if any)."""
+        """Closes this channel and this process's shared-memory connections (if any)."""
+        super().close()
         with self._lock:
             local, self._local = self._local, None
         if local is not None and local is not _UNDECIDED:
             local.close()
-
-    def _call(self, method: str, *args) -> ray.ObjectRef:
-        with self._lock:  # sequence numbers in submission order
-            return getattr(self.actor, method).remote(self._caller, next(self._seq), *args)
-
-    def stage(self, leaves, check: bool = False):
-        local = self._route()
-        return local.stage(leaves, check) if local is not None else (leaves, None)
-
-    def push(self, worker, tag, based_on, leaves):
-        local = self._route()
-        if local is not None:
-            return local.push(worker, tag, based_on, leaves)
-        ref = None if leaves is None else ray.put([np.asarray(x) for x in leaves])
-        return RayFuture(self._call("push", worker, tag, based_on, ref), self)
-
-    def pull(self, worker):
-        local = self._route()
-        if local is not None:
-            return local.pull(worker)
-        return RayFuture(self._call("pull", worker), self, _to_jax)
-
-    def leave(self, worker) -> None:
-        local = self._route()
-        if local is not None:
-            return local.leave(worker)
-        RayFuture(self._call("leave", worker), self).result()
-
-    def join(self, worker) -> int:
-        local = self._route()
-        if local is not None:
-            return local.join(worker)
-        return RayFuture(self._call("join", worker), self).result()
-
-    def stats(self) -> dict:
-        local = self._route()
-        if local is not None:
-            return local.stats()
-        return RayFuture(self._call("stats"), self).result()
 
     def __repr__(self) -> str:
         return f"RayChannel(shard={self.index})"
@@ -381,7 +349,7 @@ class RayTransport:
         """The shard actors' handles, by shard index."""
         return list(self._actors)
 
-    def start(self, specs: Sequence[Any]) -> list[RayChannel]:
+    def start(self, configs: Sequence[Any]) -> list[RayChannel]:
         with _own_session_lock:
             if not ray.is_initialized():
                 ray.init(address=self._address, **{"include_dashboard": False, **self._init_options})
@@ -391,7 +359,7 @@ class RayTransport:
                 self._session = _own_session["gcs"]
         self._check_feasible()
         actor_cls = _ShardActor.options(max_restarts=0, **self._actor_options)
-        self._actors = [actor_cls.remote(spec, self._shared_memory) for spec in specs]
+        self._actors = [actor_cls.remote(config, self._shared_memory) for config in configs]
         self._actors_gcs = _gcs_address()
         refs = [a.endpoint.remote() for a in self._actors]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=self._start_timeout)
@@ -401,13 +369,11 @@ class RayTransport:
                 f"each asks for {self._need()}, the cluster has {ray.available_resources()} available"
             )
         endpoints = ray.get(refs)  # raises what a shard's constructor raised
-        self._channels = [RayChannel(a, spec.index, e) for a, spec, e in zip(self._actors, specs, endpoints)]
+        self._channels = [RayChannel(a, c.index, e) for a, c, e in zip(self._actors, configs, endpoints)]
         return list(self._channels)
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any], worker_options: dict | None = None) -> list:
-        """Runs `jaxps.client.run_worker(fn, client_i, arg_i)` as one Ray task each; results in order."""
-        from jaxps.client import leave_quietly
-
+        """Runs `run_worker(fn, client_i, arg_i)` as one Ray task each; results in order."""
         task = _run_worker.options(**{**self._worker_options, **(worker_options or {})})
         refs = [task.remote(fn, c, a) for c, a in zip(clients, args)]
         index, running, outcomes = {ref: i for i, ref in enumerate(refs)}, list(refs), {}
@@ -418,7 +384,7 @@ class RayTransport:
                     try:
                         outcomes[index[ref]] = (ray.get(ref), None)
                     except Exception as e:
-                        outcomes[index[ref]] = (None, e)
+                        outcomes[index[ref]] = (None, unwrap_task_error(e))
                         leave_quietly(clients[index[ref]])  # a task whose process died could not leave by itself
         except BaseException:
             for ref in refs:

@@ -1,0 +1,155 @@
+"""The shard service: what a shard does with each request, whatever carried it.
+
+A request is a small typed value (`Push`, `Pull`, `Leave`, `Join`, `Stats`);
+arrays travel beside it (a push's gradients) and answers go back through a
+`Reply` that the transport supplies. A transport decodes a request from its
+wire, calls `ShardService.handle`, and ships what the reply is given: that is
+all a transport does. Adding an operation is one request type and one entry
+in `ShardService._ops`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from jaxps.shard import Shard
+
+
+class Push(NamedTuple):
+    """Worker `worker`'s gradients (beside the request) for step `for_step`.
+
+    `based_on` is the version they were computed on (None: never pulled);
+    `skipped` marks a push of non-finite gradients dropped by the client
+    (`nonfinite="skip"`): it counts as the worker's arrival, with no gradients.
+    """
+
+    worker: int
+    for_step: int
+    based_on: int | None
+    skipped: bool = False
+
+
+class Pull(NamedTuple):
+    """The shard's leaves, once `worker` may read (at once for `worker=None`); answers `(version, leaves)`."""
+
+    worker: int | None
+
+
+class Leave(NamedTuple):
+    """`worker` is done: sync steps and ssp pulls stop waiting for it; answers None."""
+
+    worker: int
+
+
+class Join(NamedTuple):
+    """`worker` takes part (again) from the current version; answers that version."""
+
+    worker: int
+
+
+class Stats(NamedTuple):
+    """The shard's clock and counters; answers a dict."""
+
+
+REQUESTS = (Push, Pull, Leave, Join, Stats)
+
+
+class Reply:
+    """Where one request's answer goes; each transport (and data path) has its own.
+
+    `borrowed`: a push's arrays are views of a buffer the client writes again
+    once `taken()` (or `send`) is called, so the shard must copy what it keeps.
+    `lend`: a pull's leaves may be handed out as they are (in-process); if
+    False, `pulled` must copy them before it returns (the shard's next step
+    may donate their buffers).
+    """
+
+    borrowed = False
+    lend = False
+
+    def send(self, value: Any) -> None:
+        """The request's answer (for a push: "applied", "dropped" or "skipped")."""
+        raise NotImplementedError
+
+    def pulled(self, version: int, leaves: list) -> None:
+        """A pull's answer; called under the shard's lock, so the leaves are one consistent version."""
+        self.send((version, leaves))
+
+    def taken(self) -> None:
+        """A push's borrowed arrays are no longer read (its outcome comes later, by `send`)."""
+
+
+def own_copy(x: Any) -> jax.Array:
+    """A jax array holding a private, 64-byte aligned copy of `x` (JAX on CPU adopts it without a second copy)."""
+    x = np.asarray(x)
+    raw = np.empty(x.nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    np.copyto(out, x)
+    return jax.device_put(out)
+
+
+class ShardService:
+    """Carries out requests on one `Shard`; thread-safe (the shard is)."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self._ops = {Push: self._push, Pull: self._pull, Leave: self._leave, Join: self._join, Stats: self._stats}
+
+    def handle(self, request: Any, reply: Reply, arrays: Sequence[Any] | None = None) -> None:
+        """Carries out `request` (with a push's gradient `arrays`); the answer goes to `reply`, now or later."""
+        op = self._ops.get(type(request))
+        if op is None:
+            raise TypeError(f"shard {self.shard.index}: unknown request {request!r}; known: {[r.__name__ for r in REQUESTS]}")
+        op(request, reply, arrays)
+
+    def _push(self, request: Push, reply: Reply, arrays: Sequence[Any] | None) -> None:
+        # Keep or borrow: a shard that keeps gradients past the call (sync mode) copies
+        # borrowed arrays; otherwise the step reads them in place, and the client hears
+        # back (so may reuse its buffer) only once the step has run.
+        if request.skipped:
+            grads = None
+        elif arrays is None:
+            raise ValueError(f"shard {self.shard.index}: a push without gradients")
+        elif reply.borrowed:
+            keep = self.shard.keeps_gradients
+            grads = [own_copy(x) if keep else jax.device_put(x) for x in arrays]
+        else:
+            grads = list(arrays)
+        lock, early = threading.Lock(), []  # outcomes settled before the step has run
+
+        def done(outcome: str) -> None:
+            with lock:
+                if early is not None:
+                    early.append(outcome)
+                    return
+            reply.send(outcome)
+
+        self.shard.push(request.worker, request.for_step, request.based_on, grads, done)
+        del grads, arrays
+        if reply.borrowed and not self.shard.keeps_gradients:
+            self.shard.block_until_ready()
+        with lock:
+            settled, early = early, None
+        if settled:
+            reply.send(settled[0])
+        else:
+            reply.taken()
+
+    def _pull(self, request: Pull, reply: Reply, arrays: Any) -> None:
+        self.shard.pull(request.worker, reply.pulled, lend=reply.lend)
+
+    def _leave(self, request: Leave, reply: Reply, arrays: Any) -> None:
+        self.shard.leave(request.worker)
+        reply.send(None)
+
+    def _join(self, request: Join, reply: Reply, arrays: Any) -> None:
+        reply.send(self.shard.join(request.worker))
+
+    def _stats(self, request: Stats, reply: Reply, arrays: Any) -> None:
+        reply.send(self.shard.stats())
+

@@ -1,0 +1,342 @@
+"""What a careless user or a hostile local process can do to a server, and what it must not achieve.
+
+Endpoints: a peer that sends garbage, an oversized header or nothing at all,
+or runs the shard out of file descriptors, costs that connection only; a fresh
+client still pulls within seconds. Pushes are all or nothing. Ctrl-C stops
+`run_workers` on every transport, leaving nothing behind. Clients of a closed
+server fail at once, with one clear error on every transport.
+"""
+
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_trees_equal, params_tree
+
+import jaxps
+
+PARAMS = {"a": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(5, np.float32)}
+ONES = {k: np.ones_like(v) for k, v in PARAMS.items()}
+ENDPOINT_TRANSPORTS = ["multiprocessing", "ray"]  # those that serve shards on Unix sockets
+
+
+def _listening_unix_sockets() -> set[str]:
+    """Addresses of listening Unix sockets on this machine ('@' marks the abstract namespace)."""
+    found = set()
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: listening
+                found.add(fields[7])
+    return found
+
+
+def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect("\0" + path[1:] if path.startswith("@") else path)
+    return sock
+
+
+def _pull_in_a_new_thread(ps, timeout: float) -> dict:
+    """A fresh client connection (a new thread connects anew) pulls within `timeout` seconds."""
+    seen, errors = {}, []
+
+    def pull():
+        try:
+            seen.update(ps.client(0).pull(timeout=timeout))
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=pull, daemon=True)
+    started = time.monotonic()
+    t.start()
+    t.join(timeout + 5)
+    assert not t.is_alive(), f"a new client could not pull within {timeout + 5} s"
+    assert not errors, errors
+    return seen, time.monotonic() - started
+
+
+@pytest.fixture(params=ENDPOINT_TRANSPORTS)
+def endpoint_server(request):
+    """A 2-shard server on a transport with endpoints, and the listening sockets it opened."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_session")
+    before = _listening_unix_sockets()
+    ps = jaxps.ParameterServer(PARAMS, optax.sgd(1.0), shards=2, transport=request.param)
+    ps.pull()  # every endpoint is up and has served a connection
+    opened = sorted(p for p in _listening_unix_sockets() - before if not p.startswith("/tmp/ray"))
+    assert len(opened) >= 2, opened
+    yield ps, opened
+    ps.close()
+
+
+def test_garbage_oversized_and_silent_peers_do_not_stall_a_shard(endpoint_server):
+    ps, opened = endpoint_server
+    silent = []
+    for path in opened:
+        with _connect(path) as sock:  # garbage, then gone
+            sock.sendall(os.urandom(64))
+        with _connect(path) as sock:  # a header announcing far more than a handshake may hold
+            sock.sendall(struct.pack("!i", 1 << 30) + b"x" * 300)
+        with _connect(path) as sock:  # a header announcing a negative length
+            sock.sendall(struct.pack("!i", -1))
+        silent.append(_connect(path))  # connects and says nothing, and stays
+    try:
+        seen, took = _pull_in_a_new_thread(ps, timeout=10)
+        np.testing.assert_array_equal(np.asarray(seen["a"]), PARAMS["a"])
+        assert ps.push(ONES).result(30) == "applied"
+        np.testing.assert_array_equal(np.asarray(ps.params()["a"]), PARAMS["a"] - 1)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_a_peer_that_stays_silent_is_cut_off(endpoint_server):
+    ps, opened = endpoint_server
+    from jaxps.transports import wire
+
+    sock = _connect(opened[0])
+    sock.settimeout(wire.HANDSHAKE_TIMEOUT + 10)
+    t = time.monotonic()
+    data = sock.recv(1024)  # the challenge; then silence until the deadline closes the socket
+    while data:
+        data = sock.recv(1024)
+    assert time.monotonic() - t < wire.HANDSHAKE_TIMEOUT + 5
+    sock.close()
+
+
+def test_running_a_shard_out_of_file_descriptors_recovers(endpoint_server):
+    ps, opened = endpoint_server
+    pid = ps._channels[0].endpoint.pid
+    with open(f"/proc/{pid}/limits") as f:
+        assert "Max open files" in f.read()
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 4, old[1]))
+    hogs = []
+    try:
+        for _ in range(12):  # more connections than the shard can hold descriptors for
+            for path in opened:
+                try:
+                    hogs.append(_connect(path))
+                except OSError:
+                    pass
+        time.sleep(0.5)
+    finally:
+        for sock in hogs:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+    seen, _ = _pull_in_a_new_thread(ps, timeout=15)
+    np.testing.assert_array_equal(np.asarray(seen["b"]), PARAMS["b"])
+
+
+def test_another_user_cannot_connect(endpoint_server):
+    ps, opened = endpoint_server
+    from jaxps.transports import wire
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user")
+    done = {}
+
+    def as_nobody():
+        pid = os.fork()  # a bare child, no JAX in it: it only connects and reads
+        if pid == 0:
+            try:
+                os.setuid(65534)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(5)
+                sock.connect(ps._channels[0].endpoint.address)
+                os._exit(0 if sock.recv(1) == b"" else 1)  # closed at once, before any challenge
+            except BaseException:
+                os._exit(2)
+        done["status"] = os.waitpid(pid, 0)[1]
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fork with JAX threads: the child runs no JAX
+        as_nobody()
+    assert os.WEXITSTATUS(done["status"]) == 0
+    assert wire.peer_uid is not None
+    _pull_in_a_new_thread(ps, timeout=10)
+
+
+def test_connecting_honours_the_pull_timeout(endpoint_server):
+    ps, _ = endpoint_server
+    channel = ps._channels[0]
+    pid = channel.endpoint.pid
+    os.kill(pid, signal.SIGSTOP)  # the shard accepts nothing (the kernel still queues the connection)
+    try:
+        t = time.monotonic()
+        with pytest.raises(TimeoutError):
+            _fresh_thread_call(lambda: ps.client(0).pull(timeout=1.0))
+        assert time.monotonic() - t < 6
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _pull_in_a_new_thread(ps, timeout=10)
+
+
+def _fresh_thread_call(fn):
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the call did not return"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# -- all or nothing ---------------------------------------------------------------------------
+def test_a_push_that_cannot_be_converted_changes_no_shard(make_server):
+    ps = make_server(params_tree(), optax.sgd(0.1), shards=3, nonfinite="allow")
+    before, stats = ps.params(), ps.stats()
+    grads = jax.tree.map(jnp.ones_like, params_tree())
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    jax.jit(lambda x: x + 1, donate_argnums=0)(leaves[-1])  # the last leaf (on some shard) is deleted
+    with pytest.raises(jaxps.PushError, match="was deleted"):
+        ps.push(jax.tree_util.tree_unflatten(treedef, leaves))
+    assert [s["steps"] for s in ps.stats()["shards"]] == [0, 0, 0]
+    assert ps.stats()["pushes_applied"] == stats["pushes_applied"] == 0
+    assert_trees_equal(ps.params(), before)
+    assert ps.push(jax.tree.map(jnp.ones_like, params_tree())).result(30) == "applied"  # still serving
+
+
+@pytest.mark.parametrize(
+    "leaf, shown",
+    [
+        (np.array(["x"] * 5), "<U1 is not numeric"),
+        ("text", "str is not numeric"),
+        (np.array([object()] * 5), "object is not numeric"),
+        (np.zeros(5, "datetime64[s]"), "datetime64[s] is not numeric"),
+    ],
+)
+def test_non_numeric_leaves_are_push_errors_naming_the_path(make_server, leaf, shown):
+    ps = make_server(PARAMS, optax.sgd(1.0), shards=2)
+    with pytest.raises(jaxps.PushError, match=rf"\['b'\]: {shown}; expected float32\[5\]".replace("[s]", r"\[s\]")):
+        ps.push({"a": ONES["a"], "b": leaf})
+    assert ps.step == 0 and ps.push(ONES).result(30) == "applied"
+
+
+def test_integer_and_bool_gradients_are_cast_to_the_parameters_dtype(make_server):
+    ps = make_server(PARAMS, optax.sgd(1.0), shards=2)
+    ps.push({"a": np.ones((4, 3), np.int64), "b": np.array([True, False, True, False, True])}).result(30)
+    params = ps.params()
+    np.testing.assert_array_equal(np.asarray(params["a"]), PARAMS["a"] - 1)
+    np.testing.assert_array_equal(np.asarray(params["b"]), -np.array([1, 0, 1, 0, 1], np.float32))
+    assert params["b"].dtype == np.float32
+
+
+# -- a closed server ------------------------------------------------------------------------
+def test_a_client_of_a_closed_server_fails_at_once(make_server):
+    ps = make_server(PARAMS, optax.sgd(1.0), shards=2)
+    client = ps.client(0)
+    client.pull()
+    ps.close()
+    for call in (client.pull, lambda: client.push(ONES), ps.pull, ps.params, lambda: ps.client(1)):
+        t = time.monotonic()
+        with pytest.raises(jaxps.ServerClosedError, match="closed"):
+            call()
+        assert time.monotonic() - t < 2
+    errors = []
+
+    def from_another_thread():
+        try:
+            client.pull()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=from_another_thread)
+    t.start()
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], jaxps.ServerClosedError)
+    client.leave()  # a worker's final leave does not fail on a closed server
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+_CTRL_C = """
+import os, sys, time
+import numpy as np, optax, jaxps
+
+def work(client, n):
+    for i in range(n):
+        client.push({"w": np.ones(1000, np.float32)})
+        client.pull()
+        if i == 0 and client.worker == 0:
+            print("working", flush=True)
+    return n
+
+if __name__ == "__main__":
+    kw = {"transport_options": {"address": "local", "init_options": {"num_cpus": 2}}} if "%(transport)s" == "ray" else {}
+    with jaxps.ParameterServer({"w": np.zeros(1000, np.float32)}, optax.sgd(1e-6), transport="%(transport)s",
+                               mode="sync", workers=2, **kw) as ps:
+        ps.run_workers(work, [10**6, 10**6])
+"""
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Processes still alive in session `sid` (zombies excluded)."""
+    left = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                left.append(int(pid))
+    return left
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "multiprocessing", "ray"])
+def test_ctrl_c_stops_run_workers_and_leaves_nothing(tmp_path, transport):
+    if transport == "ray":
+        pytest.importorskip("ray")
+    shm_before = set(os.listdir("/dev/shm"))
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(_CTRL_C % {"transport": transport}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line == "working\n", proc.communicate(timeout=60)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        t = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert took < 10, f"exited {took:.1f} s after Ctrl-C"
+    assert "KeyboardInterrupt" in err, err
+    assert "terminate called" not in err and "FATAL" not in err, err
+    deadline = time.monotonic() + 10
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session_processes(proc.pid), "processes left running"
+    assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("jaxps_")], "segments left"

@@ -1,0 +1,335 @@
+"""The client's side of a shard's shared-memory endpoint: one channel class for every transport that has one.
+
+`SharedMemoryChannel(index, endpoint, died)` connects lazily, once per thread.
+The one thing transports do differently, how they tell that a shard has died,
+is the `died` hook: a picklable callable returning the exception to raise.
+
+A pull names a pull buffer that no earlier pull's arrays still use; the shard
+copies the parameters into it, and the client lends it out without copying:
+the pulled leaves are read-only numpy views over the buffer, put on the device
+with `jax.device_put`, which on CPU adopts them (and keeps them alive) instead
+of copying. The buffer is free again once every array over it is gone, so a
+loop that drops its last pull before the next one alternates between one or
+two buffers, whose pages stay mapped. If the user keeps pulls alive, the pool
+grows; at `POOL` buffers the last free one is never lent: pulls landing there
+are copied out. The shard writes only into the buffer a pull names, and the
+client never names one that is lent out.
+
+A request's answer is read by the thread that waits for it (no reader
+threads): answers may come out of order (a sync push is settled later), so
+each connection keeps a table of its outstanding requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxps.errors import ServerClosedError
+from jaxps.service import Pull, Push
+from jaxps.transport import ShardChannel, Staged, own_copy
+from jaxps.transports import shm, wire
+from jaxps.transports.endpoint import POOL
+from jaxps.validate import copy_checked
+
+try:  # JAX drops the numpy array under a dead jax array at its next call or GC; this does it now
+    from jax._src.lib import _jax
+
+    collect_garbage = _jax.collect_garbage
+except (ImportError, AttributeError):  # another jaxlib: a freed pull buffer is seen a little later
+    collect_garbage = lambda: None
+
+_SLICE = 0.05  # seconds a waiting thread holds a connection's lock at a time
+
+
+class _Pending:
+    """`.result()` of one request; whoever waits reads the connection."""
+
+    def __init__(self, conn: "_Conn"):
+        self._conn = conn
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def _set(self, value: Any = None, error: BaseException | None = None) -> None:
+        self._value, self._error, self._done = value, error, True
+
+    def done(self) -> bool:
+        if not self._done:
+            try:
+                self._conn.wait(lambda: self._done, 0)
+            except Exception:
+                return True
+        return self._done
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._conn.wait(lambda: self._done, timeout):
+            raise TimeoutError(f"shard {self._conn.channel.index} did not answer within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Conn:
+    """One thread's connection to a shard's endpoint, with its push buffer and pull buffers."""
+
+    def __init__(self, channel: "SharedMemoryChannel", timeout: float | None):
+        self.channel = channel
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._pending: weakref.WeakValueDictionary[int, _Pending] = weakref.WeakValueDictionary()
+        self._push_busy: int | None = None  # push whose gradients the shard has not taken yet
+        self._staged = False  # the push buffer holds the next push's gradients
+        self._live_pull: int | None = None  # the one pull whose leaves may be read (others are abandoned)
+        self._live_buf = (0, False)  # its pull buffer, and whether its views are lent out
+        self._dead = False
+        self.broken = False  # interrupted mid-message: the channel opens a new connection
+        deadline = time.monotonic() + (wire.CONNECT_TIMEOUT if timeout is None else timeout)
+        try:
+            self._c = wire.connect(channel.endpoint, timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"shard {channel.index}: {e}") from None
+        except (OSError, EOFError) as e:
+            raise channel.gone() from e
+        try:
+            if not self._c.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"shard {channel.index} did not send its buffers in time")
+            hello = self._c.recv()
+            if isinstance(hello, wire.Refused):
+                raise RuntimeError(f"shard {channel.index} could not serve a new connection:\n{hello.traceback}")
+            self._bufs = [shm.attach(n) for n in hello.names]  # the push buffer, then the first pull buffer
+            self._c.send(wire.Attached())
+        except BaseException as e:
+            self._c.close()
+            if isinstance(e, (OSError, EOFError)):
+                raise channel.gone() from e
+            raise
+        self._push_views = shm.views(self._bufs[0], channel.layout, channel.offsets)
+        self._lent: list[weakref.ref | None] = [None]  # per pull buffer: the base of the views it last lent out
+
+    # -- requests ---------------------------------------------------------------
+    def stage(self, leaves, check: bool) -> Staged:
+        """Copies `leaves` into the push buffer once the shard has taken the last push's
+        (checking each for NaN/Inf as it goes, if asked)."""
+        with self._lock:
+            self.wait(lambda: self._push_busy is None, None)
+            if check:
+                finite = [copy_checked(view, np.asarray(x)) for view, x in zip(self._push_views, leaves)]
+            else:
+                finite = None
+                for view, x in zip(self._push_views, leaves):
+                    np.copyto(view, np.asarray(x))
+            self._staged = True
+        return Staged(None, finite)
+
+    def submit(self, request) -> _Pending:
+        with self._lock:
+            if isinstance(request, Push):
+                return self._push(request)
+            if isinstance(request, Pull):
+                return self._pull(request)
+            return self._send(request)[1]
+
+    def _push(self, request: Push) -> _Pending:
+        if not request.skipped and not self._staged:
+            raise RuntimeError("a push must be staged first: ShardChannel.stage(leaves, check)")
+        rid, pending = self._send(request)
+        if not request.skipped:
+            self._push_busy, self._staged = rid, False
+        return pending
+
+    def _pull(self, request: Pull) -> _Pending:
+        if self._live_pull is not None:  # an abandoned (timed-out) pull: its leaves will not be read
+            old = self._pending.pop(self._live_pull, None)
+            if old is not None:
+                old._set(error=RuntimeError("superseded by a later pull from the same thread"))
+            self._live_pull = None
+        buf = self._free_buffer()
+        rid, pending = self._send(request, buf[0])
+        self._live_pull, self._live_buf = rid, buf
+        return pending
+
+    def _free_buffer(self) -> tuple[int, bool]:
+        """A pull buffer no pulled array uses (growing the pool if need be), and whether to lend it.
+
+        At `POOL` buffers the last free one is not lent, so a pull always has
+        one. An abandoned pull's buffer is free: the shard handles requests in
+        order, so it will not write there once it has seen this pull.
+        """
+        collect_garbage()
+        free = [i for i, base in enumerate(self._lent) if base is None or base() is None]
+        if not free:
+            free = [self._grow()]
+        return free[0], len(self._lent) < POOL or len(free) > 1
+
+    def _grow(self) -> int:
+        """Maps one more pull buffer, made by the shard, which unlinks its name once told it is mapped."""
+        name = self.call(wire.Grow())
+        try:
+            buf = shm.attach(name)
+        finally:
+            self.call(wire.Mapped(name))
+        self._bufs.append(buf)
+        self._lent.append(None)
+        return len(self._lent) - 1
+
+    def _take(self, buf: int, lend: bool) -> list[jax.Array]:
+        """The leaves just pulled into buffer `buf`: lent out as read-only views, or copied out."""
+        views = shm.views(self._bufs[1 + buf], self.channel.layout, self.channel.offsets)
+        if not lend:
+            return [own_copy(v) for v in views]
+        for v in views:
+            v.flags.writeable = False
+        if views:  # every array over the buffer (JAX's included) keeps their base alive
+            self._lent[buf] = weakref.ref(views[0].base)
+        return [jax.device_put(v) for v in views]
+
+    def call(self, request) -> Any:
+        with self._lock:
+            _, pending = self._send(request)
+        return pending.result()
+
+    # -- the wire -----------------------------------------------------------------
+    def _send(self, request, buffer: int = 0) -> tuple[int, _Pending]:
+        self._check()
+        rid, pending = next(self._ids), _Pending(self)
+        self._pending[rid] = pending
+        try:
+            self._c.send(wire.Call(rid, request, buffer))
+        except (OSError, EOFError, ValueError):
+            self._die()
+            self._check()
+        except BaseException:  # e.g. KeyboardInterrupt: the stream may hold half a message
+            self._break()
+            raise
+        return rid, pending
+
+    def wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Reads answers until `ready()`; False if `timeout` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            self._check()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = _SLICE if left is None else min(left, _SLICE)
+            if self._lock.acquire(timeout=step):
+                try:
+                    if not ready() and not self._dead and self._c.poll(step):
+                        self._handle(self._c.recv())
+                except (OSError, EOFError, ValueError):
+                    self._die()
+                except BaseException:
+                    self._break()
+                    raise
+                finally:
+                    self._lock.release()
+            if not ready() and left is not None and time.monotonic() >= deadline:
+                return False
+        return True
+
+    def _handle(self, message) -> None:
+        rid = message.rid
+        if rid == self._push_busy:
+            self._push_busy = None
+        if isinstance(message, wire.Taken):
+            return
+        if isinstance(message, wire.Pulled):
+            if rid != self._live_pull:
+                return
+            self._live_pull = None
+            pending = self._pending.pop(rid, None)
+            if pending is not None:
+                pending._set((message.version, self._take(*self._live_buf)))
+            return
+        pending = self._pending.pop(rid, None)
+        if pending is None:
+            return
+        if isinstance(message, wire.Failure):
+            pending._set(error=wire.unpack_error(message.error, message.traceback, f"shard {self.channel.index}"))
+        else:
+            pending._set(message.value)
+
+    def _check(self) -> None:
+        if self._dead:
+            raise RuntimeError("this connection was interrupted") if self.broken else self.channel.gone()
+
+    def _die(self, error: Callable[[], Exception] | None = None) -> None:
+        self._dead = True
+        for pending in list(self._pending.values()):
+            pending._set(error=(error or self.channel.gone)())
+        self._pending.clear()
+
+    def _break(self) -> None:
+        self.broken = True
+        self._die(lambda: RuntimeError("interrupted: this request's answer is lost"))
+        self._c.close()
+
+    def close(self) -> None:
+        """Drops the connection and unmaps the buffers (those still lent out go with their last view)."""
+        if not self._lock.acquire(timeout=1.0):
+            return
+        try:
+            self._die()
+            self._c.close()
+            self._push_views = []
+            for b in self._bufs:
+                try:
+                    b.close()
+                except BufferError:  # a pulled array still uses it; the mapping goes with the last one
+                    pass
+            self._bufs = []
+        finally:
+            self._lock.release()
+
+
+class SharedMemoryChannel(ShardChannel):
+    """A client's line to one shard's endpoint; connects lazily, once per thread.
+
+    `died()` returns the exception for a shard that has gone away (it must be
+    picklable if the channel is).
+    """
+
+    def __init__(self, index: int, endpoint: wire.Endpoint, died: Callable[[], Exception]):
+        self.index, self.endpoint, self.died = index, endpoint, died
+        self.layout = [(tuple(s), np.dtype(d)) for s, d in endpoint.layout]
+        self.offsets, _ = shm.layout(self.layout)
+        self._local = threading.local()
+        self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
+
+    def __reduce__(self):
+        return (SharedMemoryChannel, (self.index, self.endpoint, self.died))
+
+    def gone(self) -> Exception:
+        return ServerClosedError("the ParameterServer is closed") if self.closed else self.died()
+
+    def conn(self, timeout: float | None = None) -> _Conn:
+        """This thread's connection, made on first use (within `timeout` seconds)."""
+        if self.closed:
+            raise self.gone()
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.broken:
+            conn = self._local.conn = _Conn(self, timeout)
+            self._conns.add(conn)
+        return conn
+
+    def stage(self, leaves, check: bool) -> Staged:
+        return self.conn().stage(leaves, check)
+
+    def submit(self, request, payload=None, timeout=None) -> _Pending:
+        conn = self.conn(timeout)
+        if payload is not None:  # a push whose leaves were not staged here
+            conn.stage(payload, False)
+        return conn.submit(request)
+
+    def close(self) -> None:
+        super().close()
+        for conn in list(self._conns):
+            conn.close()
+
+    def __repr__(self) -> str:
+        return f"SharedMemoryChannel(shard={self.index}, pid={self.endpoint.pid})"

@@ -1,0 +1,216 @@
+"""The shared-memory wire: its messages, its handshake, and where an endpoint is.
+
+A client reaches a shard's endpoint over a Unix socket (control messages,
+pickled by `multiprocessing.connection` only after both sides proved they hold
+the endpoint's secret key) and moves arrays through `/dev/shm` buffers made
+per connection. Every message is one of the typed values below.
+
+Handshake: the endpoint checks the peer's user id (`SO_PEERCRED`: only the
+user that owns the shard may connect), then both sides run the HMAC
+challenge in both directions, under a deadline; the endpoint sends `Buffers`
+(the names of the connection's push buffer and first pull buffer), the client
+maps them and answers `Attached`, and the endpoint unlinks the names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from multiprocessing import connection
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds a connection has to prove itself and map its buffers
+CONNECT_TIMEOUT = 30.0  # seconds a client waits to be accepted, when the caller gives no timeout
+
+
+class Endpoint(NamedTuple):
+    """Where a shard is served on this machine, and how to prove the right to talk to it."""
+
+    address: str  # a Unix socket (abstract on Linux: it starts with a NUL byte)
+    authkey: bytes
+    layout: tuple  # (shape, dtype) of the shard's leaves, in order
+    pid: int  # the serving process
+    node: str | None = None  # the Ray node it runs on, if any
+
+
+# -- client -> endpoint ----------------------------------------------------------------
+class Call(NamedTuple):
+    """Request `rid` of a connection: a `jaxps.service` request, `Grow` or `Mapped`.
+
+    A push's gradients are in the connection's push buffer; a `Pull`'s leaves
+    go to pull buffer `buffer`.
+    """
+
+    rid: int
+    request: Any
+    buffer: int = 0
+
+
+class Grow(NamedTuple):
+    """One more pull buffer for this connection; answers its segment name."""
+
+
+class Mapped(NamedTuple):
+    """The client has mapped segment `name`: its name may go."""
+
+    name: str
+
+
+class Attached(NamedTuple):
+    """Handshake: the client has mapped the buffers named in `Buffers`."""
+
+
+# -- endpoint -> client ----------------------------------------------------------------
+class Answer(NamedTuple):
+    """Request `rid`'s answer."""
+
+    rid: int
+    value: Any
+
+
+class Failure(NamedTuple):
+    """Request `rid` raised in the shard's process: the exception (pickled if it could be) and its traceback."""
+
+    rid: int
+    error: bytes | None
+    traceback: str
+
+
+class Taken(NamedTuple):
+    """Push `rid` no longer reads the push buffer; its outcome comes later as an `Answer`."""
+
+    rid: int
+
+
+class Pulled(NamedTuple):
+    """Pull `rid`'s leaves, at `version`, are in the pull buffer it named."""
+
+    rid: int
+    version: int
+
+
+class Buffers(NamedTuple):
+    """Handshake: the connection's push buffer and first pull buffer."""
+
+    names: tuple
+
+
+class Refused(NamedTuple):
+    """Handshake: the endpoint could not serve this connection."""
+
+    traceback: str
+
+
+# -- errors across processes ---------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def strip_ansi(text: str) -> str:
+    """`text` without terminal colour codes."""
+    return _ANSI.sub("", text)
+
+
+def pack_error(e: BaseException) -> bytes | None:
+    try:
+        return cloudpickle.dumps(e)
+    except Exception:
+        return None
+
+
+def unpack_error(packed: bytes | None, tb: str, where: str) -> BaseException:
+    """The exception raised in another process, with its traceback as the cause."""
+    try:
+        e = cloudpickle.loads(packed) if packed is not None else None
+    except Exception:
+        e = None
+    if not isinstance(e, BaseException):
+        e = RuntimeError(f"{where} failed:\n{tb}")
+    e.__cause__ = RemoteTraceback(f"\n\nin {where}'s process:\n{strip_ansi(tb)}")
+    return e
+
+
+# -- the handshake -----------------------------------------------------------------------
+def peer_uid(sock: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket (None where the OS does not say)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _authenticated(sock: socket.socket, authkey: bytes, serving: bool, timeout: float) -> connection.Connection:
+    """A `Connection` over `sock` once the HMAC challenge has passed both ways within `timeout` seconds.
+
+    Nothing the peer sends is unpickled before that. A peer that stalls is cut
+    off at the deadline (shutting the socket wakes the blocked read).
+    """
+    sock.setblocking(True)
+    conn = connection.Connection(os.dup(sock.fileno()))
+    watchdog = threading.Timer(timeout, _shut, (sock,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if serving:
+            connection.deliver_challenge(conn, authkey)
+            connection.answer_challenge(conn, authkey)
+        else:
+            connection.answer_challenge(conn, authkey)
+            connection.deliver_challenge(conn, authkey)
+    except BaseException:
+        conn.close()
+        raise
+    finally:
+        watchdog.cancel()
+        sock.close()
+    return conn
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def accept(sock: socket.socket, authkey: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> connection.Connection:
+    """The endpoint's side: checks who connected, then authenticates. Raises on any failure."""
+    uid = peer_uid(sock)
+    if uid is not None and uid != os.getuid():
+        sock.close()
+        raise PermissionError(f"a process of user {uid} tried to connect; only user {os.getuid()} may")
+    return _authenticated(sock, authkey, True, timeout)
+
+
+def connect(endpoint: Endpoint, timeout: float | None = None) -> connection.Connection:
+    """The client's side: connects and authenticates within `timeout` seconds (default `CONNECT_TIMEOUT`)."""
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(max(timeout, 1e-3))
+        sock.connect(endpoint.address)
+    except socket.timeout:
+        sock.close()
+        raise TimeoutError(f"the shard's endpoint did not accept a connection within {timeout} s") from None
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return _authenticated(sock, endpoint.authkey, False, max(1e-3, deadline - time.monotonic()))
+    except (EOFError, OSError) as e:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the shard's endpoint did not complete the handshake within {timeout} s") from e
+        raise
