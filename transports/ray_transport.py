@@ -379,7 +379,8 @@ class RayTransport:
         index, running, outcomes = {ref: i for i, ref in enumerate(refs)}, list(refs), {}
         try:  # let every worker finish, as threads would
             while running:
-                done, running = ray.wait(running, num_returns=1)
+                # in short waits: a signal (Ctrl-C) is raised only between them
+                done, running = ray.wait(running, num_returns=1, timeout=0.2)
                 for ref in done:
                     try:
                         outcomes[index[ref]] = (ray.get(ref), None)
