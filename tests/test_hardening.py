@@ -344,3 +344,19 @@ def test_ctrl_c_stops_run_workers_and_leaves_nothing(tmp_path, transport):
         time.sleep(0.1)
     assert not _session_processes(proc.pid), "processes left running"
     assert not [n for n in os.listdir("/dev/shm") if any(n.startswith(p) for p in prefixes)], "segments left"
+
+
+# -- errors from workers ---------------------------------------------------------------------
+def _push_a_bad_tree(client, _):
+    client.push({"a": np.ones((2, 2), np.float32), "b": np.ones(5, np.float32)})
+
+
+def test_a_worker_push_error_reaches_the_caller_as_itself(make_server):
+    ps = make_server(PARAMS, optax.sgd(1.0), shards=2)
+    with pytest.raises(jaxps.PushError) as raised:
+        ps.run_workers(_push_a_bad_tree, [None])
+    assert type(raised.value) is jaxps.PushError  # not a wrapper class
+    message = str(raised.value)
+    assert message.startswith("push rejected, nothing was changed: ['a']: shape [2, 2], expected [4, 3]"), message
+    assert "\x1b[" not in message and "Traceback" not in message
+    assert ps.step == 0 and ps.push(ONES).result(30) == "applied"

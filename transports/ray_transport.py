@@ -160,7 +160,8 @@ def unwrap_task_error(e: BaseException) -> BaseException:
     """The exception a Ray task raised, as itself (Ray wraps it, with colour codes, in a RayTaskError)."""
     cause = getattr(e, "cause", None)
     if isinstance(e, RayTaskError) and isinstance(cause, BaseException):
-        cause.__cause__ = wire.RemoteTraceback(f"\n\nin a Ray worker task:\n{wire.strip_ansi(e.traceback_str)}")
+        remote = str(e)  # the task's traceback, in colour
+        cause.__cause__ = wire.RemoteTraceback(f"\n\nin a Ray worker task:\n{wire.strip_ansi(remote)}")
         cause.__suppress_context__ = True
         return cause
     return e
