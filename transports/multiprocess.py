@@ -54,11 +54,11 @@ def _shard_main(ctrl, payload: bytes, prefix: str) -> None:
         config = dataclasses.replace(config, leaves=config.leaves.load())
         server = serve(ShardService(Shard(config)), config.plan.layout(config.index), prefix=prefix)
     except BaseException:
-        ctrl.send(("error", traceback.format_exc()))
+        ctrl.send(wire.Refused(traceback.format_exc()))
         return
-    ctrl.send(("ready", server.endpoint))
+    ctrl.send(wire.Serving(server.endpoint))
     try:
-        ctrl.recv()  # "stop", or EOF once the parent is gone
+        ctrl.recv()  # Stop, or EOF once the parent is gone
     except (EOFError, OSError):
         pass
     server.stop()
@@ -71,9 +71,9 @@ def _worker_main(out, payload: bytes) -> None:
     """A `run_workers` process: runs one worker and sends back its result or exception."""
     fn, client, arg = cloudpickle.loads(payload)
     try:
-        msg = ("ok", cloudpickle.dumps(run_worker(fn, client, arg)))
+        msg = wire.Answer(0, cloudpickle.dumps(run_worker(fn, client, arg)))
     except BaseException as e:
-        msg = ("error", wire.pack_error(e), traceback.format_exc())
+        msg = wire.Failure(0, wire.pack_error(e), traceback.format_exc())
     out.send(msg)
     out.close()
 
@@ -83,7 +83,7 @@ def _shutdown(procs, ctrls, channels, prefix: str) -> None:
         ch.close()
     for ctrl in ctrls:
         try:
-            ctrl.send("stop")
+            ctrl.send(wire.Stop())
         except (OSError, ValueError):
             pass
     deadline = time.monotonic() + 5.0
@@ -164,16 +164,16 @@ class MultiprocessingTransport:
         if not ctrl.poll(max(0.0, deadline - time.monotonic())):
             raise RuntimeError(f"shard {index}'s process (pid {p.pid}) did not start within {self.start_timeout} s")
         try:
-            kind, value = ctrl.recv()
+            msg = ctrl.recv()
         except EOFError:
             p.join(1.0)
             raise RuntimeError(
                 f"shard {index}'s process (pid {p.pid}) exited with code {p.exitcode} before it was ready "
                 f"(see its output above; {_MAIN_GUARD})"
             ) from None
-        if kind == "error":
-            raise RuntimeError(f"shard {index} failed to start in its process (pid {p.pid}):\n{value}")
-        return value
+        if isinstance(msg, wire.Refused):
+            raise RuntimeError(f"shard {index} failed to start in its process (pid {p.pid}):\n{msg.traceback}")
+        return msg.endpoint
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any]) -> list:
         """Runs each `fn(client, arg)` in its own spawned process; results in order, the first error raised."""
@@ -203,10 +203,10 @@ class MultiprocessingTransport:
                         continue
                     finally:
                         ours.close()
-                    if msg[0] == "ok":
-                        results[i] = cloudpickle.loads(msg[1])
+                    if isinstance(msg, wire.Answer):
+                        results[i] = cloudpickle.loads(msg.value)
                     else:
-                        errors[i] = wire.unpack_error(msg[1], msg[2], f"worker {i}")
+                        errors[i] = wire.unpack_error(msg.error, msg.traceback, f"worker {i}")
             for p in procs:
                 p.join()
         finally:

@@ -5,9 +5,9 @@ Across machines, arrays travel through Ray's object store: a push is one
 once per version, and every pull of that version gets the same object, read
 zero-copy. On the shard's own machine, a client talks to the actor through
 shared memory instead (`shared_memory=True`, the default): the actor also
-serves its `Shard` the way a multiprocessing shard process does (a Unix
-socket for control messages, per-connection shared buffers that live as long
-as the connection). Every object-store transfer writes a new object, and
+serves its `ShardService` on a shared-memory endpoint
+(`jaxps.transports.endpoint`), exactly as a multiprocessing shard process
+does, and the client reaches it through a `SharedMemoryChannel`. Every object-store transfer writes a new object, and
 fresh shared pages cost a page fault each (a `ray.put` of 20 MB takes ~10x a
 memcpy on a small VM); the connection's buffers are written again and again.
 Ray still places, starts and kills the shards and runs the workers.
@@ -16,8 +16,8 @@ Order. Ray runs the calls of one submitter in order only on a synchronous,
 single-threaded actor; an asyncio (or threaded) actor may start a call while
 an earlier one waits for its arguments ("Actor Task Execution Order",
 docs.ray.io/en/latest/ray-core/actors/task-orders.html). So every call of a
-channel carries (caller id, sequence number) and the actor hands each call to
-its `Shard` in that order; only the wait for the result (a sync step closing,
+channel carries (caller id, sequence number) and the actor hands each request
+to its `ShardService` in that order; only the wait for the result (a sync step closing,
 an ssp pull) happens outside that turn, on the actor's event loop.
 
 Resources, by default: shard actors take `num_cpus=0` (they mostly wait; ask
@@ -304,9 +304,10 @@ class RayTransport:
     """Shards as asyncio Ray actors, workers as Ray tasks.
 
     Args:
-      address: a Ray cluster to join (e.g. "auto", "ray://host:10001"); None
-        starts a local Ray unless this process has already initialized one.
-        An already-initialized Ray session is always reused.
+      address: passed to `ray.init`: a cluster to join ("auto",
+        "ray://host:10001"), "local" for a private local Ray, or None for
+        Ray's rule (join a cluster running on this machine, else start a local
+        one). An already-initialized Ray session is always reused.
       num_cpus, num_gpus, resources: what each shard actor asks for (default
         0 CPUs, 0 GPUs); custom resources control placement.
       init_options: more keyword arguments for `ray.init` (e.g. `num_cpus`

@@ -107,6 +107,17 @@ class Refused(NamedTuple):
     traceback: str
 
 
+# -- a process and its parent (multiprocessing) -----------------------------------------
+class Serving(NamedTuple):
+    """A shard process serves its shard at `endpoint`."""
+
+    endpoint: Endpoint
+
+
+class Stop(NamedTuple):
+    """The parent tells a shard process to exit (its parent's end does too)."""
+
+
 # -- errors across processes ---------------------------------------------------------
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
