@@ -125,10 +125,16 @@ def check_shardable(tx: optax.GradientTransformation, plan: Plan, leaves: Sequen
     differ = [
         plan.leaves[i].path
         for i in range(len(leaves))
-        if not np.allclose(np.asarray(expected[i], np.float64), np.asarray(got[i], np.float64), rtol=1e-5, atol=1e-6, equal_nan=True)
+        if not np.allclose(_exact(expected[i]), _exact(got[i]), rtol=1e-5, atol=1e-6, equal_nan=True)
     ]
     if differ:
         raise NotShardableError(_not_shardable_message(transform_names(tx), plan, differ))
+
+
+def _exact(x) -> np.ndarray:
+    """`x` as float64, or complex128 for complex leaves (their imaginary parts are compared too)."""
+    x = np.asarray(x)
+    return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
 
 
 def _run_steps(tx, params, grads_seq):
