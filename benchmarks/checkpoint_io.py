@@ -1,20 +1,27 @@
-"""Checkpoint write and read time of `jaxps.checkpoint` against raw disk throughput.
+"""Checkpoint save and restore time against the disk's own throughput, and training with checkpoints on.
 
-    python benchmarks/checkpoint_io.py [--params 100e6] [--leaves 10] [--shards 1] [--repeats 2] [--dir /tmp]
+    python benchmarks/checkpoint_io.py [--params 100e6] [--leaves 10] [--shards 2]
+        [--transports inprocess,multiprocessing,ray] [--repeats 2] [--train-seconds 60] [--dir /tmp]
+    python benchmarks/checkpoint_io.py --layer ...   # the file layer alone (jaxps.checkpoint), no server
 
-The state is an Adam state of `--params` float32 parameters in `--leaves`
-equal leaves: parameters + mu + nu (12 bytes a parameter, 1.2 GB at 100M).
+A server holds `--params` float32 parameters in `--leaves` equal leaves under
+`optax.adam` (parameters + mu + nu: 12 bytes a parameter, 1.2 GB at 100M).
+Per transport, in one run:
 
-- layer write: `checkpoint.save` (prepare, one orbax part per shard, commit), until it returns (durable);
-- layer read:  `checkpoint.restore` into the same plan: reads, checks, builds each shard's (leaves, opt_state);
-- raw write:   the same arrays, one after another, into one file with `ndarray.tofile`, then fsync;
-- raw read:    `np.fromfile` of that file.
+- raw write: the same bytes, one array after another, into one file with `ndarray.tofile`, then fsync;
+- save:      `ps.save(directory)` of the running server, until it returns (durable: every part fsynced,
+             metadata written), each shard writing its own part from its own process;
+- raw read:  `np.fromfile` of that file, cold;
+- restore:   `ParameterServer.restore(...)` until it returns, cold, minus the start of a fresh server of
+             the same kind (process spawn, compilation, the shardability probe) measured in the same run:
+             what reading the checkpoint adds;
+- training:  steps/s of a driver pushing gradients for `--train-seconds`, without checkpoints, then with
+             `jaxps.Checkpointing(every=N)`, N chosen from the first rate for a checkpoint every ~30 s.
 
-Reads are cold: after writing, the files' pages are dropped from the page cache
-(`posix_fadvise(DONTNEED)`, file by file, no root needed), so both sides read
-from the disk. Raw and layer runs alternate (the machine is shared and its load
-drifts); ratios are raw time / layer time (1.0 = as fast as raw disk). The files
-are removed afterwards.
+Reads are cold: the files' pages are dropped from the page cache first
+(`posix_fadvise(DONTNEED)`, file by file, no root needed). Raw and layer runs
+alternate (the machine is shared and its load drifts); shares are raw time /
+jaxps time (100% = as fast as the disk takes the bytes). Files are removed afterwards.
 """
 
 from __future__ import annotations
@@ -67,15 +74,7 @@ def raw_write(path: Path, states) -> None:
         os.fsync(f.fileno())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=float, default=100e6)
-    parser.add_argument("--leaves", type=int, default=10)
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dir", default="/tmp")
-    args = parser.parse_args()
-
+def layer_main(args) -> None:
     params, plan, states = build(int(args.params), args.leaves, args.shards)
     nbytes = sum(np.asarray(x).nbytes for s in states for x in s.values())
     tx = optax.adam(1e-3)
@@ -112,6 +111,110 @@ def main() -> None:
         f"median: write {med(1):.2f} s vs raw {med(0):.2f} s (layer at {med(0) / med(1):.0%} of raw); "
         f"read {med(3):.2f} s vs raw {med(2):.2f} s (layer at {med(2) / med(3):.0%} of raw)"
     )
+
+
+
+def server_main(args) -> None:
+    import jax
+    import jaxps
+
+    params, plan, _ = build(int(args.params), args.leaves, args.shards)
+    tx = optax.adam(1e-3)
+    grads = jax.tree.map(lambda x: np.full_like(x, 1e-3), params)
+    nbytes = 3 * sum(x.nbytes for x in params.values()) + 4 * args.shards
+    gb = nbytes / 1e9
+    work = Path(tempfile.mkdtemp(prefix="jaxps-ckpt-bench-", dir=args.dir))
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs")
+    print(f"state: {int(args.params):,} Adam params (params, mu, nu) in {args.leaves} leaves, {args.shards} shards: {gb:.2f} GB; files in {work}")
+    raw = work / "raw.bin"
+    try:
+        for transport in args.transports.split(","):
+            if transport == "ray":
+                import ray
+
+                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="error")
+            kw = dict(shards=args.shards, transport=transport)
+            rows = []
+            ps = jaxps.ParameterServer(params, tx, **kw)
+            try:
+                ps.push(grads).result()
+                for r in range(args.repeats):
+                    directory = work / f"{transport}{r}"
+                    t = time.perf_counter(); raw_write(raw, [params, params, params]); raw_w = time.perf_counter() - t
+                    t = time.perf_counter(); step = ps.save(directory); save = time.perf_counter() - t
+                    drop_cache(raw); drop_cache(directory)
+                    t = time.perf_counter(); back = np.fromfile(raw, np.float32); raw_r = time.perf_counter() - t
+                    del back
+                    t = time.perf_counter()
+                    jaxps.ParameterServer(params, tx, **kw).close()  # a fresh start, for comparison
+                    start = time.perf_counter() - t
+                    t = time.perf_counter()
+                    restored = jaxps.ParameterServer.restore(directory, params, tx, **kw)
+                    restore = time.perf_counter() - t
+                    assert restored.step == step
+                    restored.close()
+                    shutil.rmtree(directory)
+                    raw.unlink()
+                    rows.append((raw_w, save, raw_r, restore, start))
+                    print(
+                        f"{transport} run {r}: save {save:.2f} s vs raw write {raw_w:.2f} s ({raw_w / save:.0%}) | "
+                        f"restore {restore:.2f} s vs a fresh start {start:.2f} s: reading {restore - start:.2f} s "
+                        f"vs raw read {raw_r:.2f} s ({share(raw_r, restore - start)})"
+                    )
+                rate = train_rate(ps, grads, args.train_seconds)
+            finally:
+                ps.close()
+            every = max(1, round(30 * rate))
+            ps = jaxps.ParameterServer(params, tx, **kw, checkpoint=jaxps.Checkpointing(work / f"{transport}-train", every=every, keep=1))
+            try:
+                ps.push(grads).result()
+                rate_ck = train_rate(ps, grads, args.train_seconds)
+                saved = jaxps.checkpoint.steps(work / f"{transport}-train")
+            finally:
+                ps.close()
+            shutil.rmtree(work / f"{transport}-train", ignore_errors=True)
+            med = lambda i: float(np.median([row[i] for row in rows]))
+            print(
+                f"{transport} median: save {med(1):.2f} s = {gb / med(1):.2f} GB/s, {med(0) / med(1):.0%} of raw write "
+                f"({gb / med(0):.2f} GB/s); restore {med(3):.2f} s vs fresh start {med(4):.2f} s: reading "
+                f"{share(med(2), med(3) - med(4))} of raw read ({gb / med(2):.2f} GB/s)"
+            )
+            print(
+                f"{transport} training: {rate:.2f} steps/s without checkpoints, {rate_ck:.2f} steps/s with "
+                f"Checkpointing(every={every}) (~{every / max(rate, 1e-9):.0f} s apart; last kept step {saved}): "
+                f"{1 - rate_ck / rate:+.1%} slower"
+            )
+            if transport == "ray":
+                ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def share(raw: float, ours: float) -> str:
+    return f"{raw / ours:.0%}" if ours > 0.05 else "within the noise of the start"
+
+
+def train_rate(ps, grads, seconds: float) -> float:
+    """Steps/s of one driver pushing `grads` (and waiting for each) for `seconds`."""
+    first, t0 = ps.step, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        ps.push(grads).result()
+    return (ps.step - first) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=100e6)
+    parser.add_argument("--leaves", type=int, default=10)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dir", default="/tmp")
+    parser.add_argument("--transports", default="inprocess,multiprocessing,ray")
+    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--layer", action="store_true", help="the file layer alone (jaxps.checkpoint), no server")
+    args = parser.parse_args()
+    layer_main(args) if args.layer else server_main(args)
 
 
 if __name__ == "__main__":
