@@ -222,6 +222,26 @@ def _remove_step(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def check_directory(directory: str | os.PathLike, plan: Plan) -> bool:
+    """Whether `directory` holds this model's checkpoints (False: absent or empty, so free to claim).
+
+    Raises `CheckpointError` if it holds another model's (naming the paths that
+    differ) or other files.
+    """
+    root = Path(directory)
+    marker = root / MARKER
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        specs = param_specs(plan)
+        if saved.get("fingerprint") != fingerprint(specs):
+            lines = mismatches({p: (tuple(s["shape"]), s["dtype"]) for p, s in saved["params"].items()}, specs, "this model")
+            _raise(f"{root} holds checkpoints of another model; refusing to save there:", lines or ["(fingerprints differ)"])
+        return True
+    if root.exists() and any(not p.name.startswith(MARKER + ".tmp-") for p in root.iterdir()):
+        raise CheckpointError(f"{root} is not empty and holds no jaxps checkpoints ({MARKER} is missing); refusing to save there")
+    return False
+
+
 def prepare(directory: str | os.PathLike, step: int, plan: Plan, replace: bool = False) -> None:
     """Driver, before any part of `step` is written: claims or checks the directory, clears a stale `step`.
 
@@ -232,14 +252,7 @@ def prepare(directory: str | os.PathLike, step: int, plan: Plan, replace: bool =
     root = Path(directory)
     specs = param_specs(plan)
     marker = root / MARKER
-    if marker.is_file():
-        saved = json.loads(marker.read_text())
-        if saved.get("fingerprint") != fingerprint(specs):
-            lines = mismatches({p: (tuple(s["shape"]), s["dtype"]) for p, s in saved["params"].items()}, specs, "this model")
-            _raise(f"{root} holds checkpoints of another model; refusing to save there:", lines or ["(fingerprints differ)"])
-    else:
-        if root.exists() and any(not p.name.startswith(MARKER + ".tmp-") for p in root.iterdir()):
-            raise CheckpointError(f"{root} is not empty and holds no jaxps checkpoints ({MARKER} is missing); refusing to save there")
+    if not check_directory(root, plan):
         root.mkdir(parents=True, exist_ok=True)
         _write_json(marker, {"format": FORMAT, "fingerprint": fingerprint(specs), "params": _specs_json(specs)})
     path = root / str(step)

@@ -95,8 +95,8 @@ class Saver:
         self._executor.shutdown(wait=True)
 
     def _save(self, root: Path, keep: int | None) -> int:
-        marks = gather([ch.submit(Hold()) for ch in self._channels])
         try:
+            marks = gather([ch.submit(Hold()) for ch in self._channels])
             infos = gather([ch.submit(Snapshot(cut_of(marks))) for ch in self._channels])
         except BaseException:
             for ch in self._channels:  # a shard that answered may still hold: let it go on

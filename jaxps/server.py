@@ -71,6 +71,8 @@ class ParameterServer:
         leaves = jax.tree_util.tree_leaves(params)
         check_shardable(tx, self._plan, leaves)
         restore = None if _restore is None else _check_restore(*_restore, self._plan, tx)
+        if checkpoint is not None:
+            ckpt.check_directory(checkpoint.directory, self._plan)  # another model's directory: refused now
         self._transport = make_transport(transport, transport_options)
         self._workers = workers
         self._mode = mode

@@ -230,6 +230,8 @@ def test_restore_errors_name_the_paths(tmp_path):
     with jaxps.ParameterServer(other, tx) as ps:  # another model's directory
         with pytest.raises(ck.CheckpointError, match=r"(?s)another model.*\[.embed.\]\[0\]: checkpoint \(5, 2\) float32, this model \(6, 2\) float32"):
             ps.save(tmp_path / "ck")
+    with pytest.raises(ck.CheckpointError, match="another model"):
+        jaxps.ParameterServer(other, tx, checkpoint=jaxps.Checkpointing(tmp_path / "ck", every=10))
     assert ck.steps(tmp_path / "ck") == [1]
 
 
