@@ -29,7 +29,7 @@ from jaxps import checkpoint
 from jaxps.client import gather
 from jaxps.consistency import cut_of
 from jaxps.plan import Plan
-from jaxps.service import Hold, Snapshot, Stats, WritePart
+from jaxps.service import Hold, Snapshot, WritePart
 
 
 @dataclasses.dataclass(frozen=True)

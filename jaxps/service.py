@@ -11,6 +11,7 @@ in `ShardService._ops`.
 
 from __future__ import annotations
 
+import os
 import threading
 import traceback
 from typing import Any, NamedTuple, Sequence
@@ -214,6 +215,10 @@ class ShardService:
         def write() -> None:  # a thread of the shard's process: the shard goes on meanwhile
             from jaxps.checkpoint import write_part
 
+            try:  # below training on a busy machine (Linux: per thread; also the I/O threads it starts)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (AttributeError, OSError):
+                pass
             try:
                 write_part(request.directory, request.step, self.shard.index, state)
             except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -54,8 +55,11 @@ class Shard:
         self._leaf_specs = config.plan.shard_specs(config.index)
         self._device = device
         leaves, opt_state, version, applied = config.leaves, None, 0, 0
+        self._restored_in: float | None = None  # seconds this shard took to read its checkpoint
         if config.restore is not None:
+            started = time.perf_counter()
             leaves, opt_state, version, applied = _load(config)
+            self._restored_in = time.perf_counter() - started
         # the shard donates its buffers, so it must own them: always copy
         self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in leaves])
         self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
@@ -128,7 +132,8 @@ class Shard:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"shard": self.index, **self._clock.stats()}
+            restored = {} if self._restored_in is None else {"restored_in_s": self._restored_in}
+            return {"shard": self.index, **self._clock.stats(), **restored}
 
     # -- checkpoints (the cut: `jaxps.consistency`) ---------------------------
     def hold(self) -> Any:
