@@ -10,10 +10,15 @@ goes on.
     python examples/mnist.py --mode async --plot async.png
     python examples/mnist.py --compare --plot compare.png     # sync, then async, one plot
     python examples/mnist.py --transport multiprocessing      # or ray: the same code
+    python examples/mnist.py --checkpoint-dir ckpt             # saves as it trains; run again to resume
 
 `--steps` is the number of gradients each worker computes, so sync and async see
 the same data: sync applies one update per round of N gradients (their mean),
 async applies every gradient as it comes.
+
+With `--checkpoint-dir DIR` the server saves into DIR every `--checkpoint-every`
+updates (in the background) and at the end; run again with the same DIR, it
+resumes from the latest checkpoint and trains the remaining updates.
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ class Monitor:
         self.bar.write(f"  step {step:5d}  {t:7.1f}s  test loss {loss:.4f}  test accuracy {accuracy:.2%}")
 
     def _run(self):
-        next_eval = self.every
+        next_eval = (self.ps.step // self.every + 1) * self.every if self.every else 0
         while not self._stop.wait(0.25):
             step = self.ps.step
             self.bar.update(step - self.bar.n)
@@ -188,18 +193,32 @@ def train(args, data, mode, log):
     print(f"[{mode}] {args.workers} workers x {args.steps} steps of batch {args.batch_size}, "
           f"{args.shards} shard(s), transport {args.transport}")
     started = time.perf_counter()
-    with jaxps.ParameterServer(
-        params,
-        tx,
+    options = dict(
         shards=args.shards,
         transport=args.transport,
         mode=mode,
         workers=args.workers,
         max_staleness=args.max_staleness if mode == "ssp" else None,
-    ) as ps:
+    )
+    resume = args.checkpoint_dir and jaxps.checkpoint.steps(args.checkpoint_dir)
+    if args.checkpoint_dir:
+        options["checkpoint"] = jaxps.Checkpointing(args.checkpoint_dir, every=args.checkpoint_every, keep=3)
+    if resume:
+        ps = jaxps.ParameterServer.restore(args.checkpoint_dir, params, tx, **options)
+        print(f"[{mode}] resuming from the checkpoint of step {ps.step} in {args.checkpoint_dir}")
+    else:
+        ps = jaxps.ParameterServer(params, tx, **options)
+    with ps:
         startup = time.perf_counter() - started
+        # what is left of the run: sync rounds, or async gradients shared by the workers
+        left = max(0, updates - ps.step)
+        for w in work:
+            w["steps"] = left if mode == "sync" else -(-left // args.workers)
+            w["seed"] += ps.step  # other batches than the first run's
         with Monitor(ps, (data.test_images, data.test_labels), args.eval_every, updates, record, mode) as monitor:
             losses = ps.run_workers(train_worker, work)
+            if args.checkpoint_dir:
+                print(f"[{mode}] saved step {ps.save(args.checkpoint_dir, keep=3)} in {args.checkpoint_dir}")
         final, wall, stats = monitor.last, monitor.wall, ps.stats()
 
     tail = [np.mean(l[-50:]) for l in losses if l]
@@ -210,7 +229,7 @@ def train(args, data, mode, log):
         "gradients": sum(len(l) for l in losses),
         "wall_s": wall,
         "startup_s": startup,
-        "updates_per_s": stats["steps"] / wall,
+        "updates_per_s": stats["steps"] / wall,  # from the start of this run (a resumed run counts its start step too)
         "test_loss": final["loss"],
         "test_accuracy": final["accuracy"],
         "train_loss": float(np.mean(tail)) if tail else float("nan"),
@@ -272,9 +291,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="test every K server updates (0: only at the end)")
     p.add_argument("--log", default=None, metavar="FILE.jsonl", help="append a JSON line per evaluation and per run")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot test accuracy against wall time")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="save into DIR as training goes; resume from it if it holds a checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="save every N server updates")
     args = p.parse_args(argv)
     if args.workers < 1 or args.steps < 1 or args.batch_size < 1 or args.shards < 1:
         p.error("--workers, --shards, --steps and --batch-size must be positive")
+    if args.checkpoint_every < 1:
+        p.error("--checkpoint-every must be positive")
+    if args.checkpoint_dir and args.compare:
+        p.error("--checkpoint-dir saves one run: use it with --mode, not --compare")
     return args
 
 

@@ -17,6 +17,7 @@ from jaxps.plan import Plan as Plan
 from jaxps.plan import make_plan as make_plan
 from jaxps.registry import available_transports as available_transports
 from jaxps.registry import register_transport as register_transport
+from jaxps.saving import Checkpointing as Checkpointing
 from jaxps.server import ParameterServer as ParameterServer
 from jaxps.update import NotShardableError as NotShardableError
 from jaxps.validate import PushError as PushError
@@ -24,6 +25,7 @@ from jaxps.validate import PushError as PushError
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointing",
     "Client",
     "MODES",
     "NotShardableError",

@@ -8,6 +8,15 @@ applies on arrival but holds back a worker's pull while it is more than
 
 Every function takes a `Clock` and returns a new one; the stateful shell
 (`jaxps.shard.Shard`) does the arithmetic on arrays and the waiting.
+
+Checkpoints cut every shard at the same set of pushes. `hold` stops a shard
+where it is and answers its *mark*: per-worker push counts (async, ssp) or
+its version (sync). The driver takes `cut_of(marks)` (the largest: pushes a
+shard has seen are on their way to the others, since a client sends each
+push to every shard, in its order); `cut` lets each shard go exactly that
+far, `reached` says when it is there (snapshot time), `release` lets it go on.
+While held, async/ssp pushes beyond the cut wait in the shell (`admits` is
+False); sync takes pushes as always but closes no step at or beyond the cut.
 """
 
 from __future__ import annotations
@@ -56,11 +65,13 @@ class Clock:
     staleness_sum: int = 0
     staleness_max: int = 0
     staleness_count: int = 0
+    hold: Any = None  # during a checkpoint: how far this shard may go (async/ssp: pushes per worker; sync: a version)
 
     @classmethod
-    def start(cls, workers: int | None) -> "Clock":
+    def start(cls, workers: int | None, version: int = 0, applied: int = 0) -> "Clock":
+        """A fresh clock; a restored shard starts at the checkpoint's `version` and `applied` steps."""
         n = workers or 0
-        return cls(workers=n, pushes=(0,) * n, last_step=(None,) * n)
+        return cls(workers=n, pushes=(0,) * n, last_step=(None,) * n, version=version, applied=applied)
 
     def stats(self) -> dict:
         return {
@@ -82,6 +93,17 @@ def _join(clock: Clock, worker: int) -> Clock:
     if worker < len(joined):
         joined[worker] = clock.pushes[worker]
     return dataclasses.replace(clock, left=clock.left - {worker}, joined_at=tuple(joined))
+
+
+def _count(counts: tuple[int, ...], worker: int) -> int:
+    return counts[worker] if worker < len(counts) else 0
+
+
+def cut_of(marks: list) -> Any:
+    """The cut every shard goes to: the largest version (sync), or each worker's largest push count (async, ssp)."""
+    if all(isinstance(m, int) for m in marks):
+        return max(marks)
+    return tuple(max(_count(m, w) for m in marks) for w in range(max(len(m) for m in marks)))
 
 
 def _received(clock: Clock, c: Contribution) -> Clock:
@@ -131,6 +153,26 @@ class Async:
     def join(self, clock: Clock, worker: int) -> Clock:
         return _join(clock, worker)
 
+    # -- checkpoints: a cut by per-worker push counts -------------------------
+    def hold(self, clock: Clock) -> tuple[Clock, tuple[int, ...]]:
+        """Stops taking pushes; the mark is each worker's push count."""
+        return dataclasses.replace(clock, hold=clock.pushes), clock.pushes
+
+    def admits(self, clock: Clock, c: Contribution) -> bool:
+        """Whether `c` may be taken now (else it waits in the shell until `cut` or `release`)."""
+        return clock.hold is None or _count(clock.pushes, c.worker) < _count(clock.hold, c.worker)
+
+    def cut(self, clock: Clock, target: tuple[int, ...]) -> tuple[Clock, list[Step]]:
+        """Goes on to `target`: the waiting pushes it admits are taken by the shell, in order."""
+        return dataclasses.replace(clock, hold=tuple(target)), []
+
+    def reached(self, clock: Clock) -> bool:
+        return clock.hold is not None and all(_count(clock.pushes, w) >= n for w, n in enumerate(clock.hold))
+
+    def release(self, clock: Clock) -> tuple[Clock, list[Step]]:
+        """Takes pushes again (the shell then takes the waiting ones, in order)."""
+        return dataclasses.replace(clock, hold=None), []
+
 
 @dataclasses.dataclass(frozen=True)
 class SSP(Async):
@@ -172,7 +214,11 @@ class Sync:
 
     def _close_ready(self, clock: Clock) -> tuple[Clock, list[Step]]:
         steps = []
-        while clock.pending.get(clock.version) and len(clock.pending[clock.version]) >= self.quorum(clock, clock.version):
+        while (
+            (clock.hold is None or clock.version < clock.hold)
+            and clock.pending.get(clock.version)
+            and len(clock.pending[clock.version]) >= self.quorum(clock, clock.version)
+        ):
             pending = dict(clock.pending)
             arrived = pending.pop(clock.version)
             step = Step(clock.version, tuple(arrived[w] for w in sorted(arrived)))
@@ -189,6 +235,25 @@ class Sync:
 
     def join(self, clock: Clock, worker: int) -> Clock:
         return _join(clock, worker)
+
+    # -- checkpoints: a cut at a step boundary --------------------------------
+    def hold(self, clock: Clock) -> tuple[Clock, int]:
+        """Closes no further step; the mark is the version (steps closed)."""
+        return dataclasses.replace(clock, hold=clock.version), clock.version
+
+    def admits(self, clock: Clock, c: Contribution) -> bool:
+        return True  # pushes wait in `pending` as always; only closing steps is held
+
+    def cut(self, clock: Clock, target: int) -> tuple[Clock, list[Step]]:
+        """Closes the steps before version `target` that are ready, none beyond."""
+        return self._close_ready(dataclasses.replace(clock, hold=target))
+
+    def reached(self, clock: Clock) -> bool:
+        return clock.hold is not None and clock.version >= clock.hold
+
+    def release(self, clock: Clock) -> tuple[Clock, list[Step]]:
+        """Closes steps again, the ready ones at once."""
+        return self._close_ready(dataclasses.replace(clock, hold=None))
 
 
 def make_policy(mode: str, workers: int | None, backup_workers: int, max_staleness: int | None):

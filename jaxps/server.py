@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
+from jaxps import checkpoint as ckpt
 from jaxps.client import Client, gather
 from jaxps.consistency import make_policy
 from jaxps.errors import ServerClosedError
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
+from jaxps.saving import Checkpointing, Saver
 from jaxps.service import Join, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
@@ -40,6 +43,8 @@ class ParameterServer:
         sync per push: faster when the host would otherwise wait for the gradients).
       transport_options: keyword arguments for a transport given by name
         (e.g. Ray's `address`, `num_cpus`, `num_gpus`, `resources`).
+      checkpoint: `jaxps.Checkpointing(directory, every=N, keep=K)`: save every
+        N steps in the background, keeping the K latest.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class ParameterServer:
         assign: Assign | None = None,
         nonfinite: str = "raise",
         transport_options: dict | None = None,
+        checkpoint: Checkpointing | None = None,
+        _restore: tuple[str, dict] | None = None,  # (directory, metadata): from `ParameterServer.restore`
     ):
         make_policy(mode, workers, backup_workers, max_staleness)  # checks the arguments
         if nonfinite not in NONFINITE:
@@ -63,6 +70,9 @@ class ParameterServer:
         self._plan = make_plan(params, shards, assign)
         leaves = jax.tree_util.tree_leaves(params)
         check_shardable(tx, self._plan, leaves)
+        restore = None if _restore is None else _check_restore(*_restore, self._plan, tx)
+        if checkpoint is not None:
+            ckpt.check_directory(checkpoint.directory, self._plan)  # another model's directory: refused now
         self._transport = make_transport(transport, transport_options)
         self._workers = workers
         self._mode = mode
@@ -71,7 +81,7 @@ class ParameterServer:
         self._finished: set[int] = set()  # workers an earlier `run_workers` let leave
         self._closed = False
         configs = [
-            ShardConfig(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness)
+            ShardConfig(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness, restore)
             for s, ids in enumerate(self._plan.shard_leaves)
         ]
         try:
@@ -79,6 +89,25 @@ class ParameterServer:
         except BaseException:
             self._transport.close()
             raise
+        self._saver = Saver(self._plan, self._channels, mode, 0 if restore is None else restore[1])
+        if checkpoint is not None:
+            self._saver.every(checkpoint, lambda: self.step)
+
+    @classmethod
+    def restore(
+        cls, directory: str | os.PathLike, params: Any, tx: optax.GradientTransformation, *, step: int | None = None, **kwargs
+    ) -> "ParameterServer":
+        """A server (the constructor's keyword arguments) from the latest checkpoint in `directory`, or `step`.
+
+        `params` is the template: its paths, shapes and dtypes must be the
+        checkpoint's, and `tx.init`'s state on each new shard must match the
+        saved one (errors name the paths and both sides). Any number of shards,
+        any transport; each shard reads its own part of the files. `ps.step`
+        is the saved step.
+        """
+        metadata = ckpt.read_metadata(directory, step)
+        ckpt.check_template(metadata, params, f"step {metadata['step']} in {directory}")
+        return cls(params, tx, _restore=(str(directory), metadata), **kwargs)
 
     # -- the public contract ----------------------------------------------------
     @property
@@ -134,6 +163,19 @@ class ParameterServer:
             "shards": shards,
         }
 
+    def save(self, directory: str | os.PathLike, *, wait: bool = True, keep: int | None = None):
+        """Saves every shard's parameters and optimizer state into `directory`; returns the step once durable.
+
+        A consistent cut: every push is in every shard's part or in none (sync:
+        between two steps). Training goes on while the parts are written.
+        `wait=False` returns a future whose `.result()` is the step. `keep`:
+        how many of the latest checkpoints to keep (None: all). Saves run one
+        at a time, in order.
+        """
+        self._check_open()
+        future = self._saver.save(directory, keep)
+        return future.result() if wait else future
+
     def run_workers(self, fn: Callable[[Client, Any], Any], args: Sequence[Any]) -> list:
         """Runs `fn(client_i, args[i])` for each i on the transport's own execution
         units (threads, spawned processes, Ray tasks) and returns their results.
@@ -163,6 +205,7 @@ class ParameterServer:
         """Stops the shards and frees their resources. Idempotent."""
         if not self._closed:
             self._closed = True
+            self._saver.close()  # a checkpoint in flight completes first
             for channel in self._channels:  # clients taken from this server now fail at once
                 channel.close()
             self._transport.close()
@@ -199,3 +242,14 @@ class ParameterServer:
     def _check_open(self) -> None:
         if self._closed:
             raise ServerClosedError("the ParameterServer is closed")
+
+
+def _check_restore(directory: str, metadata: dict, plan: Plan, tx: optax.GradientTransformation) -> tuple[str, int, int]:
+    """Checks that `plan`'s shards find their state under `tx` in the checkpoint, before any array is read;
+    returns the shards' `ShardConfig.restore`."""
+    step = metadata["step"]
+    where = f"step {step} in {directory}"
+    index = ckpt.read_index(directory, metadata)
+    ckpt.check_state({p: places[0][2] for p, places in index.items()}, plan, tx, where)
+    ckpt.read(directory, step, [p for p, places in index.items() if len(places) > 1])  # replicated scalars agree
+    return directory, step, metadata.get("extra", {}).get("version", step)

@@ -1,6 +1,7 @@
 """The shard service: what a shard does with each request, whatever carried it.
 
-A request is a small typed value (`Push`, `Pull`, `Leave`, `Join`, `Stats`);
+A request is a small typed value (`Push`, `Pull`, `Leave`, `Join`, `Stats`,
+and a checkpoint's `Hold`, `Snapshot`, `WritePart`);
 arrays travel beside it (a push's gradients) and answers go back through a
 `Reply` that the transport supplies. A transport decodes a request from its
 wire, calls `ShardService.handle`, and ships what the reply is given: that is
@@ -10,7 +11,9 @@ in `ShardService._ops`.
 
 from __future__ import annotations
 
+import os
 import threading
+import traceback
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -55,7 +58,31 @@ class Stats(NamedTuple):
     """The shard's clock and counters; answers a dict."""
 
 
-REQUESTS = (Push, Pull, Leave, Join, Stats)
+class Hold(NamedTuple):
+    """A checkpoint begins: the shard stops where it is; answers its mark (`jaxps.consistency`)."""
+
+
+class Snapshot(NamedTuple):
+    """Go on to the cut `target` and snapshot there (kept on the shard for `WritePart`), then go on.
+
+    Answers `{"step", "version"}` once the snapshot is taken (`{"error"}` if it
+    failed). `target=None` ends the hold without a snapshot.
+    """
+
+    target: Any
+
+
+class WritePart(NamedTuple):
+    """Write the snapshot as part `shard index` of `step` in `directory`, off the shard's lock, in the shard's process.
+
+    Answers None once the part is durable, or the error's text. `directory=None` drops the snapshot.
+    """
+
+    directory: str | None
+    step: int
+
+
+REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart)
 
 
 class Reply:
@@ -98,7 +125,17 @@ class ShardService:
 
     def __init__(self, shard: Shard):
         self.shard = shard
-        self._ops = {Push: self._push, Pull: self._pull, Leave: self._leave, Join: self._join, Stats: self._stats}
+        self._ops = {
+            Push: self._push,
+            Pull: self._pull,
+            Leave: self._leave,
+            Join: self._join,
+            Stats: self._stats,
+            Hold: self._hold,
+            Snapshot: self._snapshot,
+            WritePart: self._write_part,
+        }
+        self._saved: dict | None = None  # the last snapshot, until written
 
     def handle(self, request: Any, reply: Reply, arrays: Sequence[Any] | None = None) -> None:
         """Carries out `request` (with a push's gradient `arrays`); the answer goes to `reply`, now or later."""
@@ -153,3 +190,39 @@ class ShardService:
     def _stats(self, request: Stats, reply: Reply, arrays: Any) -> None:
         reply.send(self.shard.stats())
 
+
+    def _hold(self, request: Hold, reply: Reply, arrays: Any) -> None:
+        reply.send(self.shard.hold())
+
+    def _snapshot(self, request: Snapshot, reply: Reply, arrays: Any) -> None:
+        if request.target is None:
+            self.shard.release()
+            return reply.send(None)
+
+        def taken(state: dict | None, info: dict) -> None:
+            self._saved = state
+            reply.send(info)
+
+        self.shard.cut(request.target, taken)
+
+    def _write_part(self, request: WritePart, reply: Reply, arrays: Any) -> None:
+        state, self._saved = self._saved, None
+        if request.directory is None:
+            return reply.send(None)
+        if state is None:
+            return reply.send(f"shard {self.shard.index} holds no snapshot to write")
+
+        def write() -> None:  # a thread of the shard's process: the shard goes on meanwhile
+            from jaxps.checkpoint import write_part
+
+            try:  # below training on a busy machine (Linux: per thread; also the I/O threads it starts)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (AttributeError, OSError):
+                pass
+            try:
+                write_part(request.directory, request.step, self.shard.index, state)
+            except Exception:
+                return reply.send(f"shard {self.shard.index} could not write its part:\n{traceback.format_exc()}")
+            reply.send(None)
+
+        threading.Thread(target=write, name=f"jaxps-shard{self.shard.index}-checkpoint", daemon=True).start()

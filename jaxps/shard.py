@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxps.consistency import Clock, Contribution, Step, Sync, make_policy
@@ -24,6 +26,7 @@ from jaxps.validate import check_leaves
 
 PushDone = Callable[[str], None]  # "applied" | "dropped" | "skipped"
 PullReady = Callable[[int, list], Any]  # (version, leaves)
+SnapshotTaken = Callable[[dict | None, dict], Any]  # (state by path, {"step", "version"}) or (None, {"error"})
 
 
 @dataclasses.dataclass
@@ -38,6 +41,9 @@ class ShardConfig:
     workers: int | None = None
     backup_workers: int = 0
     max_staleness: int | None = None
+    # start from a checkpoint instead of `leaves` and `tx.init`: (directory, step, version);
+    # the shard reads its own state from disk, in its own process
+    restore: tuple[str, int, int] | None = None
 
 
 class Shard:
@@ -48,18 +54,29 @@ class Shard:
         self._plan = config.plan
         self._leaf_specs = config.plan.shard_specs(config.index)
         self._device = device
+        leaves, opt_state, version, applied = config.leaves, None, 0, 0
+        self._restored_in: float | None = None  # seconds this shard took to read its checkpoint
+        if config.restore is not None:
+            started = time.perf_counter()
+            leaves, opt_state, version, applied = _load(config)
+            self._restored_in = time.perf_counter() - started
         # the shard donates its buffers, so it must own them: always copy
-        self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in config.leaves])
+        self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in leaves])
         self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
-        self._opt_state = config.tx.init(self._params)
+        if opt_state is None:
+            self._opt_state = config.tx.init(self._params)
+        else:
+            self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
         self._step_donating, self._step_lent = compile_step(config.tx)
         self._mean = jax.jit(mean_gradients)
         self._policy = make_policy(config.mode, config.workers, config.backup_workers, config.max_staleness)
-        self._clock = Clock.start(config.workers)
+        self._clock = Clock.start(config.workers, version, applied)
         self._lock = threading.Lock()
         self._lent = False  # params handed to a reader: the next step must not donate them while it holds them
         self._pushes: dict[tuple[int, int], PushDone] = {}
         self._pulls: list[tuple[int | None, PullReady, bool]] = []
+        self._waiting: list[tuple[Contribution, PushDone]] = []  # pushes beyond a checkpoint's cut, in arrival order
+        self._snapshot_taken: SnapshotTaken | None = None  # a checkpoint's snapshot to take once the cut is reached
 
     # -- requests -------------------------------------------------------------
     def push(self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone) -> None:
@@ -70,14 +87,12 @@ class Shard:
         else:
             grads = None
         with self._lock:
-            clock, steps, outcome = self._policy.push(self._clock, Contribution(worker, for_step, grads, based_on))
-            self._apply(steps)
-            self._clock = clock
-            if outcome is None:
-                self._pushes[(worker, for_step)] = done
-            else:
-                done(outcome)
-            self._settle(steps)
+            c = Contribution(worker, for_step, grads, based_on)
+            if self._policy.admits(self._clock, c):
+                self._take(c, done)
+                self._maybe_snapshot()
+            else:  # beyond a checkpoint's cut: waits, in a copy (the caller may reuse its buffers)
+                self._waiting.append((c._replace(grads=_detach(grads)), done))
 
     def pull(self, worker: int | None, ready: PullReady, lend: bool = True) -> None:
         """Calls `ready(version, leaves)` once `worker` may read (at once for `worker=None`).
@@ -96,6 +111,7 @@ class Shard:
             self._apply(steps)
             self._clock = clock
             self._settle(steps)
+            self._maybe_snapshot()
 
     def join(self, worker: int) -> int:
         """`worker` takes part (again, if it had left); returns the version, the step its first push is for."""
@@ -116,9 +132,72 @@ class Shard:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"shard": self.index, **self._clock.stats()}
+            restored = {} if self._restored_in is None else {"restored_in_s": self._restored_in}
+            return {"shard": self.index, **self._clock.stats(), **restored}
+
+    # -- checkpoints (the cut: `jaxps.consistency`) ---------------------------
+    def hold(self) -> Any:
+        """Stops where it is (pushes beyond wait); returns the mark the driver's cut is made of."""
+        with self._lock:
+            self._clock, mark = self._policy.hold(self._clock)
+            return mark
+
+    def cut(self, target: Any, taken: SnapshotTaken) -> None:
+        """Goes on to the cut `target`; there, calls `taken(state, info)` with a snapshot (under the lock), then goes on."""
+        with self._lock:
+            clock, steps = self._policy.cut(self._clock, target)
+            self._apply(steps)
+            self._clock = clock
+            self._settle(steps)
+            self._snapshot_taken = taken
+            waiting, self._waiting = self._waiting, []
+            for c, done in waiting:
+                if self._policy.admits(self._clock, c):
+                    self._take(c, done)
+                else:
+                    self._waiting.append((c, done))
+            self._maybe_snapshot()
+
+    def release(self) -> None:
+        """Ends a hold without a snapshot (a checkpoint that failed)."""
+        with self._lock:
+            self._snapshot_taken = None
+            self._release()
 
     # -- internals ------------------------------------------------------------
+    def _take(self, c: Contribution, done: PushDone) -> None:
+        clock, steps, outcome = self._policy.push(self._clock, c)
+        self._apply(steps)
+        self._clock = clock
+        if outcome is None:
+            self._pushes[(c.worker, c.for_step)] = done
+        else:
+            done(outcome)
+        self._settle(steps)
+
+    def _maybe_snapshot(self) -> None:
+        """At the cut: the snapshot (numpy copies of params and optax state), then the hold ends."""
+        if self._snapshot_taken is not None and self._policy.reached(self._clock):
+            from jaxps.checkpoint import shard_state
+
+            taken, self._snapshot_taken = self._snapshot_taken, None
+            info = {"step": self._clock.applied, "version": self._clock.version}
+            try:
+                state = shard_state(self._plan, self.index, self._params, self._opt_state)
+            except Exception as e:  # answered, never raised into the push that reached the cut
+                state, info = None, {"error": f"shard {self.index}: snapshot failed: {type(e).__name__}: {e}"}
+            self._release()
+            taken(state, info)
+
+    def _release(self) -> None:
+        clock, steps = self._policy.release(self._clock)
+        self._apply(steps)
+        self._clock = clock
+        self._settle(steps)
+        waiting, self._waiting = self._waiting, []
+        for c, done in waiting:
+            self._take(c, done)
+
     def _own(self, x: Any, copy: bool) -> jax.Array:
         """`x` on the shard's device, copied if asked.
 
@@ -163,3 +242,19 @@ class Shard:
             else:
                 waiting.append((worker, ready, lend))
         self._pulls = waiting
+
+
+def _detach(grads: Any) -> Any:
+    """Private host copies of `grads` (None stays None), on the default device."""
+    return None if grads is None else jax.tree.map(lambda x: jax.device_put(np.array(x, copy=True)), grads)
+
+
+def _load(config: ShardConfig) -> tuple[list, Any, int, int]:
+    """This shard's (leaves, opt_state, version, applied steps) from the checkpoint in `config.restore`."""
+    from jaxps import checkpoint
+
+    directory, step, version = config.restore
+    paths = checkpoint.expected_state(config.plan, config.tx, config.index)
+    _, state = checkpoint.read(directory, step, paths, check_replicated=False)
+    leaves, opt_state = checkpoint.restore_shard(config.plan, config.tx, config.index, state)
+    return leaves, opt_state, version, step

@@ -42,7 +42,7 @@ def ray_session():
 
 @pytest.fixture
 def make_server(transport):
-    """`make_server(params, tx, **kw)` -> a ParameterServer on `transport`, closed after the test."""
+    """`make_server(params, tx, **kw)` -> a ParameterServer on `transport`, closed after the test; `.restore` likewise."""
     servers = []
 
     where = {"transport": transport}
@@ -53,6 +53,13 @@ def make_server(transport):
         ps = jaxps.ParameterServer(params, tx, **where, **kw)
         servers.append(ps)
         return ps
+
+    def restore(directory, params, tx, **kw):
+        ps = jaxps.ParameterServer.restore(directory, params, tx, **where, **kw)
+        servers.append(ps)
+        return ps
+
+    make.restore = restore  # `make_server.restore(directory, params, tx, **kw)`: ParameterServer.restore there
 
     yield make
     for ps in servers:

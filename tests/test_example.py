@@ -15,6 +15,9 @@ import cloudpickle
 import numpy as np
 import pytest
 
+import jaxps
+import jaxps.checkpoint
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -154,3 +157,19 @@ def test_compare_plots_sync_and_async(tmp_path):
     assert [r["mode"] for r in results] == ["sync", "async"]
     assert [r["steps"] for r in results] == [6, 12]
     assert png.stat().st_size > 1000
+
+
+@needs_fashion_mnist
+def test_checkpoint_dir_saves_and_a_second_run_resumes(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    argv = ["--mode", "sync", "--batch-size", "16", "--train-limit", "512", "--test-limit", "100",
+            "--eval-every", "3", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]  # fmt: skip
+    (first,) = mnist.main(argv + ["--steps", "6"])
+    assert first["steps"] == 6 and jaxps.checkpoint.steps(ckpt)[-1] == 6
+    (second,) = mnist.main(argv + ["--steps", "12"])  # the same directory: goes on from step 6
+    out = capsys.readouterr().out
+    assert f"resuming from the checkpoint of step 6 in {ckpt}" in out
+    assert second["steps"] == 12 and jaxps.checkpoint.steps(ckpt)[-1] == 12
+    steps = [h["step"] for h in second["history"]]
+    assert steps[-1] == 12 and all(s > 6 for s in steps), steps  # the curve goes on from step 6
+    assert len(jaxps.checkpoint.steps(ckpt)) <= 3  # keep=3

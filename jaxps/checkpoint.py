@@ -1,0 +1,447 @@
+"""Checkpoints keyed by tree path: the format and its files.
+
+A shard's state is a flat mapping from *state paths* to numpy arrays:
+``"params" + keystr(path)`` for each of its parameter leaves
+(``params['conv']['kernel']``) and ``"opt_state" + keystr(path)`` for each leaf
+of its optax state (``opt_state[0].mu['conv']['kernel']``). The optax state of
+a shard's view has the key paths of the unsharded state minus the other
+shards' leaves, and leaf-wide scalars (Adam's ``count``) on every shard with
+the same value. So the union of the shards' mappings is the unsharded
+state's mapping, whatever the plan, and a checkpoint restores into any
+number of shards: each new shard builds its state structure with
+``tx.init`` on its view and fills every leaf by path.
+
+On disk::
+
+    root/
+      jaxps_checkpoints.json     the model's marker: fingerprint and parameter specs (first save)
+      <step>/                    one directory per step, named by the step number
+        part_<k>/                an orbax checkpoint written by writer k (shard k), alone:
+          arrays/                  its arrays under generated names a0, a1, ... (OCDBT)
+          index/                   JSON: state path -> [name, shape, dtype]
+        jaxps_checkpoint.json    the step's metadata, written last, by the driver
+
+Atomicity: orbax writes each part into a temporary directory and renames it
+when complete; the driver writes ``jaxps_checkpoint.json`` (temporary file,
+fsync, rename, fsync of the directory) only once every part is in place. A
+step is complete if and only if its metadata file exists: readers ignore
+every other step directory, and the driver removes them (a step it is about
+to write again, and those older than a step it commits). Retention removes a
+step's metadata file first and then its directory, so a crash while removing
+leaves an incomplete step, never a corrupt complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from jaxps.plan import Plan, leaf_specs
+
+PARAMS = "params"
+OPT_STATE = "opt_state"
+METADATA = "jaxps_checkpoint.json"
+MARKER = "jaxps_checkpoints.json"
+FORMAT = "jaxps-checkpoint/1"
+
+Spec = tuple[tuple[int, ...], str]  # (shape, dtype name)
+
+# orbax's checkpointers are not safe to run in parallel in one process (shared
+# operation ids, temporary directories): one at a time per process.
+_ORBAX = threading.Lock()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit: another model, a template or optimizer that differs, parts that disagree."""
+
+
+# -- pure: state <-> path-keyed mapping ----------------------------------------
+
+
+def spec_of(x: Any) -> Spec:
+    """(shape, dtype name) of an array or `jax.ShapeDtypeStruct`."""
+    return tuple(int(d) for d in np.shape(x)), np.dtype(x.dtype).name
+
+
+def describe(spec: Spec | None) -> str:
+    return "no such path" if spec is None else f"{spec[0]} {spec[1]}"
+
+
+def flatten(prefix: str, tree: Any) -> dict[str, Any]:
+    """`{prefix + keystr(path): leaf}` for every leaf of `tree`."""
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {prefix + jax.tree_util.keystr(path): leaf for path, leaf in with_paths}
+
+
+def _structure(plan: Plan, tx: optax.GradientTransformation, shard: int) -> tuple[Any, Any, dict[str, Spec]]:
+    """Shard `shard`'s view and `tx.init` state as `ShapeDtypeStruct`s (nothing allocated), and their specs by path."""
+    view = plan.view(shard, [jax.ShapeDtypeStruct(plan.leaves[i].shape, plan.leaves[i].dtype) for i in plan.shard_leaves[shard]])
+    opt_state = jax.eval_shape(tx.init, view)
+    specs = {k: spec_of(v) for k, v in {**flatten(PARAMS, view), **flatten(OPT_STATE, opt_state)}.items()}
+    return view, opt_state, specs
+
+
+def shard_state(plan: Plan, shard: int, params_view: Any, opt_state: Any) -> dict[str, np.ndarray]:
+    """Shard `shard`'s parameters and optax state as `{state path: numpy copy}`.
+
+    Copies, so the shard's next (donating) step cannot change what is saved.
+    """
+    state = {**flatten(PARAMS, params_view), **flatten(OPT_STATE, opt_state)}
+    owned = {PARAMS + plan.leaves[i].path for i in plan.shard_leaves[shard]}
+    got = {k for k in state if k.startswith(PARAMS)}
+    if got != owned:
+        raise CheckpointError(
+            f"shard {shard}'s parameter view does not match the plan: missing {sorted(owned - got)}, "
+            f"unexpected {sorted(got - owned)}"
+        )
+    return {k: np.array(v, copy=True) for k, v in state.items()}
+
+
+def expected_state(plan: Plan, tx: optax.GradientTransformation, shard: int) -> dict[str, Spec]:
+    """The state paths shard `shard` of `plan` holds under `tx`, with their specs (no arrays allocated)."""
+    return _structure(plan, tx, shard)[2]
+
+
+def mismatches(saved: Mapping[str, Spec], expected: Mapping[str, Spec], other: str) -> list[str]:
+    """One line per path whose spec differs: `path: checkpoint <spec>, <other> <spec>`."""
+    lines = []
+    for path in sorted(set(saved) | set(expected)):
+        a, b = saved.get(path), expected.get(path)
+        if a is None or b is None or tuple(a[0]) != tuple(b[0]) or a[1] != b[1]:
+            lines.append(f"{path}: checkpoint {describe(a)}, {other} {describe(b)}")
+    return lines
+
+
+def _raise(header: str, lines: list[str], limit: int = 20) -> None:
+    if lines:
+        more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+        raise CheckpointError(header + "\n  " + "\n  ".join(lines[:limit]) + more)
+
+
+def param_specs(tree_or_plan: Any) -> dict[str, Spec]:
+    """`{keystr path: (shape, dtype)}` of a parameter tree or a plan's leaves."""
+    specs = tree_or_plan.leaves if isinstance(tree_or_plan, Plan) else leaf_specs(tree_or_plan)[0]
+    return {s.path: (tuple(s.shape), np.dtype(s.dtype).name) for s in specs}
+
+
+def fingerprint(specs: Mapping[str, Spec]) -> str:
+    """A hash of the sorted parameter paths, shapes and dtypes: tells one model's directory from another's."""
+    text = json.dumps(sorted([p, list(s[0]), s[1]] for p, s in specs.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_template(metadata: Mapping, template: Any, where: str = "the checkpoint") -> None:
+    """Raises `CheckpointError` naming every parameter path whose structure, shape or dtype differs."""
+    saved = {p: (tuple(s["shape"]), s["dtype"]) for p, s in metadata["params"].items()}
+    _raise(f"{where} does not match the template parameters:", mismatches(saved, param_specs(template), "template"))
+
+
+def check_state(saved: Mapping[str, Spec], plan: Plan, tx: optax.GradientTransformation, where: str = "the checkpoint") -> None:
+    """Raises `CheckpointError` unless `saved` holds exactly the paths and specs `plan`'s shards need under `tx`."""
+    expected: dict[str, Spec] = {}
+    for shard in range(plan.num_shards):
+        expected.update(expected_state(plan, tx, shard))
+    _raise(f"{where} does not match the parameters and tx.init of the optimizer:", mismatches(saved, expected, "expected"))
+
+
+def restore_shard(plan: Plan, tx: optax.GradientTransformation, shard: int, state: Mapping[str, Any]) -> tuple[list[np.ndarray], Any]:
+    """Shard `shard`'s `(leaves, opt_state)` from a path-keyed mapping (extra paths are ignored).
+
+    The optax state has the structure of `tx.init` on the shard's view, every
+    leaf taken from `state` by path. Arrays are returned as they come (numpy):
+    the shard copies them onto its device.
+    """
+    _, structure, expected = _structure(plan, tx, shard)
+    _raise(
+        f"the checkpoint does not hold shard {shard}'s state:",
+        mismatches({k: spec_of(state[k]) for k in expected if k in state}, expected, "expected"),
+    )
+    leaves = [state[PARAMS + plan.leaves[i].path] for i in plan.shard_leaves[shard]]
+    opt_state = jax.tree_util.tree_map_with_path(lambda p, _: state[OPT_STATE + jax.tree_util.keystr(p)], structure)
+    return leaves, opt_state
+
+
+def restore_shards(plan: Plan, tx: optax.GradientTransformation, state: Mapping[str, Any]) -> list[tuple[list[np.ndarray], Any]]:
+    """Every shard's `(leaves, opt_state)` of `plan`, after checking that `state` holds exactly what they need."""
+    check_state({k: spec_of(v) for k, v in state.items()}, plan, tx)
+    return [restore_shard(plan, tx, s, state) for s in range(plan.num_shards)]
+
+
+# -- files ---------------------------------------------------------------------
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp  # imported on first use: importing it takes a second or more
+
+    handler = ocp.CompositeCheckpointHandler(
+        arrays=ocp.PyTreeCheckpointHandler(use_compression=False),  # float state hardly compresses; speed first
+        index=ocp.JsonCheckpointHandler(),
+    )
+    return ocp, ocp.Checkpointer(handler)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomically: a temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _step_dirs(root: Path) -> dict[int, Path]:
+    return {int(p.name): p for p in root.iterdir() if p.name.isdigit() and p.is_dir()} if root.is_dir() else {}
+
+
+def steps(directory: str | os.PathLike) -> list[int]:
+    """The complete steps in `directory`, oldest first (none for a missing directory)."""
+    return sorted(s for s, p in _step_dirs(Path(directory)).items() if (p / METADATA).is_file())
+
+
+def _remove_step(path: Path) -> None:
+    (path / METADATA).unlink(missing_ok=True)  # first: the step is incomplete from here on
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def check_directory(directory: str | os.PathLike, plan: Plan) -> bool:
+    """Whether `directory` holds this model's checkpoints (False: absent or empty, so free to claim).
+
+    Raises `CheckpointError` if it holds another model's (naming the paths that
+    differ) or other files.
+    """
+    root = Path(directory)
+    marker = root / MARKER
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        specs = param_specs(plan)
+        if saved.get("fingerprint") != fingerprint(specs):
+            lines = mismatches({p: (tuple(s["shape"]), s["dtype"]) for p, s in saved["params"].items()}, specs, "this model")
+            _raise(f"{root} holds checkpoints of another model; refusing to save there:", lines or ["(fingerprints differ)"])
+        return True
+    if root.exists() and any(not p.name.startswith(MARKER + ".tmp-") for p in root.iterdir()):
+        raise CheckpointError(f"{root} is not empty and holds no jaxps checkpoints ({MARKER} is missing); refusing to save there")
+    return False
+
+
+def prepare(directory: str | os.PathLike, step: int, plan: Plan, replace: bool = False) -> None:
+    """Driver, before any part of `step` is written: claims or checks the directory, clears a stale `step`.
+
+    Refuses a directory holding another model's checkpoints (or other files),
+    and a `step` that is already complete there, unless `replace` (then it is
+    removed, metadata first).
+    """
+    root = Path(directory)
+    specs = param_specs(plan)
+    marker = root / MARKER
+    if not check_directory(root, plan):
+        root.mkdir(parents=True, exist_ok=True)
+        _write_json(marker, {"format": FORMAT, "fingerprint": fingerprint(specs), "params": _specs_json(specs)})
+    path = root / str(step)
+    if (path / METADATA).is_file() and not replace:
+        raise CheckpointError(f"step {step} already exists in {root} (complete steps: {steps(root)})")
+    if path.exists():
+        _remove_step(path)  # left by a save that did not finish (or replaced)
+    path.mkdir()
+
+
+def write_part(directory: str | os.PathLike, step: int, part: int, state: Mapping[str, np.ndarray]) -> None:
+    """Writer `part` (shard `part`), alone: writes its path-keyed `state` as `<directory>/<step>/part_<part>`.
+
+    Atomic by orbax (temporary directory, then rename). The step is not complete until `commit`.
+    """
+    ocp, checkpointer = _checkpointer()
+    names = {path: f"a{i}" for i, path in enumerate(sorted(state))}
+    arrays = {names[p]: np.asarray(x) for p, x in state.items()}
+    index = {p: [names[p], list(np.shape(x)), np.dtype(x.dtype).name] for p, x in state.items()}
+    target = Path(directory) / str(step) / f"part_{part}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _ORBAX:
+        checkpointer.save(target, ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), index=ocp.args.JsonSave(index)))
+        checkpointer.close()
+
+
+def _specs_json(specs: Mapping[str, Spec]) -> dict:
+    return {p: {"shape": list(s[0]), "dtype": s[1]} for p, s in specs.items()}
+
+
+def commit(
+    directory: str | os.PathLike,
+    step: int,
+    plan: Plan,
+    *,
+    mode: str | None = None,
+    keep: int | None = None,
+    extra: Mapping | None = None,
+) -> dict:
+    """Driver, once every shard of `plan` has written its part: makes `step` complete, then applies retention.
+
+    Writes the metadata last and atomically; removes incomplete steps older
+    than `step`, and complete ones beyond the `keep` latest. Returns the metadata.
+    """
+    from jaxps import __version__
+
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+    root = Path(directory)
+    path = root / str(step)
+    missing = [f"part_{k}" for k in range(plan.num_shards) if not (path / f"part_{k}").is_dir()]
+    if missing:
+        raise CheckpointError(f"cannot commit step {step} in {root}: parts {missing} have not been written")
+    _fsync_dir(path)  # the parts' renames are durable before the metadata names them
+    specs = param_specs(plan)
+    metadata = {
+        "format": FORMAT,
+        "step": int(step),
+        "mode": mode,
+        "num_shards": plan.num_shards,
+        "parts": [f"part_{k}" for k in range(plan.num_shards)],
+        "plan": plan.paths,
+        "params": _specs_json(specs),
+        "fingerprint": fingerprint(specs),
+        "jaxps_version": __version__,
+        **({"extra": dict(extra)} if extra else {}),
+    }
+    _write_json(path / METADATA, metadata)
+    complete = steps(root)
+    for s, p in _step_dirs(root).items():
+        if (s < step and s not in complete) or (keep is not None and s in complete[:-keep]):
+            _remove_step(p)
+    return metadata
+
+
+def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The metadata of `step` (default: the latest complete step) in `directory`."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+    complete = steps(root)
+    if not complete:
+        raise FileNotFoundError(f"{root} holds no complete checkpoint")
+    if step is None:
+        step = complete[-1]
+    elif step not in complete:
+        raise FileNotFoundError(f"{root} has no complete checkpoint for step {step}; complete steps: {complete}")
+    metadata = json.loads((root / str(step) / METADATA).read_text())
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"step {step} in {root} has format {metadata.get('format')!r}; this jaxps reads {FORMAT!r}")
+    return metadata
+
+
+def read_index(directory: str | os.PathLike, metadata: Mapping) -> dict[str, list[tuple[str, str, Spec]]]:
+    """`{state path: [(part, array name, spec), ...]}` of a complete step: where each path is stored."""
+    ocp, checkpointer = _checkpointer()
+    where: dict[str, list[tuple[str, str, Spec]]] = {}
+    for part in metadata["parts"]:
+        path = Path(directory) / str(metadata["step"]) / part
+        with _ORBAX:
+            index = checkpointer.restore(path, ocp.args.Composite(index=ocp.args.JsonRestore()))["index"]
+        for p, (name, shape, dtype) in index.items():
+            where.setdefault(p, []).append((part, name, (tuple(shape), dtype)))
+    checkpointer.close()
+    lines = [f"{p}: " + ", ".join(f"{part} {describe(s)}" for part, _, s in places) for p, places in where.items() if len({s for _, _, s in places}) > 1]
+    _raise(f"step {metadata['step']} in {directory}: parts disagree on", lines)
+    return where
+
+
+def read(
+    directory: str | os.PathLike,
+    step: int | None = None,
+    paths: Iterable[str] | None = None,
+    *,
+    check_replicated: bool = True,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """`(metadata, {state path: array})` of `step` (default: latest complete), for `paths` (default: all).
+
+    Reads only the parts holding the requested paths. A path stored by
+    several parts (a replicated scalar such as Adam's count) is read from each
+    and must agree bit for bit; `check_replicated=False` reads it from the
+    first part only (for a shard whose driver has checked them).
+    """
+    metadata = read_metadata(directory, step)
+    where = read_index(directory, metadata)
+    wanted = sorted(where) if paths is None else list(paths)
+    absent = [p for p in wanted if p not in where]
+    if absent:
+        raise CheckpointError(f"step {metadata['step']} in {directory} does not hold {absent[:10]}")
+    per_part: dict[str, list[str]] = {}
+    for p in wanted:
+        where[p] = where[p] if check_replicated else where[p][:1]
+        for part, name, _ in where[p]:
+            per_part.setdefault(part, []).append(name)
+    ocp, checkpointer = _checkpointer()
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    for part, names in per_part.items():
+        item = {n: 0 for n in names}
+        restore_args = {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}
+        path = Path(directory) / str(metadata["step"]) / part
+        with _ORBAX:
+            arrays[part] = checkpointer.restore(
+                path, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+            )["arrays"]
+    checkpointer.close()
+    state = {}
+    for p in wanted:
+        values = [(part, arrays[part][name]) for part, name, _ in where[p]]
+        first = values[0][1]
+        differ = [part for part, v in values[1:] if np.asarray(v).tobytes() != np.asarray(first).tobytes()]
+        if differ:
+            raise CheckpointError(
+                f"{p}: saved by several shards with different values: "
+                + ", ".join(f"{part} {np.asarray(v).ravel()[:4]}" for part, v in values)
+            )
+        state[p] = first
+    return metadata, state
+
+
+def save(
+    directory: str | os.PathLike,
+    step: int,
+    plan: Plan,
+    states: Sequence[Mapping[str, np.ndarray]],
+    *,
+    mode: str | None = None,
+    keep: int | None = None,
+    extra: Mapping | None = None,
+) -> dict:
+    """All of a checkpoint from one process: `prepare`, each shard's `write_part`, `commit`."""
+    if len(states) != plan.num_shards:
+        raise ValueError(f"one state per shard: the plan has {plan.num_shards} shards, got {len(states)} states")
+    prepare(directory, step, plan)
+    for k, state in enumerate(states):
+        write_part(directory, step, k, state)
+    return commit(directory, step, plan, mode=mode, keep=keep, extra=extra)
+
+
+def restore(
+    directory: str | os.PathLike, params: Any, tx: optax.GradientTransformation, plan: Plan, step: int | None = None
+) -> tuple[dict, list[tuple[list[np.ndarray], Any]]]:
+    """`(metadata, [(leaves, opt_state) per shard of plan])` from `step` (default: latest complete), from one process.
+
+    `params` is the template: structure, shapes and dtypes must match the checkpoint's.
+    """
+    metadata = read_metadata(directory, step)
+    where = f"step {metadata['step']} in {directory}"
+    check_template(metadata, params, where)
+    index = read_index(directory, metadata)  # checked before any array is read
+    check_state({p: places[0][2] for p, places in index.items()}, plan, tx, where)
+    _, state = read(directory, metadata["step"])
+    return metadata, [restore_shard(plan, tx, s, state) for s in range(plan.num_shards)]

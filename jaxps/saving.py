@@ -1,0 +1,125 @@
+"""The driver's side of checkpoints: `ps.save`, and `Checkpointing` in the background.
+
+A save of a running server, in four rounds of shard requests (`jaxps.service`):
+
+1. `Hold` every shard: each stops where it is and answers its mark.
+2. `Snapshot(cut_of(marks))`: each goes on to the common cut (the pushes that
+   some shard has already taken are on their way to the others), copies its
+   parameters and optax state to host memory there, and goes on training;
+   answers its step.
+3. `checkpoint.prepare` the step's directory, then `WritePart` on every shard:
+   each writes its own part from its own process (bytes never pass through the
+   driver), off its lock.
+4. `checkpoint.commit`: metadata last, then retention.
+
+Saves are serialised: one thread runs them, in order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxps import checkpoint
+from jaxps.client import gather
+from jaxps.consistency import cut_of
+from jaxps.plan import Plan
+from jaxps.service import Hold, Snapshot, WritePart
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Save into `directory` every `every` steps, in the background, keeping the `keep` latest (None: all).
+
+    `poll` is how often (seconds) the driver looks at the step count.
+    """
+
+    directory: str | os.PathLike
+    every: int
+    keep: int | None = None
+    poll: float = 0.1
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"Checkpointing(every=...) must be a positive int, got {self.every!r}")
+        if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 1):
+            raise ValueError(f"Checkpointing(keep=...) must be a positive int or None, got {self.keep!r}")
+
+
+class Saver:
+    """Runs a server's saves, one at a time, on a thread of its own; optionally every N steps."""
+
+    def __init__(self, plan: Plan, channels: Sequence[Any], mode: str, start_step: int = 0):
+        self._plan, self._channels, self._mode = plan, list(channels), mode
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxps-checkpoint")
+        self._last: tuple[Path, int] | None = None  # (directory, step) of the last save of this server
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._start_step = start_step
+
+    def save(self, directory: str | os.PathLike, keep: int | None = None) -> concurrent.futures.Future:
+        """A future of the step saved into `directory`."""
+        return self._executor.submit(self._save, Path(directory), keep)
+
+    def every(self, config: Checkpointing, step_now) -> None:
+        """Saves per `config` whenever `step_now()` has gone `config.every` steps beyond the last save."""
+
+        def watch() -> None:
+            last = self._start_step
+            while not self._stop.wait(config.poll):
+                try:
+                    step = step_now()
+                except Exception:
+                    return  # the server is closed or a shard is gone
+                if step >= last + config.every:
+                    future = self.save(config.directory, config.keep)
+                    try:
+                        last = future.result()
+                    except Exception as e:
+                        warnings.warn(f"jaxps: a checkpoint into {config.directory} failed: {e}", RuntimeWarning)
+                        last = step
+
+        self._watcher = threading.Thread(target=watch, name="jaxps-checkpointing", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stops saving every N steps; waits for a save in flight."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        self._executor.shutdown(wait=True)
+
+    def _save(self, root: Path, keep: int | None) -> int:
+        try:
+            marks = gather([ch.submit(Hold()) for ch in self._channels])
+            infos = gather([ch.submit(Snapshot(cut_of(marks))) for ch in self._channels])
+        except BaseException:
+            for ch in self._channels:  # a shard that answered may still hold: let it go on
+                try:
+                    ch.call(Snapshot(None), timeout=10)
+                except Exception:
+                    pass
+            raise
+        errors = [i["error"] for i in infos if "error" in i]
+        if errors:
+            raise checkpoint.CheckpointError("; ".join(errors))
+        step, version = infos[0]["step"], infos[0]["version"]
+        if any((i["step"], i["version"]) != (step, version) for i in infos):
+            raise checkpoint.CheckpointError(f"the shards' snapshots are not one cut: {infos}")  # a bug if ever seen
+        if self._last == (root, step):
+            # this server saved this very step there: the same state (steps only grow); drop the snapshots
+            gather([ch.submit(WritePart(None, step)) for ch in self._channels])
+            return step
+        # a complete `step` there is another run's (this server restored an older step): the newest wins
+        checkpoint.prepare(root, step, self._plan, replace=True)
+        failures = [f for f in gather([ch.submit(WritePart(str(root), step)) for ch in self._channels]) if f]
+        if failures:
+            raise checkpoint.CheckpointError(f"step {step} in {root} was not saved:\n" + "\n".join(failures))
+        checkpoint.commit(root, step, self._plan, mode=self._mode, keep=keep, extra={"version": version})
+        self._last = (root, step)
+        return step
