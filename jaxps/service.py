@@ -190,7 +190,6 @@ class ShardService:
     def _stats(self, request: Stats, reply: Reply, arrays: Any) -> None:
         reply.send(self.shard.stats())
 
-
     def _hold(self, request: Hold, reply: Reply, arrays: Any) -> None:
         reply.send(self.shard.hold())
 
