@@ -88,6 +88,7 @@ def push_all(ps, params, ks):
         assert ps.push(helpers.grads_like(params, k)).result() == "applied"
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_for_momentum(make_server, tmp_path):
     params, tx = helpers.params_tree(), optax.sgd(0.1, momentum=0.9)
     ps = make_server(params, tx, shards=2)
@@ -103,6 +104,7 @@ def test_resume_is_bit_identical_for_momentum(make_server, tmp_path):
     helpers.assert_trees_equal(restored.params(), uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_in_sync_mode_is_bit_identical(make_server, tmp_path):
     params, tx = helpers.params_tree(), optax.sgd(0.1, momentum=0.9)
 
@@ -125,6 +127,7 @@ def test_resume_in_sync_mode_is_bit_identical(make_server, tmp_path):
     helpers.assert_trees_equal(restored.params(), uninterrupted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before, after", [(3, 1), (1, 2), (2, 5)])
 def test_reshard_with_adam_equals_plain_optax(make_server, tmp_path, before, after):
     params, tx = helpers.params_tree(), optax.adam(1e-2)
@@ -140,6 +143,7 @@ def test_reshard_with_adam_equals_plain_optax(make_server, tmp_path, before, aft
     helpers.assert_trees_equal(restored.params(), expected, ulp=helpers.ULP)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_save_racing_with_pushes_from_two_threads_is_a_consistent_cut(make_server, tmp_path, mode):
     # sgd with lr -1 from zeros: every push adds its value to every leaf, so a cut holding
@@ -179,6 +183,7 @@ def test_save_racing_with_pushes_from_two_threads_is_a_consistent_cut(make_serve
         assert len(values) == 1, f"step {step}: leaves hold different sums {sorted(values)}"
 
 
+@pytest.mark.slow
 def test_checkpointing_in_the_background_keeps_k(make_server, tmp_path):
     params, tx = helpers.params_tree(), optax.adam(1e-2)
     ps = make_server(params, tx, shards=2, checkpoint=jaxps.Checkpointing(tmp_path / "ck", every=2, keep=2, poll=0.01))
@@ -193,6 +198,7 @@ def test_checkpointing_in_the_background_keeps_k(make_server, tmp_path):
     assert restored.step == kept[-1]
 
 
+@pytest.mark.slow
 def test_save_keep_and_repeated_save(make_server, tmp_path):
     params, tx = helpers.params_tree(), optax.sgd(0.1)
     ps = make_server(params, tx, shards=2)
@@ -235,6 +241,7 @@ def test_restore_errors_name_the_paths(tmp_path):
     assert ck.steps(tmp_path / "ck") == [1]
 
 
+@pytest.mark.slow
 def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
     script = textwrap.dedent(
         f"""

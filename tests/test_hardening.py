@@ -105,6 +105,7 @@ def test_garbage_oversized_and_silent_peers_do_not_stall_a_shard(endpoint_server
             sock.close()
 
 
+@pytest.mark.slow
 def test_a_peer_that_stays_silent_is_cut_off(endpoint_server):
     ps, opened = endpoint_server
     from jaxps.transports import wire
@@ -119,6 +120,7 @@ def test_a_peer_that_stays_silent_is_cut_off(endpoint_server):
     sock.close()
 
 
+@pytest.mark.slow
 def test_running_a_shard_out_of_file_descriptors_recovers(endpoint_server):
     ps, opened = endpoint_server
     pid = ps._channels[0].endpoint.pid
@@ -313,6 +315,7 @@ def _session_processes(sid: int) -> list[int]:
     return left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["inprocess", "multiprocessing", "ray"])
 def test_ctrl_c_stops_run_workers_and_leaves_nothing(tmp_path, transport):
     if transport == "ray":

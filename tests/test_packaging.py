@@ -42,6 +42,7 @@ def test_the_editable_install_from_outside_the_repo(tmp_path):
     assert Path(jaxps_file).parent == REPO / "jaxps"
 
 
+@pytest.mark.slow
 def test_a_wheel_in_a_fresh_environment(tmp_path):
     pytest.importorskip("setuptools")
     wheels = tmp_path / "wheels"
