@@ -278,7 +278,9 @@ def test_a_client_of_a_closed_server_fails_at_once(make_server):
 
 # -- Ctrl-C ----------------------------------------------------------------------------------
 _CTRL_C = """
-import os, sys, time
+import os, signal, sys, time
+# as started from a terminal: a test runner in the background may hand us SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np, optax, jaxps
 
 def work(client, n):
