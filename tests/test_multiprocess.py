@@ -348,7 +348,8 @@ def test_start_timeout():
 
 
 _SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, whatever the runner ignores
 import numpy as np, optax, jaxps
 if __name__ == "__main__":
     ps = jaxps.ParameterServer({"w": np.zeros(1000, np.float32)}, optax.sgd(0.1), shards=1,
