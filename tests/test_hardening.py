@@ -173,7 +173,8 @@ def test_another_user_cannot_connect(endpoint_server):
         warnings.simplefilter("ignore", RuntimeWarning)  # fork with JAX threads: the child runs no JAX
         as_nobody()
     assert os.WEXITSTATUS(done["status"]) == 0
-    assert wire.peer_uid is not None
+    with _connect(opened[0]) as sock:  # the uid check reads the peer's credentials: here, the shard's own user
+        assert wire.peer_uid(sock) == os.getuid()
     _pull_in_a_new_thread(ps, timeout=10)
 
 
