@@ -90,10 +90,12 @@ def _structure(plan: Plan, tx: optax.GradientTransformation, shard: int) -> tupl
     return view, opt_state, specs
 
 
-def shard_state(plan: Plan, shard: int, params_view: Any, opt_state: Any) -> dict[str, np.ndarray]:
+def shard_state(plan: Plan, shard: int, params_view: Any, opt_state: Any, reuse: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Shard `shard`'s parameters and optax state as `{state path: numpy copy}`.
 
-    Copies, so the shard's next (donating) step cannot change what is saved.
+    Copies, so the shard's next (donating) step cannot change what is saved:
+    into the arrays of `reuse` (an earlier snapshot, written and done with)
+    where path, shape and dtype match, else into new ones.
     """
     state = {**flatten(PARAMS, params_view), **flatten(OPT_STATE, opt_state)}
     owned = {PARAMS + plan.leaves[i].path for i in plan.shard_leaves[shard]}
@@ -103,7 +105,16 @@ def shard_state(plan: Plan, shard: int, params_view: Any, opt_state: Any) -> dic
             f"shard {shard}'s parameter view does not match the plan: missing {sorted(owned - got)}, "
             f"unexpected {sorted(got - owned)}"
         )
-    return {k: np.array(v, copy=True) for k, v in state.items()}
+    reuse = reuse or {}
+    return {k: _copy(v, reuse.get(k)) for k, v in state.items()}
+
+
+def _copy(x: Any, into: np.ndarray | None) -> np.ndarray:
+    x = np.asarray(x)
+    if into is None or into.shape != x.shape or into.dtype != x.dtype:
+        return np.array(x, copy=True)
+    np.copyto(into, x)  # pages already mapped: no page faults, unlike a fresh copy
+    return into
 
 
 def expected_state(plan: Plan, tx: optax.GradientTransformation, shard: int) -> dict[str, Spec]:
@@ -182,8 +193,16 @@ def restore_shards(plan: Plan, tx: optax.GradientTransformation, state: Mapping[
 def _checkpointer():
     import orbax.checkpoint as ocp  # imported on first use: importing it takes a second or more
 
+    th = ocp.type_handlers
+    # a writer's arrays are its own snapshot, never changed while written: no defensive copy
+    # (orbax's default deep-copies every numpy array before writing it)
+    registry = th.create_type_handler_registry(
+        *[(t, th.ScalarHandler()) for t in (int, float, bytes, np.number)],
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+    )
     handler = ocp.CompositeCheckpointHandler(
-        arrays=ocp.PyTreeCheckpointHandler(use_compression=False),  # float state hardly compresses; speed first
+        # float state hardly compresses: speed first
+        arrays=ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry),
         index=ocp.JsonCheckpointHandler(),
     )
     return ocp, ocp.Checkpointer(handler)

@@ -207,6 +207,7 @@ class ShardService:
     def _write_part(self, request: WritePart, reply: Reply, arrays: Any) -> None:
         state, self._saved = self._saved, None
         if request.directory is None:
+            self.shard.done_with(state)
             return reply.send(None)
         if state is None:
             return reply.send(f"shard {self.shard.index} holds no snapshot to write")
@@ -222,6 +223,7 @@ class ShardService:
                 write_part(request.directory, request.step, self.shard.index, state)
             except Exception:
                 return reply.send(f"shard {self.shard.index} could not write its part:\n{traceback.format_exc()}")
+            self.shard.done_with(state)
             reply.send(None)
 
         threading.Thread(target=write, name=f"jaxps-shard{self.shard.index}-checkpoint", daemon=True).start()

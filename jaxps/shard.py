@@ -57,6 +57,8 @@ class Shard:
         leaves, opt_state, version, applied = config.leaves, None, 0, 0
         self._restored_in: float | None = None  # seconds this shard took to read its checkpoint
         if config.restore is not None:
+            import orbax.checkpoint  # noqa: F401  (an import of seconds: not part of the reading timed below)
+
             started = time.perf_counter()
             leaves, opt_state, version, applied = _load(config)
             self._restored_in = time.perf_counter() - started
@@ -77,6 +79,7 @@ class Shard:
         self._pulls: list[tuple[int | None, PullReady, bool]] = []
         self._waiting: list[tuple[Contribution, PushDone]] = []  # pushes beyond a checkpoint's cut, in arrival order
         self._snapshot_taken: SnapshotTaken | None = None  # a checkpoint's snapshot to take once the cut is reached
+        self._spare: dict | None = None  # a written snapshot's arrays, for the next snapshot to copy into
 
     # -- requests -------------------------------------------------------------
     def push(self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone) -> None:
@@ -158,6 +161,10 @@ class Shard:
                     self._waiting.append((c, done))
             self._maybe_snapshot()
 
+    def done_with(self, snapshot: dict | None) -> None:
+        """A snapshot is written (or dropped): its arrays are the next snapshot's to copy into."""
+        self._spare = snapshot
+
     def release(self) -> None:
         """Ends a hold without a snapshot (a checkpoint that failed)."""
         with self._lock:
@@ -183,7 +190,7 @@ class Shard:
             taken, self._snapshot_taken = self._snapshot_taken, None
             info = {"step": self._clock.applied, "version": self._clock.version}
             try:
-                state = shard_state(self._plan, self.index, self._params, self._opt_state)
+                state = shard_state(self._plan, self.index, self._params, self._opt_state, self._spare)
             except Exception as e:  # answered, never raised into the push that reached the cut
                 state, info = None, {"error": f"shard {self.index}: snapshot failed: {type(e).__name__}: {e}"}
             self._release()

@@ -209,6 +209,20 @@ def test_save_keep_and_repeated_save(make_server, tmp_path):
     assert ck.steps(tmp_path / "ck") == [3, 4]
 
 
+def test_each_save_holds_its_own_step_though_snapshots_reuse_their_arrays(tmp_path):
+    """A shard copies each snapshot into the arrays of the last one it wrote: every checkpoint still holds its step."""
+    params, tx = helpers.params_tree(), optax.adam(1e-2)
+    expected = []
+    with jaxps.ParameterServer(params, tx, shards=2) as ps:
+        for k in range(3):
+            ps.push(helpers.grads_like(params, k)).result()
+            assert ps.save(tmp_path / f"ck{k}") == k + 1
+            expected.append(ps.params())
+    for k in range(3):
+        with jaxps.ParameterServer.restore(tmp_path / f"ck{k}", params, tx, shards=2) as restored:
+            helpers.assert_trees_equal(restored.params(), expected[k])
+
+
 def wait_for_save(directory, step, timeout=60.0):
     import time
 
