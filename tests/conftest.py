@@ -10,11 +10,12 @@ import jaxps
 
 # The conformance suite: tests taking the `transport` fixture run once per entry.
 # "ray" reaches its shards through shared memory here (one machine); "ray-objectstore"
-# is the Ray transport with shared_memory=False, as clients on other machines reach them.
+# is the Ray transport with shared_memory=False, as clients on other machines reach them
+# (with `-m slow`: it shares everything but the data path with "ray").
 TRANSPORTS = ["inprocess", "multiprocessing", "ray", "ray-objectstore"]
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture(params=[pytest.param(t, marks=pytest.mark.slow) if t == "ray-objectstore" else t for t in TRANSPORTS])
 def transport(request):
     """A transport name; transport-specific set-up (e.g. a shared Ray session) hangs off here."""
     if request.param.startswith("ray"):

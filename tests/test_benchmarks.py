@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRANSPORTS = ("inprocess", "multiprocessing", "ray", "ray-objectstore")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_quick_run_writes_table_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
