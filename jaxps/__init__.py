@@ -21,8 +21,18 @@ from jaxps.saving import Checkpointing as Checkpointing
 from jaxps.server import ParameterServer as ParameterServer
 from jaxps.update import NotShardableError as NotShardableError
 from jaxps.validate import PushError as PushError
+from jaxps.value_leaves import values as values
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("TrainState", "jit"):  # import flax.training: only when asked for
+        from jaxps import train_state
+
+        return getattr(train_state, name)
+    raise AttributeError(f"module 'jaxps' has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpointing",
@@ -35,7 +45,10 @@ __all__ = [
     "PushFuture",
     "ServerClosedError",
     "ShardDiedError",
+    "TrainState",
     "available_transports",
+    "jit",
     "make_plan",
     "register_transport",
+    "values",
 ]

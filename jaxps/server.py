@@ -19,6 +19,7 @@ from jaxps.service import Join, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
+from jaxps.value_leaves import with_values
 
 
 class ParameterServer:
@@ -45,6 +46,11 @@ class ParameterServer:
         (e.g. Ray's `address`, `num_cpus`, `num_gpus`, `resources`).
       checkpoint: `jaxps.Checkpointing(directory, every=N, keep=K)`: save every
         N steps in the background, keeping the K latest.
+      values: leaves that workers push values for, not gradients (BatchNorm
+        statistics): tree paths or path prefixes (`"batch_stats"`,
+        `"['bn']['mean']"`) or `fn(path, leaf) -> bool`. A step sets them to
+        the mean of its pushes' values in sync mode, to a running mean over
+        `workers` pushes otherwise (see `jaxps.values`).
     """
 
     def __init__(
@@ -62,11 +68,13 @@ class ParameterServer:
         nonfinite: str = "raise",
         transport_options: dict | None = None,
         checkpoint: Checkpointing | None = None,
+        values: Any = None,
         _restore: tuple[str, dict] | None = None,  # (directory, metadata): from `ParameterServer.restore`
     ):
         make_policy(mode, workers, backup_workers, max_staleness)  # checks the arguments
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite={nonfinite!r}; valid: {', '.join(NONFINITE)}")
+        tx = with_values(tx, values, params, mode, workers)
         self._plan = make_plan(params, shards, assign)
         leaves = jax.tree_util.tree_leaves(params)
         check_shardable(tx, self._plan, leaves)

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from jaxps.plan import Plan
+from jaxps.value_leaves import ValueTransform
 
 # optax transforms whose update reduces over the whole tree (or numbers its
 # leaves), so that a shard, seeing only its leaves, would compute another step.
@@ -38,7 +39,13 @@ WHOLE_TREE_TRANSFORMS = (
 
 
 def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads):
-    """One optax step: `tx.update` then `optax.apply_updates`."""
+    """One optax step: `tx.update` then `optax.apply_updates`.
+
+    With value leaves (`jaxps.values`), `grads` holds their pushed values, and
+    they are merged into the parameters exactly (see `jaxps.values`).
+    """
+    if isinstance(tx, ValueTransform):
+        return tx.apply(params, opt_state, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 

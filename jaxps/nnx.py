@@ -1,0 +1,208 @@
+"""Flax nnx drop-ins: `jaxps.nnx.Optimizer` for `nnx.Optimizer`, and the worker-side helpers.
+
+    optimizer = jaxps.nnx.Optimizer(model, tx, wrt=nnx.Param)            # instead of nnx.Optimizer
+    @jaxps.nnx.jit                                                         # instead of nnx.jit
+    def train_step(model, optimizer, batch): ...                           # unchanged: calls
+        optimizer.update(model, grads)   # pushes grads (and BatchStats), writes the server's state into model
+
+The server holds the model's `wrt` leaves (stepped by `tx`) and its value
+leaves (`values`, default `nnx.BatchStat`: pushed as values, merged per step,
+see `jaxps.values`), so `ps.params()` is a complete, usable model state.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxps.client import Client
+from jaxps.exchange import exchange, is_traced, record, wrap
+from jaxps.server import ParameterServer
+
+
+def _pure(model, filters) -> Any:
+    return nnx.as_pure(nnx.state(model, filters))
+
+
+def _value_paths(model, values) -> list[str]:
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(_pure(model, values))[0]]
+
+
+class Optimizer(nnx.Pytree):
+    """`nnx.Optimizer` whose state lives on a `jaxps.ParameterServer`.
+
+    `Optimizer(model, tx, wrt=nnx.Param, values=nnx.BatchStat, **server_options)`
+    starts a server (`.server`) holding the model's `wrt` and `values` leaves;
+    `Optimizer(model, client, ...)` is a worker's, built from its client, and
+    first loads the server's state into `model`. `update(model, grads)` pushes
+    `grads` with the model's current value leaves and writes the pulled state
+    back into `model` in place: at once when called eagerly; inside a step
+    compiled with `jaxps.nnx.jit`, as that step returns. An Optimizer serves
+    the model it was built with. `step` counts this optimizer's updates
+    (`server.step` the server's).
+    """
+
+    def __init__(self, model, tx: optax.GradientTransformation | Client, *, wrt: Any = nnx.Param, values: Any = nnx.BatchStat, **server_options):
+        self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
+        self.wrt, self.values = wrt, values
+        self._link = _Link(model)
+        if isinstance(tx, Client):
+            if server_options:
+                raise TypeError(f"an Optimizer built from a client takes no server options, got {sorted(server_options)}")
+            self.server, self.client = None, tx
+            nnx.update(model, tx.pull())
+        else:
+            paths = _value_paths(model, values)
+            self.server = ParameterServer(_pure(model, (wrt, values)), tx, values=paths or None, **server_options)
+            self.client = self.server.client(0)
+        # inside jaxps.nnx.jit: the tree the step pushes, and whether one is waiting to be exchanged
+        self._pending = nnx.OptState(jax.tree.map(jnp.zeros_like, _pure(model, (wrt, values))))
+        self._is_pending = nnx.OptState(jnp.array(False))
+
+    def update(self, model, grads, /) -> None:
+        """Pushes `grads` (a State of `wrt` leaves) and the model's value leaves; loads the result into `model`."""
+        full = _pure(model, (self.wrt, self.values))
+        grads = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(_pure(grads, self.wrt))[0]}
+        flat, treedef = jax.tree_util.tree_flatten_with_path(full)
+        values = set(_value_paths(model, self.values))
+        missing = [k for k in (jax.tree_util.keystr(p) for p, _ in flat) if k not in values and k not in grads]
+        if missing:
+            raise ValueError(f"jaxps.nnx.Optimizer.update: no gradient for {missing[:10]} (grads must match wrt={self.wrt!r})")
+        pushed = jax.tree_util.tree_unflatten(treedef, [x if jax.tree_util.keystr(p) in values else grads[jax.tree_util.keystr(p)] for p, x in flat])
+        if is_traced(pushed):
+            record(self._link, "jaxps.nnx.Optimizer.update")
+            self._pending.set_value(pushed)
+            self._is_pending[...] = True
+        else:
+            if model is not self._link.model:
+                raise ValueError("jaxps.nnx.Optimizer.update: this Optimizer serves the model it was built with, not this one")
+            nnx.update(model, exchange(self.client, pushed))
+        self.step[...] += 1
+
+    def exchange_pending(self) -> None:
+        """Exchanges the update a compiled step left pending, into the model this Optimizer serves (`jaxps.nnx.jit` calls it).
+
+        If the server refuses it (e.g. `jaxps.PushError`), the error is raised, the
+        model keeps its parameters and `step` is not counted.
+        """
+        if bool(self._is_pending[...]):
+            self._is_pending[...] = False
+            try:
+                nnx.update(self._link.model, exchange(self.client, self._pending.get_value()))
+            except BaseException:
+                self.step[...] -= 1
+                raise
+
+    def run_workers(self, fn: Callable, model, args: Sequence[Any]) -> Any:
+        """`fn(model_i, optimizer_i, args[i])` on each worker (`server.run_workers`); their results, metrics merged.
+
+        `model_i` is a copy of `model` loaded with the server's state, whose rng
+        streams are worker i's: each stream's key folded with `i` on the first
+        call, and continued where the worker left off on later calls.
+        `optimizer_i` is worker i's Optimizer. Afterwards `model` holds the
+        server's state (parameters and value leaves). If every result is a metric
+        (`nnx.Metric`, `nnx.MultiMetric`) or a dict, they come back merged by
+        `merge_metrics`; else as a list.
+        """
+        if self.server is None:
+            raise RuntimeError("run_workers is the driver's: this Optimizer was built from a client")
+        jobs = [(fn, model, self._link.rng_states.get(i), self.wrt, self.values, arg) for i, arg in enumerate(args)]
+        results = self.server.run_workers(_worker, jobs)
+        self._link.rng_states.update({i: state for i, (_, state) in enumerate(results)})
+        nnx.update(model, self.server.params())
+        results = [r for r, _ in results]
+        if results and all(isinstance(r, (nnx.Metric, dict)) for r in results):
+            return merge_metrics(results)
+        return results
+
+
+class _Link:
+    """What an Optimizer holds outside its pytree: the model it serves, each worker's rng state between `run_workers` calls."""
+
+    def __init__(self, model):
+        self.model = model
+        self.rng_states: dict[int, Any] = {}
+
+
+def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
+    """`nnx.jit(fun, **jit_kwargs)` for a step that calls `jaxps.nnx.Optimizer.update`.
+
+    As the compiled call returns, every such Optimizer among its arguments
+    pushes what the step gave it and loads the pulled state into its model, so
+    the caller sees the model updated, as with `nnx.jit` and `nnx.Optimizer`.
+    Works as `@jaxps.nnx.jit` and `@jaxps.nnx.jit(static_argnums=...)`.
+    """
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
+
+    def finish(call_args, out):
+        for _, node in nnx.iter_graph(call_args):
+            if isinstance(node, Optimizer):
+                node.exchange_pending()
+        return out
+
+    return wrap(nnx.jit(fun, **jit_kwargs), finish)
+
+
+def worker_rngs(model, worker: int, state: Any = None) -> None:
+    """Makes `model`'s rng streams worker `worker`'s: each key folded with `worker`, counts from 0; or restores `state`."""
+    if state is not None:
+        nnx.update(model, state)
+        return
+    keys = nnx.state(model, nnx.RngKey)
+    nnx.update(model, jax.tree.map(lambda k: jax.random.fold_in(k, worker), nnx.as_pure(keys)))
+    counts = nnx.as_pure(nnx.state(model, nnx.RngCount))
+    nnx.update(model, jax.tree.map(jnp.zeros_like, counts))
+
+
+def _worker(client: Client, job) -> tuple[Any, Any]:
+    """A worker of `Optimizer.run_workers`: its own model copy, rngs and Optimizer; returns (fn's result, rng state)."""
+    fn, model, rng_state, wrt, values, arg = job
+    model = nnx.clone(model)
+    worker_rngs(model, client.worker, rng_state)
+    optimizer = Optimizer(model, client, wrt=wrt, values=values)
+    result = fn(model, optimizer, arg)
+    return result, nnx.as_pure(nnx.state(model, nnx.RngState))
+
+
+def merge_metrics(metrics: Sequence[Any]) -> Any:
+    """Merges per-worker metrics into one, as if one metric had seen every worker's batches.
+
+    `nnx.MultiMetric`, `nnx.metrics.Average` / `Accuracy` (totals and counts
+    add up), `Welford` (Chan's parallel formula), dicts of them key by key;
+    plain numbers in dicts are averaged over workers.
+    """
+    first = metrics[0]
+    if isinstance(first, dict):
+        return {k: merge_metrics([m[k] for m in metrics]) for k in first}
+    if isinstance(first, nnx.MultiMetric):
+        merged = nnx.clone(first)
+        for name in first._metric_names:
+            setattr(merged, name, merge_metrics([getattr(m, name) for m in metrics]))
+        return merged
+    if isinstance(first, nnx.metrics.Welford):
+        return functools.reduce(_merge_welford, metrics[1:], nnx.clone(first))
+    if isinstance(first, nnx.metrics.Average):
+        merged = nnx.clone(first)
+        merged.total[...] = functools.reduce(operator.add, [m.total[...] for m in metrics])
+        merged.count[...] = functools.reduce(operator.add, [m.count[...] for m in metrics])
+        return merged
+    if isinstance(first, nnx.Metric):
+        raise TypeError(f"merge_metrics: no merge known for {type(first).__name__}; merge its states by hand")
+    return functools.reduce(operator.add, metrics) / len(metrics)
+
+
+def _merge_welford(a, b):
+    n = a.count[...] + b.count[...]
+    delta = b.mean[...] - a.mean[...]
+    safe = jnp.maximum(n, 1).astype(jnp.float32)
+    a.mean[...] = a.mean[...] + delta * b.count[...] / safe
+    a.m2[...] = a.m2[...] + b.m2[...] + delta**2 * a.count[...] * b.count[...] / safe
+    a.count[...] = n
+    return a
