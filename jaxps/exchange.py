@@ -41,7 +41,7 @@ def is_traced(tree: Any) -> bool:
 
 @contextlib.contextmanager
 def deferring():
-    """Marks a compiled call of `jaxps.jit` in progress on this thread; yields the set of updates recorded in it."""
+    """Marks a compiled call of `jaxps.jit` in progress on this thread; yields the updates recorded (when it is traced)."""
     stack = _local.__dict__.setdefault("calls", [])
     stack.append(set())
     try:
@@ -68,13 +68,29 @@ def record(key: Any, what: str) -> None:
     calls[-1].add(key)
 
 
-def wrap(compiled: Callable, finish: Callable[[Any, Any], Any]) -> Callable:
-    """`compiled` with updates deferred in it, then `finish(args, out)` on the host, returning the call's result."""
+def wrap(compiled: Callable, finish: Callable[[Any, Any], tuple[Any, int]], *, check_returned: bool = False) -> Callable:
+    """`compiled` with updates deferred in it, then `finish(args, out) -> (result, updates exchanged)` on the host.
+
+    With `check_returned`, a call that returns fewer updates than its trace
+    recorded (a step that drops the state holding one) is an error, not a
+    silently lost push. Traces are told apart by the arguments' tree structure.
+    """
+    recorded: dict[Any, int] = {}  # updates each trace of the step records
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
-        with deferring():
+        with deferring() as traced:
             out = compiled(*args, **kwargs)
-        return finish((args, kwargs), out)
+        result, exchanged = finish((args, kwargs), out)
+        if check_returned:
+            key = jax.tree_util.tree_structure((args, kwargs))
+            if traced:
+                recorded[key] = len(traced)
+            if exchanged < recorded.get(key, 0):
+                raise RuntimeError(
+                    f"{getattr(compiled, '__name__', 'the step')} made {recorded[key]} update(s) but returned "
+                    f"{exchanged}: return the new jaxps.TrainState from the step (nothing was pushed)"
+                )
+        return result
 
     return call

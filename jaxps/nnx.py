@@ -85,19 +85,21 @@ class Optimizer(nnx.Pytree):
             nnx.update(model, exchange(self.client, pushed))
         self.step[...] += 1
 
-    def exchange_pending(self) -> None:
-        """Exchanges the update a compiled step left pending, into the model this Optimizer serves (`jaxps.nnx.jit` calls it).
+    def exchange_pending(self) -> bool:
+        """Exchanges the update a compiled step left pending into the model this Optimizer serves; whether there was one.
 
-        If the server refuses it (e.g. `jaxps.PushError`), the error is raised, the
+        `jaxps.nnx.jit` calls it. If the server refuses it (e.g. `jaxps.PushError`), the error is raised, the
         model keeps its parameters and `step` is not counted.
         """
-        if bool(self._is_pending[...]):
-            self._is_pending[...] = False
-            try:
-                nnx.update(self._link.model, exchange(self.client, self._pending.get_value()))
-            except BaseException:
-                self.step[...] -= 1
-                raise
+        if not bool(self._is_pending[...]):
+            return False
+        self._is_pending[...] = False
+        try:
+            nnx.update(self._link.model, exchange(self.client, self._pending.get_value()))
+        except BaseException:
+            self.step[...] -= 1
+            raise
+        return True
 
     def run_workers(self, fn: Callable, model, args: Sequence[Any]) -> Any:
         """`fn(model_i, optimizer_i, args[i])` on each worker (`server.run_workers`); their results, metrics merged.
@@ -142,10 +144,8 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
         return functools.partial(jit, **jit_kwargs)
 
     def finish(call_args, out):
-        for _, node in nnx.iter_graph(call_args):
-            if isinstance(node, Optimizer):
-                node.exchange_pending()
-        return out
+        optimizers = [node for _, node in nnx.iter_graph(call_args) if isinstance(node, Optimizer)]
+        return out, sum(optimizer.exchange_pending() for optimizer in optimizers)
 
     return wrap(nnx.jit(fun, **jit_kwargs), finish)
 

@@ -215,10 +215,13 @@ class ShardService:
         def write() -> None:  # a thread of the shard's process: the shard goes on meanwhile
             from jaxps.checkpoint import write_part
 
-            try:  # below training on a busy machine (Linux: per thread; also the I/O threads it starts)
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            try:  # only on CPU time training leaves idle (Linux: per thread; also the I/O threads it starts)
+                os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
             except (AttributeError, OSError):
-                pass
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+                except (AttributeError, OSError):
+                    pass
             try:
                 write_part(request.directory, request.step, self.shard.index, state)
             except Exception:

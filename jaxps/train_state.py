@@ -82,6 +82,10 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
     returns it, so the caller gets the pulled params, as with `jax.jit` and
     flax's TrainState.
     """
-    compiled = jax.jit(fun, **jit_kwargs)
-    is_state = lambda x: isinstance(x, TrainState)  # noqa: E731
-    return wrap(compiled, lambda _, out: jax.tree.map(lambda x: x.exchanged() if is_state(x) else x, out, is_leaf=is_state))
+    is_pending = lambda x: isinstance(x, TrainState) and x.pending is not None  # noqa: E731
+
+    def finish(_, out):
+        exchanged = len([x for x in jax.tree.leaves(out, is_leaf=is_pending) if is_pending(x)])
+        return jax.tree.map(lambda x: x.exchanged() if is_pending(x) else x, out, is_leaf=is_pending), exchanged
+
+    return wrap(jax.jit(fun, **jit_kwargs), finish, check_returned=True)

@@ -357,6 +357,8 @@ def test_train_state_in_a_plain_jax_jit_or_twice_in_a_step_is_an_error_that_says
             jax.jit(linen_step)(state, x, y)
         with pytest.raises(RuntimeError, match="twice in one compiled step"):
             jaxps.jit(lambda s: linen_step(linen_step(s, x, y), x, y))(state)
+        with pytest.raises(RuntimeError, match=r"made 1 update\(s\) but returned 0: return the new jaxps.TrainState"):
+            jaxps.jit(lambda s: linen_step(s, x, y).params)(state)  # the state, and its push, dropped
         assert state.server.step == 0
         after = jaxps.jit(lambda s: {"state": linen_step(s, x, y), "n": 1})(state)["state"]  # found at any depth
         assert after.pending is None and after.server.step == 1 and int(after.step) == 1
