@@ -4,7 +4,7 @@ A compiled step cannot wait for the server from inside: a host callback that
 waits on other compiled work in the same process (an in-process shard's
 update, the step's other workers) can leave the device no thread to run it.
 So inside `jax.jit` the drop-ins only record what they push as outputs of the
-step; the wrapper returned by `jaxps.jit` (or `jaxps.nnx.jit`) exchanges it
+step; the function returned by `jaxps.jit` (or `jaxps.nnx.jit`) exchanges it
 with the server as soon as the compiled call returns: the same push and pull
 per step, with real arrays.
 """
@@ -41,11 +41,11 @@ def is_traced(tree: Any) -> bool:
 
 @contextlib.contextmanager
 def deferring():
-    """Marks a compiled call of `jaxps.jit` in progress on this thread; yields the updates recorded (when it is traced)."""
+    """Marks a compiled call of `jaxps.jit` in progress on this thread; collects the updates its trace records."""
     stack = _local.__dict__.setdefault("calls", [])
     stack.append(set())
     try:
-        yield stack[-1]
+        yield
     finally:
         stack.pop()
 
@@ -64,33 +64,33 @@ def record(key: Any, what: str) -> None:
             "of nnx.jit): the push and pull then run right after the compiled step returns."
         )
     if key in calls[-1]:
-        raise RuntimeError(f"{what} was called twice in one compiled step; jaxps pushes once per step: call it once")
+        raise RuntimeError(
+            f"{what} was called twice in one compiled step (or inside a loop such as lax.fori_loop or nnx.scan); "
+            "jaxps pushes once per compiled step: call it once, outside loops"
+        )
     calls[-1].add(key)
 
 
-def wrap(compiled: Callable, finish: Callable[[Any, Any], tuple[Any, int]], *, check_returned: bool = False) -> Callable:
-    """`compiled` with updates deferred in it, then `finish(args, out) -> (result, updates exchanged)` on the host.
+def deferred(jit: Callable, fun: Callable, finish: Callable[[Any, Any, int], Any], **jit_kwargs) -> Callable:
+    """`jit(fun, **jit_kwargs)` with updates deferred in it, then `finish(args, out, made)` on the host.
 
-    With `check_returned`, a call that returns fewer updates than its trace
-    recorded (a step that drops the state holding one) is an error, not a
-    silently lost push. Traces are told apart by the arguments' tree structure.
+    `made` is the number of updates the step's trace recorded, an output of
+    the compiled step itself, so `finish` can check that every one of them
+    comes out of the call, once, whatever trace (shapes, static arguments) ran.
     """
-    recorded: dict[Any, int] = {}  # updates each trace of the step records
 
-    @functools.wraps(compiled)
+    @functools.wraps(fun)
+    def counted(*args, **kwargs):
+        out = fun(*args, **kwargs)
+        calls = getattr(_local, "calls", None)
+        return out, np.int32(len(calls[-1]) if calls else 0)  # at trace time: a constant of this trace
+
+    compiled = jit(counted, **jit_kwargs)
+
+    @functools.wraps(fun)
     def call(*args, **kwargs):
-        with deferring() as traced:
-            out = compiled(*args, **kwargs)
-        result, exchanged = finish((args, kwargs), out)
-        if check_returned:
-            key = jax.tree_util.tree_structure((args, kwargs))
-            if traced:
-                recorded[key] = len(traced)
-            if exchanged < recorded.get(key, 0):
-                raise RuntimeError(
-                    f"{getattr(compiled, '__name__', 'the step')} made {recorded[key]} update(s) but returned "
-                    f"{exchanged}: return the new jaxps.TrainState from the step (nothing was pushed)"
-                )
-        return result
+        with deferring():
+            out, made = compiled(*args, **kwargs)
+        return finish((args, kwargs), out, int(made))
 
     return call

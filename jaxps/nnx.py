@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from jaxps.client import Client
-from jaxps.exchange import exchange, is_traced, record, wrap
+from jaxps.exchange import deferred, exchange, is_traced, record
 from jaxps.server import ParameterServer
 
 
@@ -61,9 +61,9 @@ class Optimizer(nnx.Pytree):
             paths = _value_paths(model, values)
             self.server = ParameterServer(_pure(model, (wrt, values)), tx, values=paths or None, **server_options)
             self.client = self.server.client(0)
-        # inside jaxps.nnx.jit: the tree the step pushes, and whether one is waiting to be exchanged
+        # inside jaxps.nnx.jit: the tree the step pushes, and how many times update ran in the step (1, or a loop's count)
         self._pending = nnx.OptState(jax.tree.map(jnp.zeros_like, _pure(model, (wrt, values))))
-        self._is_pending = nnx.OptState(jnp.array(False))
+        self._pending_count = nnx.OptState(jnp.array(0, dtype=jnp.int32))
 
     def update(self, model, grads, /) -> None:
         """Pushes `grads` (a State of `wrt` leaves) and the model's value leaves; loads the result into `model`."""
@@ -78,7 +78,7 @@ class Optimizer(nnx.Pytree):
         if is_traced(pushed):
             record(self._link, "jaxps.nnx.Optimizer.update")
             self._pending.set_value(pushed)
-            self._is_pending[...] = True
+            self._pending_count[...] += 1
         else:
             if model is not self._link.model:
                 raise ValueError("jaxps.nnx.Optimizer.update: this Optimizer serves the model it was built with, not this one")
@@ -88,16 +88,23 @@ class Optimizer(nnx.Pytree):
     def exchange_pending(self) -> bool:
         """Exchanges the update a compiled step left pending into the model this Optimizer serves; whether there was one.
 
-        `jaxps.nnx.jit` calls it. If the server refuses it (e.g. `jaxps.PushError`), the error is raised, the
-        model keeps its parameters and `step` is not counted.
+        `jaxps.nnx.jit` calls it. If the server refuses it (e.g. `jaxps.PushError`),
+        or the step ran `update` in a loop, the error is raised, nothing is
+        pushed, the model keeps its parameters and `step` is not counted.
         """
-        if not bool(self._is_pending[...]):
+        count = int(self._pending_count[...])
+        if count == 0:
             return False
-        self._is_pending[...] = False
+        self._pending_count[...] = 0
         try:
+            if count > 1:
+                raise RuntimeError(
+                    f"jaxps.nnx.Optimizer.update ran {count} times in one compiled step (in a loop such as nnx.scan); "
+                    "jaxps pushes once per compiled step: call it once, outside loops (nothing was pushed)"
+                )
             nnx.update(self._link.model, exchange(self.client, self._pending.get_value()))
         except BaseException:
-            self.step[...] -= 1
+            self.step[...] -= count
             raise
         return True
 
@@ -143,11 +150,15 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
     if fun is None:
         return functools.partial(jit, **jit_kwargs)
 
-    def finish(call_args, out):
+    def finish(call_args, out, made):
         optimizers = [node for _, node in nnx.iter_graph(call_args) if isinstance(node, Optimizer)]
-        return out, sum(optimizer.exchange_pending() for optimizer in optimizers)
+        exchanged = sum(optimizer.exchange_pending() for optimizer in optimizers)
+        if exchanged != made:  # an Optimizer updated in the step but not passed to it as an argument
+            raise RuntimeError(f"{getattr(fun, '__name__', 'the step')} made {made} update(s) but {exchanged} reached "
+                               "an Optimizer among its arguments: pass the Optimizer to the step")  # fmt: skip
+        return out
 
-    return wrap(nnx.jit(fun, **jit_kwargs), finish)
+    return deferred(nnx.jit, fun, finish, **jit_kwargs)
 
 
 def worker_rngs(model, worker: int, state: Any = None) -> None:

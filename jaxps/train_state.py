@@ -19,7 +19,7 @@ from flax import struct
 from flax.training import train_state
 
 from jaxps.client import Client
-from jaxps.exchange import exchange, is_traced, record, wrap
+from jaxps.exchange import deferred, exchange, is_traced, record
 from jaxps.server import ParameterServer
 
 
@@ -28,11 +28,12 @@ class TrainState(train_state.TrainState):
 
     `opt_state` is None here: it lives on the server (`server`, the driver's;
     a worker's state has only its `client`). `apply_gradients(grads=...,
-    batch_stats=..., **replace)` pushes the gradients and the current batch
-    statistics, and returns the state with the pulled params and batch_stats
-    and `step + 1`. Eagerly it does so at once; inside a step compiled with
-    `jaxps.jit` it returns them `pending`, and `jaxps.jit` exchanges them with
-    the server as the compiled call returns.
+    **replace)` pushes the gradients with the state's batch statistics, and
+    returns the state with the pulled params and batch_stats and `step + 1`.
+    Eagerly it does so at once (pass the new `batch_stats=` to it); inside a
+    step compiled with `jaxps.jit` it returns the gradients `pending`, and
+    `jaxps.jit` pushes them, with the batch_stats of the state the step
+    returns, as the compiled call returns.
     """
 
     batch_stats: Any = None
@@ -41,21 +42,25 @@ class TrainState(train_state.TrainState):
     server: ParameterServer | None = struct.field(pytree_node=False, default=None)
 
     def apply_gradients(self, *, grads, **kwargs) -> "TrainState":
-        batch_stats = kwargs.pop("batch_stats", self.batch_stats)
-        tree = {"params": grads} if batch_stats is None else {"params": grads, "batch_stats": batch_stats}
-        state = self.replace(step=self.step + 1, batch_stats=batch_stats, **kwargs)
-        if not is_traced(tree):
-            return state.replace(pending=tree).exchanged()
+        state = self.replace(step=self.step + 1, **kwargs)
+        if not is_traced(grads):
+            return state.replace(pending=grads).exchanged()
         if self.pending is not None:
             raise RuntimeError("jaxps.TrainState.apply_gradients was called twice in one compiled step; call it once")
         record(self.client, "jaxps.TrainState.apply_gradients")
-        return state.replace(pending=tree)
+        return state.replace(pending=grads)
 
     def exchanged(self) -> "TrainState":
-        """Pushes `pending` and returns the state with the pulled params and batch_stats (itself if none is pending)."""
+        """Pushes the `pending` gradients with the state's batch_stats; the state with the pulled params and batch_stats.
+
+        The batch_stats pushed are this state's: inside `jaxps.jit`, those of
+        the state the step returns, so `apply_gradients(grads=g)` followed by
+        `.replace(batch_stats=...)` (flax's BatchNorm guide) pushes the new ones.
+        """
         if self.pending is None:
             return self
-        pulled = exchange(self.client, self.pending)
+        tree = {"params": self.pending} if self.batch_stats is None else {"params": self.pending, "batch_stats": self.batch_stats}
+        pulled = exchange(self.client, tree)
         return self.replace(params=pulled["params"], batch_stats=pulled.get("batch_stats"), pending=None)
 
     @classmethod
@@ -84,8 +89,13 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
     """
     is_pending = lambda x: isinstance(x, TrainState) and x.pending is not None  # noqa: E731
 
-    def finish(_, out):
-        exchanged = len([x for x in jax.tree.leaves(out, is_leaf=is_pending) if is_pending(x)])
-        return jax.tree.map(lambda x: x.exchanged() if is_pending(x) else x, out, is_leaf=is_pending), exchanged
+    def finish(_, out, made):
+        returned = len([x for x in jax.tree.leaves(out, is_leaf=is_pending) if is_pending(x)])
+        if returned != made:
+            raise RuntimeError(
+                f"{getattr(fun, '__name__', 'the step')} made {made} update(s) and returned {returned} state(s) holding "
+                "one: return each new jaxps.TrainState from the step, once (nothing was pushed)"
+            )
+        return jax.tree.map(lambda x: x.exchanged() if is_pending(x) else x, out, is_leaf=is_pending)
 
-    return wrap(jax.jit(fun, **jit_kwargs), finish, check_returned=True)
+    return deferred(jax.jit, fun, finish, **jit_kwargs)
