@@ -65,3 +65,24 @@ def make_server(transport):
     yield make
     for ps in servers:
         ps.close()
+
+
+# Long variants run with `-m slow` only (CI runs both sets): the README's test command keeps one
+# variant of each behaviour per transport and stays near ten minutes on two cores.
+SLOW_VARIANTS = (
+    "test_ray_transport.py::test_ray_started_by_transports_is_shut_down_with_the_last_of_them",
+    "test_flax.py::test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_across_calls[multiprocessing]",
+    "test_flax.py::test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_across_calls[ray]",
+    "test_flax.py::test_nnx_optimizer_equals_nnx_optimizer_step_by_step[multiprocessing]",
+    "test_flax.py::test_nnx_optimizer_equals_nnx_optimizer_step_by_step[ray]",
+    "test_semantics.py::test_bad_push_changes_nothing[ray-",  # all but ray-nan (below)
+    "test_semantics.py::test_bad_push_changes_nothing[multiprocessing-",  # all but multiprocessing-nan
+    "test_semantics.py::test_sharded_equals_unsharded[ray-",  # the inprocess and multiprocessing ones stay
+)
+KEPT_VARIANTS = ("test_bad_push_changes_nothing[ray-nan]", "test_bad_push_changes_nothing[multiprocessing-nan]")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(v in item.nodeid for v in SLOW_VARIANTS) and not any(item.nodeid.endswith(k) for k in KEPT_VARIANTS):
+            item.add_marker(pytest.mark.slow)
