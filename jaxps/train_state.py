@@ -59,16 +59,14 @@ class TrainState(train_state.TrainState):
         """
         if self.pending is None:
             return self
-        tree = {"params": self.pending} if self.batch_stats is None else {"params": self.pending, "batch_stats": self.batch_stats}
-        pulled = exchange(self.client, tree)
+        pulled = exchange(self.client, _variables(self.pending, self.batch_stats))
         return self.replace(params=pulled["params"], batch_stats=pulled.get("batch_stats"), pending=None)
 
     @classmethod
     def create(cls, *, apply_fn: Callable, params: Any, tx: Any, batch_stats: Any = None, **server_options) -> "TrainState":
         """Starts a `ParameterServer(**server_options)` for `params` (and `batch_stats`, as value leaves)."""
-        tree = {"params": params} if batch_stats is None else {"params": params, "batch_stats": batch_stats}
         values = None if batch_stats is None else ["batch_stats"]
-        ps = ParameterServer(tree, tx, values=values, **server_options)
+        ps = ParameterServer(_variables(params, batch_stats), tx, values=values, **server_options)
         return cls(step=0, apply_fn=apply_fn, params=params, tx=tx, opt_state=None, batch_stats=batch_stats, client=ps.client(0), server=ps)
 
     @classmethod
@@ -77,6 +75,11 @@ class TrainState(train_state.TrainState):
         pulled = client.pull()
         return cls(step=step, apply_fn=apply_fn, params=pulled["params"], tx=None, opt_state=None,
                    batch_stats=pulled.get("batch_stats"), client=client)  # fmt: skip
+
+
+def _variables(params: Any, batch_stats: Any) -> dict:
+    """The server's tree: `{"params": ...}`, with `"batch_stats"` when there are any."""
+    return {"params": params} if batch_stats is None else {"params": params, "batch_stats": batch_stats}
 
 
 def jit(fun: Callable, **jit_kwargs) -> Callable:

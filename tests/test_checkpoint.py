@@ -159,7 +159,6 @@ def test_bf16_int_and_scalar_leaves(tmp_path):
 
 def test_read_a_subset_of_paths(tmp_path):
     params = helpers.params_tree()
-    tx = optax.adam(1e-2)
     plan = make_plan(params, 2)
     shards = trained("adam", 2, 1)
     save_sharded(tmp_path, 1, plan, shards)
@@ -217,7 +216,6 @@ def test_missing_directory_step_or_complete_checkpoint(tmp_path):
 
 def test_retention_keeps_the_latest_k(tmp_path):
     params = helpers.params_tree()
-    tx = optax.sgd(0.1)
     plan = make_plan(params, 2)
     shards = run_sharded("sgd", params, plan, steps=0)
     for step in (10, 20, 30, 40):
@@ -230,7 +228,6 @@ def test_retention_keeps_the_latest_k(tmp_path):
 
 def test_another_models_directory_is_refused(tmp_path):
     params = helpers.params_tree()
-    tx = optax.sgd(0.1)
     plan = make_plan(params, 1)
     save_sharded(tmp_path, 1, plan, run_sharded("sgd", params, plan, steps=0))
     other = {**params, "embed": [jnp.zeros((6, 2), jnp.float32)]}
