@@ -75,11 +75,17 @@ class Client:
         channels: Sequence[Any],
         nonfinite: str = "raise",
         versions: Sequence[int | None] | None = None,
+        sync: bool = False,
     ):
-        """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step."""
+        """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step.
+
+        `sync`: the server is in sync mode, where every shard counts the same
+        steps: a pull gets one version from every shard, a push is for one step.
+        """
         self.worker = worker
         self.plan = plan
         self._nonfinite = nonfinite
+        self._sync = sync
         versions = versions or [None] * len(channels)
         self._links = [ShardLink(ch, last_step=None if v is None else v - 1) for ch, v in zip(channels, versions)]
         self._left = False
@@ -94,13 +100,21 @@ class Client:
         """The current parameters, as a tree like the initial one.
 
         Sees every earlier push of this client; in sync mode waits until the
-        step of the last push is applied, in ssp mode while this worker is too
-        far ahead of the slowest. `timeout` bounds the whole call.
+        step of the last push is applied (and gets one version from every
+        shard), in ssp mode while this worker is too far ahead of the slowest.
+        `timeout` bounds the whole call.
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         waits = [link.channel.submit(Pull(self.worker), timeout=remaining(deadline)) for link in self._links]
         replies = gather(waits, remaining(deadline))
+        newest = max(version for version, _ in replies)
+        if self._sync and any(version < newest for version, _ in replies):
+            # a shard is still closing a step the others have closed (backup workers): its next version, please
+            behind = [s for s, (version, _) in enumerate(replies) if version < newest]
+            again = [self._links[s].channel.submit(Pull(self.worker, newest), timeout=remaining(deadline)) for s in behind]
+            for s, reply in zip(behind, gather(again, remaining(deadline))):
+                replies[s] = reply
         for link, (version, _) in zip(self._links, replies):
             link.pulled = link.based_on = version
         return self.plan.merge([leaves for _, leaves in replies])
@@ -118,8 +132,9 @@ class Client:
         staged = [link.channel.stage(leaves, check) for link, leaves in zip(self._links, per_shard)]
         skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
         parts = []
+        same_step = max(link.next_step() for link in self._links) if self._sync else None
         for link, stage in zip(self._links, staged):
-            step = link.next_step()
+            step = link.next_step() if same_step is None else same_step
             request = Push(self.worker, step, link.based_on, skipped)
             parts.append(link.channel.submit(request, None if skipped else stage.payload))
             link.last_step, link.pulled = step, None

@@ -17,6 +17,13 @@ push to every shard, in its order); `cut` lets each shard go exactly that
 far, `reached` says when it is there (snapshot time), `release` lets it go on.
 While held, async/ssp pushes beyond the cut wait in the shell (`admits` is
 False); sync takes pushes as always but closes no step at or beyond the cut.
+
+Backup workers agree across shards: with `backup_workers=k` and several
+shards, shard 0 *leads*. It closes step t with the first N-k gradients it
+receives and tells every other shard which workers those were (`Step.workers`,
+sent by the shard service as a `Decide`); a *following* shard closes step t
+with exactly those workers' gradients once they are in (`decide`), and drops
+the others. So a step uses the same workers on every shard.
 """
 
 from __future__ import annotations
@@ -37,14 +44,20 @@ class Contribution(NamedTuple):
 
 
 class Step(NamedTuple):
-    """Gradients to apply now, as one optimizer step (their mean), at `version`."""
+    """Gradients to apply now, as one optimizer step (their mean), at `version`; `dropped`: pushes for it left out."""
 
     version: int
     contributions: tuple[Contribution, ...]
+    dropped: tuple[Contribution, ...] = ()
 
     @property
     def gradients(self) -> list[Any]:
         return [c.grads for c in self.contributions if c.grads is not None]
+
+    @property
+    def workers(self) -> tuple[int, ...]:
+        """The workers whose pushes the step takes (skipped ones included), in order."""
+        return tuple(c.worker for c in self.contributions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +71,7 @@ class Clock:
     left: frozenset[int] = frozenset()  # workers that have finished
     joined_at: tuple[int, ...] = ()  # each worker's push count when it last (re)joined
     pending: Mapping[int, Mapping[int, Contribution]] = dataclasses.field(default_factory=dict)
+    decided: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # a follower: the leader's workers per step
     applied: int = 0  # optimizer updates applied
     pushes_applied: int = 0
     pushes_dropped: int = 0
@@ -125,6 +139,7 @@ def _closed(clock: Clock, step: Step) -> Clock:
         version=clock.version + 1,
         applied=clock.applied + applied,
         pushes_applied=clock.pushes_applied + len(step.gradients),
+        pushes_dropped=clock.pushes_dropped + len(step.dropped),
         pushes_skipped=clock.pushes_skipped + len(step.contributions) - len(step.gradients),
         staleness_sum=clock.staleness_sum + sum(known),
         staleness_max=max([clock.staleness_max, *known]),
@@ -188,9 +203,14 @@ class SSP(Async):
 
 @dataclasses.dataclass(frozen=True)
 class Sync:
-    """Step t is applied once, with the mean of the first `workers - backup` gradients for t."""
+    """Step t is applied once, with the mean of the first `workers - backup` gradients for t.
+
+    `follows`: this shard takes, for each step, the workers the leading shard
+    took (`decide`), not the first ones to arrive here.
+    """
 
     backup: int = 0
+    follows: bool = False
 
     def quorum(self, clock: Clock, for_step: int) -> int:
         """Gradients step `for_step` waits for: `workers - backup`, or fewer once workers leave.
@@ -212,17 +232,34 @@ class Sync:
         clock = dataclasses.replace(_received(clock, c), pending=pending)
         return (*self._close_ready(clock), None)
 
+    def decide(self, clock: Clock, version: int, workers: tuple[int, ...]) -> tuple[Clock, list[Step]]:
+        """A follower learns that the leader's step `version` took `workers`; closes the steps now ready."""
+        if not self.follows:
+            raise ValueError("only a following shard takes the leader's decisions")
+        if version < clock.version:
+            return clock, []  # already closed (a decision sent twice)
+        return self._close_ready(dataclasses.replace(clock, decided={**clock.decided, version: tuple(workers)}))
+
+    def _ready(self, clock: Clock) -> bool:
+        """Whether step `clock.version` can close now."""
+        if clock.hold is not None and clock.version >= clock.hold:
+            return False
+        arrived = clock.pending.get(clock.version, {})
+        if self.follows:  # the leader's workers, each in or gone (one that died mid-push never arrives)
+            chosen = clock.decided.get(clock.version)
+            return chosen is not None and all(w in arrived or w in clock.left for w in chosen)
+        return bool(arrived) and len(arrived) >= self.quorum(clock, clock.version)
+
     def _close_ready(self, clock: Clock) -> tuple[Clock, list[Step]]:
         steps = []
-        while (
-            (clock.hold is None or clock.version < clock.hold)
-            and clock.pending.get(clock.version)
-            and len(clock.pending[clock.version]) >= self.quorum(clock, clock.version)
-        ):
-            pending = dict(clock.pending)
-            arrived = pending.pop(clock.version)
-            step = Step(clock.version, tuple(arrived[w] for w in sorted(arrived)))
-            clock = _closed(dataclasses.replace(clock, pending=pending), step)
+        while self._ready(clock):
+            pending, decided = dict(clock.pending), dict(clock.decided)
+            arrived = pending.pop(clock.version, {})
+            chosen = decided.pop(clock.version, None)
+            taken = sorted(arrived) if chosen is None else sorted(w for w in arrived if w in chosen)
+            dropped = tuple(arrived[w] for w in sorted(arrived) if w not in taken)
+            step = Step(clock.version, tuple(arrived[w] for w in taken), dropped)
+            clock = _closed(dataclasses.replace(clock, pending=pending, decided=decided), step)
             steps.append(step)
         return clock, steps
 
@@ -256,8 +293,8 @@ class Sync:
         return self._close_ready(dataclasses.replace(clock, hold=None))
 
 
-def make_policy(mode: str, workers: int | None, backup_workers: int, max_staleness: int | None):
-    """The policy for `mode`, with its arguments checked."""
+def make_policy(mode: str, workers: int | None, backup_workers: int, max_staleness: int | None, follows: bool = False):
+    """The policy for `mode`, with its arguments checked; `follows`: a sync shard that takes the leader's decisions."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     if mode in ("sync", "ssp") and (not isinstance(workers, int) or workers < 1):
@@ -273,7 +310,7 @@ def make_policy(mode: str, workers: int | None, backup_workers: int, max_stalene
     if mode == "ssp" and not (isinstance(max_staleness, int) and max_staleness >= 0):
         raise ValueError(f"mode='ssp' needs max_staleness=s (an int >= 0), got {max_staleness!r}")
     if mode == "sync":
-        return Sync(backup=backup_workers)
+        return Sync(backup=backup_workers, follows=follows)
     if mode == "ssp":
         return SSP(max_staleness=max_staleness)
     return Async()

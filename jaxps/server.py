@@ -15,7 +15,7 @@ from jaxps.errors import ServerClosedError
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
 from jaxps.saving import Checkpointing, Saver
-from jaxps.service import Join, Pull, Stats
+from jaxps.service import Join, Lead, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
@@ -35,7 +35,8 @@ class ParameterServer:
       mode: "async", "sync" or "ssp".
       workers: the number of workers (needed by "sync" and "ssp").
       backup_workers: sync only: apply a step once `workers - backup_workers`
-        gradients are in; later ones for that step are dropped.
+        gradients are in; later ones for that step are dropped. Every shard
+        takes the same workers' gradients for a step (shard 0 decides).
       max_staleness: ssp only: how many pushes a worker may run ahead of the
         slowest before its pull waits.
       assign: `assign(path_str, leaf) -> shard index`; default: balance bytes.
@@ -88,12 +89,16 @@ class ParameterServer:
         self._clients: dict[int, Client] = {}
         self._finished: set[int] = set()  # workers an earlier `run_workers` let leave
         self._closed = False
+        # backup workers on several shards: shard 0 decides each step's workers, the others follow
+        agree = mode == "sync" and backup_workers > 0 and len(self._plan.shard_leaves) > 1
         configs = [
-            ShardConfig(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness, restore)
+            ShardConfig(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness, restore, agree and s > 0)
             for s, ids in enumerate(self._plan.shard_leaves)
         ]
         try:
             self._channels = self._transport.start(configs)
+            if agree:
+                self._channels[0].call(Lead(tuple(self._channels[1:])))
         except BaseException:
             self._transport.close()
             raise
@@ -245,7 +250,7 @@ class ParameterServer:
         self._finished.difference_update(workers)
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
-        return [Client(w, self._plan, self._channels, self._nonfinite, v) for w, v in zip(workers, versions)]
+        return [Client(w, self._plan, self._channels, self._nonfinite, v, self._mode == "sync") for w, v in zip(workers, versions)]
 
     def _check_open(self) -> None:
         if self._closed:

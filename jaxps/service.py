@@ -1,7 +1,8 @@
 """The shard service: what a shard does with each request, whatever carried it.
 
 A request is a small typed value (`Push`, `Pull`, `Leave`, `Join`, `Stats`,
-and a checkpoint's `Hold`, `Snapshot`, `WritePart`);
+a checkpoint's `Hold`, `Snapshot`, `WritePart`, and backup workers' `Lead`,
+`Decide`);
 arrays travel beside it (a push's gradients) and answers go back through a
 `Reply` that the transport supplies. A transport decodes a request from its
 wire, calls `ShardService.handle`, and ships what the reply is given: that is
@@ -12,6 +13,8 @@ in `ShardService._ops`.
 from __future__ import annotations
 
 import os
+import queue
+import sys
 import threading
 import traceback
 from typing import Any, NamedTuple, Sequence
@@ -37,9 +40,13 @@ class Push(NamedTuple):
 
 
 class Pull(NamedTuple):
-    """The shard's leaves, once `worker` may read (at once for `worker=None`); answers `(version, leaves)`."""
+    """The shard's leaves, once `worker` may read (at once for `worker=None`) at version `at_least` or later.
+
+    Answers `(version, leaves)`.
+    """
 
     worker: int | None
+    at_least: int = 0
 
 
 class Leave(NamedTuple):
@@ -82,7 +89,25 @@ class WritePart(NamedTuple):
     step: int
 
 
-REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart)
+class Lead(NamedTuple):
+    """Sync with backup workers: tell `followers` (channels to the other shards) which workers each step takes.
+
+    Sent once, to shard 0, when the server starts; answers None. From then on
+    the shard sends a `Decide` to every follower for each step it closes, from
+    a thread of its own, in step order.
+    """
+
+    followers: tuple
+
+
+class Decide(NamedTuple):
+    """A following shard's step `version` takes the pushes of `workers` (the leader's), and drops the others'; answers None."""
+
+    version: int
+    workers: tuple[int, ...]
+
+
+REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, Lead, Decide)
 
 
 class Reply:
@@ -134,8 +159,11 @@ class ShardService:
             Hold: self._hold,
             Snapshot: self._snapshot,
             WritePart: self._write_part,
+            Lead: self._lead,
+            Decide: self._decide,
         }
         self._saved: dict | None = None  # the last snapshot, until written
+        self._decisions: queue.SimpleQueue | None = None  # a leader's steps, on their way to the followers
 
     def handle(self, request: Any, reply: Reply, arrays: Sequence[Any] | None = None) -> None:
         """Carries out `request` (with a push's gradient `arrays`); the answer goes to `reply`, now or later."""
@@ -178,7 +206,7 @@ class ShardService:
             reply.taken()
 
     def _pull(self, request: Pull, reply: Reply, arrays: Any) -> None:
-        self.shard.pull(request.worker, reply.pulled, lend=reply.lend)
+        self.shard.pull(request.worker, reply.pulled, lend=reply.lend, at_least=request.at_least)
 
     def _leave(self, request: Leave, reply: Reply, arrays: Any) -> None:
         self.shard.leave(request.worker)
@@ -230,3 +258,38 @@ class ShardService:
             reply.send(None)
 
         threading.Thread(target=write, name=f"jaxps-shard{self.shard.index}-checkpoint", daemon=True).start()
+
+    def _lead(self, request: Lead, reply: Reply, arrays: Any) -> None:
+        if self._decisions is not None:
+            raise RuntimeError(f"shard {self.shard.index} already leads")
+        self._decisions = queue.SimpleQueue()
+        threading.Thread(
+            target=_send_decisions,
+            args=(self.shard.index, self._decisions, list(request.followers)),
+            name=f"jaxps-shard{self.shard.index}-decisions",
+            daemon=True,
+        ).start()
+        self.shard.on_step = lambda version, workers: self._decisions.put(Decide(version, workers))
+        reply.send(None)
+
+    def _decide(self, request: Decide, reply: Reply, arrays: Any) -> None:
+        self.shard.decide(request.version, request.workers)
+        reply.send(None)
+
+
+def _send_decisions(index: int, decisions: queue.SimpleQueue, followers: list) -> None:
+    """A leader's thread: sends each step's `Decide` to every follower, in order, until the followers are closed or gone."""
+    while True:
+        try:
+            decision = decisions.get(timeout=1.0)
+        except queue.Empty:
+            if any(f.closed for f in followers):  # the server was closed (in-process: no process ends with it)
+                return
+            continue
+        try:
+            for answer in [f.submit(decision) for f in followers]:
+                answer.result()
+        except Exception as e:  # a follower is gone: its clients hear it from their own channels
+            if not any(f.closed for f in followers):
+                print(f"jaxps: shard {index} stops sending step decisions: {type(e).__name__}: {e}", file=sys.stderr)
+            return

@@ -44,6 +44,8 @@ class ShardConfig:
     # start from a checkpoint instead of `leaves` and `tx.init`: (directory, step, version);
     # the shard reads its own state from disk, in its own process
     restore: tuple[str, int, int] | None = None
+    # sync with backup workers on several shards: this shard takes the workers shard 0 took for each step
+    follows: bool = False
 
 
 class Shard:
@@ -71,15 +73,16 @@ class Shard:
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
         self._step_donating, self._step_lent = compile_step(config.tx)
         self._mean = jax.jit(mean_gradients)
-        self._policy = make_policy(config.mode, config.workers, config.backup_workers, config.max_staleness)
+        self._policy = make_policy(config.mode, config.workers, config.backup_workers, config.max_staleness, config.follows)
         self._clock = Clock.start(config.workers, version, applied)
         self._lock = threading.Lock()
         self._lent = False  # params handed to a reader: the next step must not donate them while it holds them
         self._pushes: dict[tuple[int, int], PushDone] = {}
-        self._pulls: list[tuple[int | None, PullReady, bool]] = []
+        self._pulls: list[tuple[int | None, PullReady, bool, int]] = []
         self._waiting: list[tuple[Contribution, PushDone]] = []  # pushes beyond a checkpoint's cut, in arrival order
         self._snapshot_taken: SnapshotTaken | None = None  # a checkpoint's snapshot to take once the cut is reached
         self._spare: dict | None = None  # a written snapshot's arrays, for the next snapshot to copy into
+        self.on_step: Callable[[int, tuple[int, ...]], None] | None = None  # a leader: (version, workers) of each step it closes
 
     # -- requests -------------------------------------------------------------
     def push(self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone) -> None:
@@ -97,20 +100,29 @@ class Shard:
             else:  # beyond a checkpoint's cut: waits, in a copy (the caller may reuse its buffers)
                 self._waiting.append((c._replace(grads=_detach(grads)), done))
 
-    def pull(self, worker: int | None, ready: PullReady, lend: bool = True) -> None:
-        """Calls `ready(version, leaves)` once `worker` may read (at once for `worker=None`).
+    def pull(self, worker: int | None, ready: PullReady, lend: bool = True, at_least: int = 0) -> None:
+        """Calls `ready(version, leaves)` once `worker` may read (at once for `worker=None`) at version `at_least` or later.
 
         `ready` runs under the shard's lock; `lend=False` promises it copies the
         leaves before returning, so the next step may donate their buffers.
         """
         with self._lock:
-            self._pulls.append((worker, ready, lend))
+            self._pulls.append((worker, ready, lend, at_least))
             self._serve_pulls()
 
     def leave(self, worker: int) -> None:
         """`worker` is done: sync steps and ssp pulls stop waiting for it."""
         with self._lock:
             clock, steps = self._policy.leave(self._clock, worker)
+            self._apply(steps)
+            self._clock = clock
+            self._settle(steps)
+            self._maybe_snapshot()
+
+    def decide(self, version: int, workers: Sequence[int]) -> None:
+        """A following shard learns which workers the leader's step `version` took."""
+        with self._lock:
+            clock, steps = self._policy.decide(self._clock, version, tuple(workers))
             self._apply(steps)
             self._clock = clock
             self._settle(steps)
@@ -234,20 +246,24 @@ class Shard:
 
     def _settle(self, steps: list[Step]) -> None:
         for step in steps:
-            for c in step.contributions:
+            if self.on_step is not None:
+                self.on_step(step.version, step.workers)
+            outcomes = [(c, "applied" if c.grads is not None else "skipped") for c in step.contributions]
+            for c, outcome in outcomes + [(c, "dropped") for c in step.dropped]:
                 done = self._pushes.pop((c.worker, c.for_step), None)
                 if done is not None:
-                    done("applied" if c.grads is not None else "skipped")
+                    done(outcome)
         self._serve_pulls()
 
     def _serve_pulls(self) -> None:
         waiting = []
-        for worker, ready, lend in self._pulls:
-            if worker is None or self._policy.pull_ready(self._clock, worker):
+        for pull in self._pulls:
+            worker, ready, lend, at_least = pull
+            if (worker is None or self._policy.pull_ready(self._clock, worker)) and self._clock.version >= at_least:
                 ready(self._clock.version, jax.tree_util.tree_leaves(self._params))
                 self._lent = self._lent or lend
             else:
-                waiting.append((worker, ready, lend))
+                waiting.append(pull)
         self._pulls = waiting
 
 

@@ -11,11 +11,13 @@ runs worker functions on its own execution units, and cleans up:
 
 Wherever a shard lives, build it as `ShardService(Shard(config))` and hand
 every request that arrives to `service.handle(request, reply, arrays)`; the
-service does what the request asks (requests: `Push`, `Pull`, `Leave`,
-`Join`, `Stats`) and answers through your `Reply`. A channel only moves
+service does what the request asks (`REQUESTS`: `Push`, `Pull`, `Leave`,
+`Join`, `Stats`, ...) and answers through your `Reply`. A channel only moves
 requests, arrays and answers: subclass `ShardChannel` and implement `submit`;
 `stage` (copy a push's arrays ahead of sending it, checking them on the way)
-and `close` have defaults. `jaxps.transports.inprocess` is the smallest
+and `close` have defaults. Channels must also work inside a shard's own
+process: the leading shard of a sync server with backup workers sends the
+others its steps' decisions through them (`Lead`, `Decide`). `jaxps.transports.inprocess` is the smallest
 complete example.
 """
 

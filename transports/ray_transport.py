@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -60,6 +61,8 @@ class _ShardActor:
         from jaxps.shard import Shard
         from jaxps.transports.endpoint import serve
 
+        # threads of this actor (a leader's step decisions), never its event loop, wait on Ray calls
+        os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
         self._service = ShardService(Shard(config))
         self._published: tuple[int, Any] | None = None  # (version, ObjectRef of its leaves)
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
