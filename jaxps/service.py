@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import sys
 import threading
 import traceback
@@ -146,10 +147,14 @@ def own_copy(x: Any) -> jax.Array:
 
 
 class ShardService:
-    """Carries out requests on one `Shard`; thread-safe (the shard is)."""
+    """Carries out requests on one `Shard`; thread-safe (the shard is).
 
-    def __init__(self, shard: Shard):
+    `where`: how to find the shard, for `Stats` (its process id; a transport adds its own ids, e.g. Ray's actor and node).
+    """
+
+    def __init__(self, shard: Shard, where: dict | None = None):
         self.shard = shard
+        self.where = {"pid": os.getpid(), "host": socket.gethostname(), **(where or {})}
         self._ops = {
             Push: self._push,
             Pull: self._pull,
@@ -216,7 +221,7 @@ class ShardService:
         reply.send(self.shard.join(request.worker))
 
     def _stats(self, request: Stats, reply: Reply, arrays: Any) -> None:
-        reply.send(self.shard.stats())
+        reply.send({**self.shard.stats(), "where": dict(self.where)})
 
     def _hold(self, request: Hold, reply: Reply, arrays: Any) -> None:
         reply.send(self.shard.hold())

@@ -294,7 +294,9 @@ def test_killed_shard_raises_shard_died_error(server):
     ps = server(shards=2)
     client = ps.client(0)
     client.pull()
-    pid = ps._transport.pids[1]
+    where = [s["where"] for s in ps.stats()["shards"]]  # the shards say where they run
+    assert [w["pid"] for w in where] == ps._transport.pids and len(set(ps._transport.pids)) == 2
+    pid = where[1]["pid"]
     os.kill(pid, signal.SIGKILL)
     for call in (client.pull, lambda: client.push(ONES).result(60), ps.params):
         t = time.monotonic()

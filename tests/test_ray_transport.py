@@ -1,6 +1,7 @@
 """Ray-specific behaviour of the Ray transport, on the session's real local Ray."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -200,8 +201,14 @@ def test_killed_shard_raises_shard_died_error(shared_memory):
         thread = threading.Thread(target=blocked_pull)
         thread.start()
         time.sleep(0.5)
+        where = ps.stats()["shards"][0]["where"]
+        assert where["actor_id"] == ps._transport.actors[0]._actor_id.hex()
+        assert where["node_id"] == ray.get_runtime_context().get_node_id()
         t = time.monotonic()
-        ray.kill(ps._transport.actors[0])  # the shard the pull waits on first
+        if shared_memory:
+            os.kill(where["pid"], signal.SIGKILL)  # the shard the pull waits on first, found from its stats
+        else:
+            ray.kill(ps._transport.actors[0])
         thread.join(30)
         assert not thread.is_alive() and time.monotonic() - t < 20
         assert isinstance(errors[0], jaxps.ShardDiedError) and "shard 0" in str(errors[0])

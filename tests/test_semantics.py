@@ -1,5 +1,7 @@
 """The conformance suite: every test here runs over every transport, with optax as the oracle."""
 
+import os
+import socket
 import threading
 import time
 from typing import NamedTuple
@@ -322,3 +324,18 @@ def test_close_is_idempotent_and_final(make_server):
     ps.close()
     with pytest.raises(RuntimeError, match="closed"):
         ps.pull()
+
+
+def test_stats_say_where_each_shard_runs(make_server, transport):
+    ps = make_server(params_tree(), optax.sgd(0.1), shards=2)
+    where = [s["where"] for s in ps.stats()["shards"]]
+    assert all(w["host"] == socket.gethostname() for w in where)
+    pids = [w["pid"] for w in where]
+    if transport == "inprocess":
+        assert pids == [os.getpid()] * 2
+    else:  # a process of its own per shard, alive
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        for pid in pids:
+            os.kill(pid, 0)
+    if transport.startswith("ray"):
+        assert [w["actor_id"] for w in where] == [a._actor_id.hex() for a in ps._transport.actors]

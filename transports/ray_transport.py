@@ -63,7 +63,9 @@ class _ShardActor:
 
         # threads of this actor (a leader's step decisions), never its event loop, wait on Ray calls
         os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
-        self._service = ShardService(Shard(config))
+        context = ray.get_runtime_context()
+        where = {"actor_id": context.get_actor_id(), "node_id": context.get_node_id()}
+        self._service = ShardService(Shard(config), where)
         self._published: tuple[int, Any] | None = None  # (version, ObjectRef of its leaves)
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
