@@ -11,6 +11,7 @@ goes on.
     python examples/mnist.py --compare --plot compare.png     # sync, then async, one plot
     python examples/mnist.py --transport multiprocessing      # or ray: the same code
     python examples/mnist.py --checkpoint-dir ckpt             # saves as it trains; run again to resume
+    python examples/mnist.py --transport multiprocessing --kill-shard-at 300   # loses a shard, goes on
 
 `--steps` is the number of gradients each worker computes, so sync and async see
 the same data: sync applies one update per round of N gradients (their mean),
@@ -19,6 +20,12 @@ async applies every gradient as it comes.
 With `--checkpoint-dir DIR` the server saves into DIR every `--checkpoint-every`
 updates (in the background) and at the end; run again with the same DIR, it
 resumes from the latest checkpoint and trains the remaining updates.
+
+With `--kill-shard-at STEP` (multiprocessing) the driver kills shard 0's process
+with SIGKILL once the server has applied STEP updates. The server runs with
+`on_shard_failure="restart"`: it restarts the shard, rolls every shard back to
+the latest checkpoint, and training goes on; the run trains until the server
+has applied all its updates, the lost ones again.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -161,6 +171,15 @@ class Monitor:
 
 
 # -- one training run ------------------------------------------------------------------
+def kill_shard_at(ps, step, mode):
+    """Kills shard 0's process (found from the server's stats) once the server has applied `step` updates."""
+    while ps.step < step:
+        time.sleep(0.05)
+    pid = ps.stats()["shards"][0]["where"]["pid"]
+    print(f"[{mode}] step {ps.step}: killing shard 0 (pid {pid}) with SIGKILL", flush=True)
+    os.kill(pid, signal.SIGKILL)
+
+
 def train(args, data, mode, log):
     """Trains a fresh ConvNet in `mode`; returns a summary dict (and writes log records)."""
     params = ConvNet().init(jax.random.key(args.seed), np.zeros((1, 28, 28, 1), np.float32))["params"]
@@ -203,6 +222,8 @@ def train(args, data, mode, log):
     resume = args.checkpoint_dir and jaxps.checkpoint.steps(args.checkpoint_dir)
     if args.checkpoint_dir:
         options["checkpoint"] = jaxps.Checkpointing(args.checkpoint_dir, every=args.checkpoint_every, keep=3)
+    if args.kill_shard_at is not None:
+        options["on_shard_failure"] = "restart"
     if resume:
         ps = jaxps.ParameterServer.restore(args.checkpoint_dir, params, tx, **options)
         print(f"[{mode}] resuming from the checkpoint of step {ps.step} in {args.checkpoint_dir}")
@@ -215,8 +236,17 @@ def train(args, data, mode, log):
         for w in work:
             w["steps"] = left if mode == "sync" else -(-left // args.workers)
             w["seed"] += ps.step  # other batches than the first run's
+        if args.kill_shard_at is not None:
+            threading.Thread(target=kill_shard_at, args=(ps, args.kill_shard_at, mode), daemon=True).start()
         with Monitor(ps, (data.test_images, data.test_labels), args.eval_every, updates, record, mode) as monitor:
             losses = ps.run_workers(train_worker, work)
+            while ps.step < updates:  # a shard died: the updates rolled back are trained again
+                left = updates - ps.step
+                print(f"[{mode}] {left} updates rolled back: training them again")
+                for w in work:
+                    w["steps"] = left if mode == "sync" else -(-left // args.workers)
+                    w["seed"] += 1000
+                losses = [a + b for a, b in zip(losses, ps.run_workers(train_worker, work))]
             if args.checkpoint_dir:
                 print(f"[{mode}] saved step {ps.save(args.checkpoint_dir, keep=3)} in {args.checkpoint_dir}")
         final, wall, stats = monitor.last, monitor.wall, ps.stats()
@@ -293,6 +323,11 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot test accuracy against wall time")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="save into DIR as training goes; resume from it if it holds a checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="save every N server updates")
+    p.add_argument(
+        "--kill-shard-at", type=int, default=None, metavar="STEP",
+        help="multiprocessing: SIGKILL shard 0 at update STEP; it is restarted from the latest checkpoint (in a temporary "
+        "--checkpoint-dir if none is given) and training goes on",
+    )
     args = p.parse_args(argv)
     if args.workers < 1 or args.steps < 1 or args.batch_size < 1 or args.shards < 1:
         p.error("--workers, --shards, --steps and --batch-size must be positive")
@@ -300,6 +335,13 @@ def parse_args(argv=None):
         p.error("--checkpoint-every must be positive")
     if args.checkpoint_dir and args.compare:
         p.error("--checkpoint-dir saves one run: use it with --mode, not --compare")
+    if args.kill_shard_at is not None:
+        if args.transport != "multiprocessing":
+            p.error("--kill-shard-at kills a shard process: use it with --transport multiprocessing")
+        if args.compare:
+            p.error("--kill-shard-at: use it with --mode, not --compare")
+        if not args.checkpoint_dir:
+            args.checkpoint_dir = args.temporary_checkpoints = tempfile.mkdtemp(prefix="jaxps_mnist_")
     return args
 
 
@@ -328,6 +370,8 @@ def main(argv=None):
     finally:
         if log_file:
             log_file.close()
+        if getattr(args, "temporary_checkpoints", None):
+            shutil.rmtree(args.temporary_checkpoints, ignore_errors=True)
 
     plot_path = args.plot or ("mnist_compare.png" if args.compare else None)
     if plot_path:

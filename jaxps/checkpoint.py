@@ -199,6 +199,7 @@ def _checkpointer():
     registry = th.create_type_handler_registry(
         *[(t, th.ScalarHandler()) for t in (int, float, bytes, np.number)],
         (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, th.ArrayHandler()),  # never written here; without one orbax warns on every read
     )
     handler = ocp.CompositeCheckpointHandler(
         # float state hardly compresses: speed first

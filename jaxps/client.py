@@ -31,8 +31,10 @@ def gather(waits: Sequence[Any], timeout: float | None = None) -> list:
 class PushFuture:
     """Completes when every shard has applied (or dropped) the push.
 
-    `result()` is 'applied', 'dropped' (some shard had already closed the step)
-    or 'skipped' (non-finite gradients with `nonfinite='skip'`).
+    `result()` is 'applied', 'dropped' (some shard had already closed the step),
+    'skipped' (non-finite gradients with `nonfinite='skip'`) or 'rolled_back'
+    (a shard died and every shard went back to a checkpoint before this push
+    was applied, or it was computed on parameters from before that).
     """
 
     def __init__(self, parts: Sequence[Any]):
@@ -42,7 +44,7 @@ class PushFuture:
     def result(self, timeout: float | None = None) -> str:
         if self._outcome is None:
             outcomes = gather(self._parts, timeout)
-            self._outcome = next((o for o in ("dropped", "skipped") if o in outcomes), "applied")
+            self._outcome = next((o for o in ("rolled_back", "dropped", "skipped") if o in outcomes), "applied")
         return self._outcome
 
     def done(self) -> bool:
@@ -133,9 +135,11 @@ class Client:
         skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
         parts = []
         same_step = max(link.next_step() for link in self._links) if self._sync else None
+        based = [link.based_on for link in self._links]
+        oldest = None if None in based else min(based)
         for link, stage in zip(self._links, staged):
             step = link.next_step() if same_step is None else same_step
-            request = Push(self.worker, step, link.based_on, skipped)
+            request = Push(self.worker, step, link.based_on, skipped, oldest)
             parts.append(link.channel.submit(request, None if skipped else stage.payload))
             link.last_step, link.pulled = step, None
         return PushFuture(parts)

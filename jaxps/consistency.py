@@ -35,12 +35,17 @@ MODES = ("async", "sync", "ssp")
 
 
 class Contribution(NamedTuple):
-    """One worker's push for step `for_step`: its gradients (None: skipped) and the version they were computed on."""
+    """One worker's push for step `for_step`: its gradients (None: skipped) and the version they were computed on.
+
+    `oldest`: the oldest version the worker's last pull got from any shard (async, ssp: a push computed on
+    parameters from before a rollback is rolled back on every shard alike).
+    """
 
     worker: int
     for_step: int
     grads: Any
     based_on: int | None
+    oldest: int | None = None
 
 
 class Step(NamedTuple):
@@ -80,12 +85,26 @@ class Clock:
     staleness_max: int = 0
     staleness_count: int = 0
     hold: Any = None  # during a checkpoint: how far this shard may go (async/ssp: pushes per worker; sync: a version)
+    restarted_at: int = 0  # the version this shard (re)started from a checkpoint at: older pushes are rolled back
+    pushes_rolled_back: int = 0
 
     @classmethod
     def start(cls, workers: int | None, version: int = 0, applied: int = 0) -> "Clock":
-        """A fresh clock; a restored shard starts at the checkpoint's `version` and `applied` steps."""
+        """A fresh clock; a restored shard starts at `version` with the checkpoint's `applied` steps."""
         n = workers or 0
-        return cls(workers=n, pushes=(0,) * n, last_step=(None,) * n, version=version, applied=applied)
+        return cls(workers=n, pushes=(0,) * n, last_step=(None,) * n, version=version, applied=applied, restarted_at=version)
+
+    def rolled_back(self, c: Contribution, sync: bool) -> bool:
+        """Whether `c` was computed before this shard's last rollback (sync: for an earlier step)."""
+        if sync:
+            return c.for_step < self.restarted_at
+        return c.oldest is not None and c.oldest < self.restarted_at
+
+    def restarted(self, version: int, applied: int, rolled_back: int = 0) -> "Clock":
+        """This clock rolled back to a checkpoint of `applied` steps, going on at `version`, with `rolled_back`
+        unsettled pushes answered so; who has left stays left."""
+        fresh = Clock.start(self.workers, version, applied)
+        return dataclasses.replace(fresh, left=self.left, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back)
 
     def stats(self) -> dict:
         return {
@@ -94,6 +113,8 @@ class Clock:
             "pushes_applied": self.pushes_applied,
             "pushes_dropped": self.pushes_dropped,
             "pushes_skipped": self.pushes_skipped,
+            "pushes_rolled_back": self.pushes_rolled_back,
+            "workers_left": sorted(self.left),
             "staleness_mean": self.staleness_sum / self.staleness_count if self.staleness_count else 0.0,
             "staleness_max": self.staleness_max,
             "staleness_count": self.staleness_count,
@@ -130,9 +151,17 @@ def _received(clock: Clock, c: Contribution) -> Clock:
     return dataclasses.replace(clock, pushes=tuple(pushes), last_step=tuple(last))
 
 
+def _rolled_back(clock: Clock) -> Clock:
+    return dataclasses.replace(clock, pushes_rolled_back=clock.pushes_rolled_back + 1)
+
+
 def _closed(clock: Clock, step: Step) -> Clock:
     """The clock after `step` is applied (or, with no gradients, passed over)."""
-    known = [step.version - c.based_on for c in step.contributions if c.grads is not None and c.based_on is not None]
+    known = [
+        step.version - c.based_on
+        for c in step.contributions
+        if c.grads is not None and c.based_on is not None and c.based_on >= clock.restarted_at
+    ]
     applied = bool(step.gradients)
     return dataclasses.replace(
         clock,
@@ -153,6 +182,8 @@ class Async:
 
     def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
         """The new clock, the steps to apply now, and the push's outcome if no step settles it."""
+        if clock.rolled_back(c, sync=False):
+            return _rolled_back(clock), [], "rolled_back"
         clock = _received(clock, c)
         if c.grads is None:  # skipped by the client (non-finite gradients)
             return dataclasses.replace(clock, pushes_skipped=clock.pushes_skipped + 1), [], "skipped"
@@ -222,6 +253,8 @@ class Sync:
         return max(1, min(clock.workers - self.backup, can_arrive))
 
     def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
+        if clock.rolled_back(c, sync=True):
+            return _rolled_back(clock), [], "rolled_back"
         if c.for_step < clock.version:  # its step is already applied: a straggler
             clock = _received(clock, c)
             return dataclasses.replace(clock, pushes_dropped=clock.pushes_dropped + 1), [], "dropped"

@@ -23,7 +23,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from jaxps import checkpoint
 from jaxps.client import gather
@@ -61,6 +61,11 @@ class Saver:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._start_step = start_step
+        self.restart_from: Callable[[], int | None] = lambda: None  # fail-over: the step every shard last rolled back to
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` on the saver's thread, between saves; its result."""
+        return self._executor.submit(fn).result()
 
     def save(self, directory: str | os.PathLike, keep: int | None = None) -> concurrent.futures.Future:
         """A future of the step saved into `directory`."""
@@ -70,8 +75,10 @@ class Saver:
         """Saves per `config` whenever `step_now()` has gone `config.every` steps beyond the last save."""
 
         def watch() -> None:
-            last = self._start_step
+            last, rolled_back = self._start_step, None
             while not self._stop.wait(config.poll):
+                if self.restart_from() != rolled_back:  # every shard went back to a checkpoint: count from there
+                    rolled_back = last = self.restart_from()
                 try:
                     step = step_now()
                 except Exception:

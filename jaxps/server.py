@@ -12,6 +12,7 @@ from jaxps import checkpoint as ckpt
 from jaxps.client import Client, gather
 from jaxps.consistency import make_policy
 from jaxps.errors import ServerClosedError
+from jaxps.failover import FAILURE_MODES, Supervisor
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
 from jaxps.saving import Checkpointing, Saver
@@ -19,6 +20,8 @@ from jaxps.service import Join, Lead, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
+
+RECOVERY_TIMEOUT = 300.0  # seconds a client waits for a dead shard to be restarted
 from jaxps.value_leaves import with_values
 
 
@@ -47,6 +50,9 @@ class ParameterServer:
         (e.g. Ray's `address`, `num_cpus`, `num_gpus`, `resources`).
       checkpoint: `jaxps.Checkpointing(directory, every=N, keep=K)`: save every
         N steps in the background, keeping the K latest.
+      on_shard_failure: "raise" (default): a dead shard ends the run with
+        `ShardDiedError`; "restart" (needs `checkpoint`): it is restarted and
+        every shard rolls back to the latest checkpoint (`jaxps.failover`).
       values: leaves that workers push values for, not gradients (BatchNorm
         statistics): tree paths or path prefixes (`"batch_stats"`,
         `"['bn']['mean']"`) or `fn(path, leaf) -> bool`. A step sets them to
@@ -70,9 +76,14 @@ class ParameterServer:
         transport_options: dict | None = None,
         checkpoint: Checkpointing | None = None,
         values: Any = None,
+        on_shard_failure: str = "raise",
         _restore: tuple[str, dict] | None = None,  # (directory, metadata): from `ParameterServer.restore`
     ):
         make_policy(mode, workers, backup_workers, max_staleness)  # checks the arguments
+        if on_shard_failure not in FAILURE_MODES:
+            raise ValueError(f"unknown on_shard_failure={on_shard_failure!r}; valid: {', '.join(FAILURE_MODES)}")
+        if on_shard_failure == "restart" and checkpoint is None:
+            raise ValueError("on_shard_failure='restart' restarts shards from checkpoints: give checkpoint=jaxps.Checkpointing(...)")
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite={nonfinite!r}; valid: {', '.join(NONFINITE)}")
         tx = with_values(tx, values, params, mode, workers)
@@ -83,6 +94,10 @@ class ParameterServer:
         if checkpoint is not None:
             ckpt.check_directory(checkpoint.directory, self._plan)  # another model's directory: refused now
         self._transport = make_transport(transport, transport_options)
+        if on_shard_failure == "restart":
+            if not hasattr(self._transport, "expect_restarts"):
+                raise ValueError(f"on_shard_failure='restart': the {type(self._transport).__name__} cannot restart shards")
+            self._transport.expect_restarts(RECOVERY_TIMEOUT)
         self._workers = workers
         self._mode = mode
         self._nonfinite = nonfinite
@@ -103,6 +118,9 @@ class ParameterServer:
             self._transport.close()
             raise
         self._saver = Saver(self._plan, self._channels, mode, 0 if restore is None else restore[1])
+        self._supervisor: Supervisor | None = None
+        if on_shard_failure == "restart":
+            self._start_supervisor(configs, checkpoint, restore, agree)
         if checkpoint is not None:
             self._saver.every(checkpoint, lambda: self.step)
 
@@ -165,7 +183,10 @@ class ParameterServer:
         """Steps, pushes applied/dropped/skipped and gradient staleness, in total and per shard."""
         shards = self._shard_stats()
         count = sum(s["staleness_count"] for s in shards)
+        recoveries = {} if self._supervisor is None else self._supervisor.recoveries.stats()
         return {
+            **recoveries,
+            "pushes_rolled_back": max(s["pushes_rolled_back"] for s in shards),
             "steps": min(s["steps"] for s in shards),
             # a push counts as applied once every shard has applied it
             "pushes_applied": min(s["pushes_applied"] for s in shards),
@@ -218,6 +239,8 @@ class ParameterServer:
         """Stops the shards and frees their resources. Idempotent."""
         if not self._closed:
             self._closed = True
+            if self._supervisor is not None:  # first: the shards' ends are no deaths
+                self._supervisor.close()
             self._saver.close()  # a checkpoint in flight completes first
             for channel in self._channels:  # clients taken from this server now fail at once
                 channel.close()
@@ -234,6 +257,20 @@ class ParameterServer:
         return f"ParameterServer({self._plan!r}, {state})"
 
     # -- internals ---------------------------------------------------------------
+    def _start_supervisor(self, configs: list, checkpoint: Checkpointing, restore, leads: bool) -> None:
+        """Fail-over: a first checkpoint now if there is none to go back to, then the watch."""
+        try:
+            if not ckpt.steps(checkpoint.directory):
+                self.save(checkpoint.directory, keep=checkpoint.keep)
+            self._supervisor = Supervisor(
+                self._transport, self._channels, configs, str(checkpoint.directory), self._saver.run,
+                version=0 if restore is None else restore[2], leads=leads,
+            )
+            self._saver.restart_from = lambda: self._supervisor.rolled_back_to
+        except BaseException:
+            self.close()
+            raise
+
     def _shard_stats(self) -> list[dict]:
         self._check_open()
         return gather([ch.submit(Stats()) for ch in self._channels])

@@ -1,8 +1,8 @@
 """The shard service: what a shard does with each request, whatever carried it.
 
 A request is a small typed value (`Push`, `Pull`, `Leave`, `Join`, `Stats`,
-a checkpoint's `Hold`, `Snapshot`, `WritePart`, and backup workers' `Lead`,
-`Decide`);
+a checkpoint's `Hold`, `Snapshot`, `WritePart`, fail-over's `RollBack`, and
+backup workers' `Lead`, `Decide`);
 arrays travel beside it (a push's gradients) and answers go back through a
 `Reply` that the transport supplies. A transport decodes a request from its
 wire, calls `ShardService.handle`, and ships what the reply is given: that is
@@ -38,6 +38,7 @@ class Push(NamedTuple):
     for_step: int
     based_on: int | None
     skipped: bool = False
+    oldest: int | None = None  # the oldest version of the worker's last pull, over all shards
 
 
 class Pull(NamedTuple):
@@ -90,6 +91,18 @@ class WritePart(NamedTuple):
     step: int
 
 
+class RollBack(NamedTuple):
+    """Another shard died: go back to checkpoint `step` in `directory` and go on at version `version`; answers None.
+
+    Pushes not yet settled answer "rolled_back", and so does every later push
+    computed before it (`jaxps.consistency.Clock.rolled_back`).
+    """
+
+    directory: str
+    step: int
+    version: int
+
+
 class Lead(NamedTuple):
     """Sync with backup workers: tell `followers` (channels to the other shards) which workers each step takes.
 
@@ -108,7 +121,7 @@ class Decide(NamedTuple):
     workers: tuple[int, ...]
 
 
-REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, Lead, Decide)
+REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, RollBack, Lead, Decide)
 
 
 class Reply:
@@ -164,6 +177,7 @@ class ShardService:
             Hold: self._hold,
             Snapshot: self._snapshot,
             WritePart: self._write_part,
+            RollBack: self._roll_back,
             Lead: self._lead,
             Decide: self._decide,
         }
@@ -199,7 +213,7 @@ class ShardService:
                     return
             reply.send(outcome)
 
-        self.shard.push(request.worker, request.for_step, request.based_on, grads, done)
+        self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest)
         del grads, arrays
         if reply.borrowed and not self.shard.keeps_gradients:
             self.shard.block_until_ready()
@@ -263,6 +277,11 @@ class ShardService:
             reply.send(None)
 
         threading.Thread(target=write, name=f"jaxps-shard{self.shard.index}-checkpoint", daemon=True).start()
+
+    def _roll_back(self, request: RollBack, reply: Reply, arrays: Any) -> None:
+        self._saved = None
+        self.shard.roll_back(request.directory, request.step, request.version)
+        reply.send(None)
 
     def _lead(self, request: Lead, reply: Reply, arrays: Any) -> None:
         if self._decisions is not None:

@@ -24,7 +24,7 @@ from jaxps.plan import Plan
 from jaxps.update import compile_step, mean_gradients
 from jaxps.validate import check_leaves
 
-PushDone = Callable[[str], None]  # "applied" | "dropped" | "skipped"
+PushDone = Callable[[str], None]  # "applied" | "dropped" | "skipped" | "rolled_back"
 PullReady = Callable[[int, list], Any]  # (version, leaves)
 SnapshotTaken = Callable[[dict | None, dict], Any]  # (state by path, {"step", "version"}) or (None, {"error"})
 
@@ -71,6 +71,7 @@ class Shard:
             self._opt_state = config.tx.init(self._params)
         else:
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
+        self._tx = config.tx  # a rollback reads its checkpoint part with it
         self._step_donating, self._step_lent = compile_step(config.tx)
         self._mean = jax.jit(mean_gradients)
         self._policy = make_policy(config.mode, config.workers, config.backup_workers, config.max_staleness, config.follows)
@@ -85,7 +86,9 @@ class Shard:
         self.on_step: Callable[[int, tuple[int, ...]], None] | None = None  # a leader: (version, workers) of each step it closes
 
     # -- requests -------------------------------------------------------------
-    def push(self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone) -> None:
+    def push(
+        self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone, oldest: int | None = None
+    ) -> None:
         """Offers `worker`'s gradients (None: skipped) for step `for_step`; `done` fires once it is settled."""
         if leaves is not None:
             check_leaves(self._leaf_specs, leaves)
@@ -93,7 +96,7 @@ class Shard:
         else:
             grads = None
         with self._lock:
-            c = Contribution(worker, for_step, grads, based_on)
+            c = Contribution(worker, for_step, grads, based_on, oldest)
             if self._policy.admits(self._clock, c):
                 self._take(c, done)
                 self._maybe_snapshot()
@@ -172,6 +175,27 @@ class Shard:
                 else:
                     self._waiting.append((c, done))
             self._maybe_snapshot()
+
+    def roll_back(self, directory: str, step: int, version: int) -> None:
+        """Another shard died: this one goes back to checkpoint `step` in `directory`, going on at `version`.
+
+        Pushes not yet settled answer "rolled_back"; waiting pulls are served
+        the restored parameters. Who has left stays left.
+        """
+        leaves, opt_state, _, _ = _load(ShardConfig(self.index, self._plan, [], self._tx, restore=(directory, step, version)))
+        with self._lock:
+            self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
+            self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
+            self._lent = False
+            pushes, self._pushes = self._pushes, {}
+            waiting, self._waiting = self._waiting, []
+            self._clock = self._clock.restarted(version, step, rolled_back=len(pushes) + len(waiting))
+            taken, self._snapshot_taken = self._snapshot_taken, None
+            for done in [*pushes.values(), *(done for _, done in waiting)]:
+                done("rolled_back")
+            if taken is not None:
+                taken(None, {"error": f"shard {self.index}: rolled back to step {step} during the checkpoint"})
+            self._serve_pulls()
 
     def done_with(self, snapshot: dict | None) -> None:
         """A snapshot is written (or dropped): its arrays are the next snapshot's to copy into."""

@@ -43,7 +43,9 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class EndpointServer:
     """Accepts connections to one shard and serves each in its own thread."""
 
-    def __init__(self, service: ShardService, layout, node: str | None = None, prefix: str | None = None):
+    def __init__(self, service: ShardService, layout, node: str | None = None, prefix: str | None = None, authkey: bytes | None = None):
+        """`prefix` names the segments and (on Linux) the socket: a shard restarted with its prefix and
+        `authkey` is reached at the same endpoint."""
         self.service = service
         self.layout = tuple(layout)
         self.prefix = prefix or f"jaxps_{uuid.uuid4().hex[:16]}_"
@@ -61,7 +63,7 @@ class EndpointServer:
             address = os.path.join(self._socket_dir, "shard")
         self._listener.bind(address)
         self._listener.listen(64)
-        self.endpoint = wire.Endpoint(address, os.urandom(32), self.layout, os.getpid(), node)
+        self.endpoint = wire.Endpoint(address, authkey or os.urandom(32), self.layout, os.getpid(), node)
         threading.Thread(target=self._accept, name=f"jaxps-shard{service.shard.index}-accept", daemon=True).start()
 
     # -- connections ---------------------------------------------------------------------
@@ -91,7 +93,7 @@ class EndpointServer:
         except BaseException:  # not ours, not authentic, malformed or too slow: drop it
             sock.close()
             return
-        name = f"{self.prefix}s{self.service.shard.index}c{next(self._ids)}"
+        name = f"{self.prefix}s{self.service.shard.index}p{os.getpid()}c{next(self._ids)}"
         names = (f"{name}_push", f"{name}_pull0")
         bufs = []
         try:
@@ -144,9 +146,9 @@ class EndpointServer:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
-def serve(service: ShardService, layout, node: str | None = None, prefix: str | None = None) -> EndpointServer:
+def serve(service: ShardService, layout, node: str | None = None, prefix: str | None = None, authkey: bytes | None = None) -> EndpointServer:
     """Starts serving `service` (whose leaves are laid out as `layout`) on this machine."""
-    return EndpointServer(service, layout, node, prefix)
+    return EndpointServer(service, layout, node, prefix, authkey)
 
 
 class _PeerReply(Reply):

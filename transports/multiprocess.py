@@ -33,7 +33,7 @@ from jaxps.errors import ShardDiedError
 from jaxps.transport import ShardConfig, leave_quietly, run_worker
 from jaxps.transports import shm, wire
 from jaxps.transports.endpoint import POOL  # noqa: F401  (re-exported: the pull-buffer pool size)
-from jaxps.transports.shm_channel import SharedMemoryChannel
+from jaxps.transports.shm_channel import Recovery, SharedMemoryChannel
 
 _MAIN_GUARD = "a script that starts a ParameterServer must do so under `if __name__ == '__main__':`"
 
@@ -42,8 +42,11 @@ def shard_died(index: int, pid: int) -> ShardDiedError:
     return ShardDiedError(f"shard {index} (pid {pid}) has died; its parameters and optimizer state are lost")
 
 
-def _shard_main(ctrl, payload: bytes, prefix: str) -> None:
-    """A shard process: reports its endpoint (or its traceback), serves, exits on 'stop' or its parent's end."""
+def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None) -> None:
+    """A shard process: reports its endpoint (or its traceback), serves, exits on 'stop' or its parent's end.
+
+    A restarted shard gets its predecessor's `authkey` (and `prefix`): it serves at the same endpoint.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; it stops us
     try:
         from jaxps.service import ShardService
@@ -51,8 +54,9 @@ def _shard_main(ctrl, payload: bytes, prefix: str) -> None:
         from jaxps.transports.endpoint import serve
 
         config = cloudpickle.loads(payload)
-        config = dataclasses.replace(config, leaves=config.leaves.load())
-        server = serve(ShardService(Shard(config)), config.plan.layout(config.index), prefix=prefix)
+        if config.restore is None:
+            config = dataclasses.replace(config, leaves=config.leaves.load())
+        server = serve(ShardService(Shard(config)), config.plan.layout(config.index), prefix=prefix, authkey=authkey)
     except BaseException:
         ctrl.send(wire.Refused(traceback.format_exc()))
         return
@@ -115,6 +119,8 @@ class MultiprocessingTransport:
         self._procs: list = []
         self._ctrls: list = []
         self._channels: list[SharedMemoryChannel] = []
+        self._endpoints: list[wire.Endpoint] = []
+        self._recovery: Recovery | None = None
         self._finalizer: weakref.finalize | None = None
         self.shm_prefix: str | None = None  # every segment of this server is named with it
 
@@ -127,25 +133,18 @@ class MultiprocessingTransport:
         if self._finalizer is not None:
             raise RuntimeError("this transport has already been started")
         prefix = self.shm_prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
+        if self._recovery is not None:
+            self._recovery = self._recovery._replace(given_up=f"{prefix}given_up")
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._ctrls, self._channels, prefix)
         inits = []
         try:
             for config in configs:
-                init = shm.SharedLeaves.write(f"{prefix}s{config.index}_init", config.plan.layout(config.index), config.leaves)
-                inits.append(init.name)
-                try:
-                    payload = cloudpickle.dumps(dataclasses.replace(config, leaves=init))
-                except Exception as e:
-                    raise TypeError(f"cannot send shard {config.index}'s config (the optimizer) to its process: {e}") from e
-                ours, theirs = self._ctx.Pipe()
-                p = self._ctx.Process(
-                    target=_shard_main, args=(theirs, payload, prefix), name=f"jaxps-shard-{config.index}", daemon=True
-                )
+                init = None
+                if config.restore is None:
+                    init = shm.SharedLeaves.write(f"{prefix}s{config.index}_init", config.plan.layout(config.index), config.leaves)
+                    inits.append(init.name)
+                p, ours = self._spawn(dataclasses.replace(config, leaves=init))
                 self._ctrls.append(ours)
-                try:
-                    p.start()
-                finally:
-                    theirs.close()  # the child has its copy (or never started)
                 self._procs.append(p)
             deadline = time.monotonic() + self.start_timeout
             endpoints = [self._await_ready(c.index, p, ctrl, deadline) for c, p, ctrl in zip(configs, self._procs, self._ctrls)]
@@ -155,10 +154,59 @@ class MultiprocessingTransport:
         finally:
             for name in inits:
                 shm.unlink(name)
+        self._endpoints = endpoints
         self._channels.extend(
-            SharedMemoryChannel(c.index, e, functools.partial(shard_died, c.index, e.pid)) for c, e in zip(configs, endpoints)
+            SharedMemoryChannel(c.index, e, functools.partial(shard_died, c.index, e.pid), self._recovery) for c, e in zip(configs, endpoints)
         )
         return list(self._channels)
+
+    def _spawn(self, config: ShardConfig, authkey: bytes | None = None):
+        """Starts shard `config.index`'s process; (process, control pipe)."""
+        try:
+            payload = cloudpickle.dumps(config)
+        except Exception as e:
+            raise TypeError(f"cannot send shard {config.index}'s config (the optimizer) to its process: {e}") from e
+        ours, theirs = self._ctx.Pipe()
+        p = self._ctx.Process(
+            target=_shard_main, args=(theirs, payload, self.shm_prefix, authkey), name=f"jaxps-shard-{config.index}", daemon=True
+        )
+        try:
+            p.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the child has its copy (or never started)
+        return p, ours
+
+    # -- fail-over (`ParameterServer(on_shard_failure="restart")`) ------------------------
+    def expect_restarts(self, timeout: float) -> None:
+        """Before `start`: clients wait up to `timeout` s for a dead shard to be restarted, instead of failing."""
+        if not sys.platform.startswith("linux"):
+            raise NotImplementedError("restarting shards needs Linux (a restarted shard serves at its predecessor's socket)")
+        self._recovery = Recovery(timeout, "")  # the segment's name is known once `start` picks the prefix
+
+    def dead(self) -> list[int]:
+        """The shards whose process has ended."""
+        return [i for i, p in enumerate(self._procs) if not p.is_alive()]
+
+    def restart(self, config: ShardConfig) -> None:
+        """Starts a new process for shard `config.index` (from `config.restore`), serving at the dead one's endpoint."""
+        i = config.index
+        self._procs[i].join(1.0)
+        self._ctrls[i].close()
+        p, ours = self._spawn(config, self._endpoints[i].authkey)
+        self._procs[i], self._ctrls[i] = p, ours
+        endpoint = self._await_ready(i, p, ours, time.monotonic() + self.start_timeout)
+        assert endpoint.address == self._endpoints[i].address, (endpoint, self._endpoints[i])
+
+    def give_up(self, reason: str) -> None:
+        """Dead shards stay dead: clients waiting for one raise `ShardDiedError(reason)`."""
+        if self._recovery is not None:
+            try:
+                shm.write_text(self._recovery.given_up, reason)
+            except FileExistsError:
+                pass
 
     def _await_ready(self, index: int, p, ctrl, deadline: float) -> wire.Endpoint:
         if not ctrl.poll(max(0.0, deadline - time.monotonic())):

@@ -33,17 +33,18 @@ import asyncio
 import functools
 import itertools
 import os
+import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import Pull, Reply
+from jaxps.service import Decide, Join, Leave, Pull, Push, Reply, Stats
 from jaxps.transport import ShardChannel, Staged, leave_quietly
 from jaxps.transports import wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
@@ -76,6 +77,10 @@ class _ShardActor:
 
     async def ready(self) -> int:
         return self._service.shard.index
+
+    async def watch(self) -> None:
+        """Never answers: the transport's handle on this actor's death (its ref then fails)."""
+        await asyncio.Event().wait()
 
     async def endpoint(self):
         """Where clients on this node reach the shard through shared memory (None: object store only)."""
@@ -139,6 +144,17 @@ def _resolve(future: asyncio.Future, value: Any) -> None:
 def _set_result(future: asyncio.Future, value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+@ray.remote(num_cpus=0)
+class _GivenUp:
+    """Named once the server stops restarting shards: clients waiting for one read why."""
+
+    def __init__(self, reason: str):
+        self._reason = reason
+
+    def reason(self) -> str:
+        return self._reason
 
 
 @ray.remote
@@ -224,10 +240,11 @@ class RayChannel(ShardChannel):
     memory on the actor's node (if the actor serves it), else through Ray.
     """
 
-    def __init__(self, actor, index: int, endpoint: wire.Endpoint | None = None):
+    def __init__(self, actor, index: int, endpoint: wire.Endpoint | None = None, recovery: "Recovery | None" = None):
         self.actor = actor
         self.index = index
         self.endpoint = endpoint
+        self.recovery = recovery
         self._new_caller()
 
     def _new_caller(self) -> None:
@@ -237,14 +254,53 @@ class RayChannel(ShardChannel):
         self._local: Any = _UNDECIDED
 
     def __getstate__(self):
-        return {"actor": self.actor, "index": self.index, "endpoint": self.endpoint}
+        return {"actor": self.actor, "index": self.index, "endpoint": self.endpoint, "recovery": self.recovery}
 
     def __setstate__(self, state):
         self.actor, self.index, self.endpoint = state["actor"], state["index"], state["endpoint"]
+        self.recovery = state.get("recovery")
         self._new_caller()
 
+    def rebind(self, actor, endpoint: wire.Endpoint | None) -> None:
+        """Talks to `actor` (a restarted shard) from now on."""
+        with self._lock:
+            local, self._local = self._local, _UNDECIDED
+            self.actor, self.endpoint = actor, endpoint
+            self._caller, self._seq = uuid.uuid4().hex, itertools.count()
+        if local is not None and local is not _UNDECIDED:
+            local.close()
+
+    def _find_restarted(self, dead_actor) -> None:
+        """Waits until the shard's actor is another than `dead_actor` (restarted under its name), and rebinds to it."""
+        deadline = time.monotonic() + self.recovery.timeout
+        while True:
+            if self.closed:
+                raise self.gone("closed")
+            if self.actor._actor_id != dead_actor._actor_id:
+                return  # another thread found it first
+            try:
+                given_up = ray.get_actor(self.recovery.given_up)
+            except ValueError:
+                given_up = None
+            if given_up is not None:
+                raise ShardDiedError(ray.get(given_up.reason.remote()))
+            try:
+                actor = ray.get_actor(self.recovery.name)
+                if actor._actor_id != dead_actor._actor_id:
+                    self.rebind(actor, ray.get(actor.endpoint.remote(), timeout=60))
+                    return
+            except (ValueError, RayActorError, GetTimeoutError):
+                pass  # not named yet, or not serving yet
+            if time.monotonic() >= deadline:
+                raise ShardDiedError(f"shard {self.index} died and was not back within {self.recovery.timeout} s")
+            time.sleep(0.1)
+
     def gone(self, why: str) -> Exception:
-        return ServerClosedError("the ParameterServer is closed") if self.closed else shard_died(self.index, self.actor, why)
+        if self.closed:
+            return ServerClosedError("the ParameterServer is closed")
+        if self.recovery is not None:
+            return ShardDiedError(f"shard {self.index} died during this request; it is being restarted from the latest checkpoint")
+        return shard_died(self.index, self.actor, why)
 
     @property
     def via_shared_memory(self) -> bool:
@@ -265,14 +321,31 @@ class RayChannel(ShardChannel):
         return SharedMemoryChannel(self.index, e, functools.partial(self.gone, "its shared-memory connection closed"))
 
     def stage(self, leaves, check: bool) -> Staged:
-        local = self._route()
-        if local is not None:
-            return local.stage(leaves, check)
+        actor = self.actor
+        try:
+            local = self._route()
+            if local is not None:
+                return local.stage(leaves, check)
+        except ShardDiedError:
+            if self.recovery is None or self.closed:
+                raise
+            self._find_restarted(actor)
+            return self.stage(leaves, check)
         return Staged(ray.put([np.asarray(x) for x in leaves]), None)  # every leaf converted before any shard sees one
 
     def submit(self, request, payload=None, timeout=None):
         if self.closed:
             raise self.gone("closed")
+        actor = self.actor
+        try:
+            future = self._submit(request, payload, timeout)
+        except ShardDiedError:
+            if self.recovery is None or self.closed:
+                raise
+            future = _Failed(sys.exc_info()[1])
+        return future if self.recovery is None else _Recovering(self, actor, request, future)
+
+    def _submit(self, request, payload, timeout):
         local = self._route()
         if local is not None:
             return local.submit(request, payload, timeout)
@@ -290,6 +363,55 @@ class RayChannel(ShardChannel):
 
     def __repr__(self) -> str:
         return f"RayChannel(shard={self.index})"
+
+
+class Recovery(NamedTuple):
+    """A restarted shard is found by actor `name`; clients wait up to `timeout` s, unless actor `given_up` exists."""
+
+    timeout: float
+    name: str
+    given_up: str
+
+
+class _Failed:
+    """A request that could not be sent: its error, as a future."""
+
+    def __init__(self, error: BaseException):
+        self._error = error
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self._error
+
+    def done(self) -> bool:
+        return True
+
+
+# requests sent again to a restarted shard (a push answers "rolled_back"; the others fail)
+_RETRIED = (Pull, Join, Leave, Stats, Decide)
+
+
+class _Recovering:
+    """A request's future that outlives its shard: if the shard dies, a push answers "rolled_back" and
+    a pull (or a join, leave, stats, decision) goes to the restarted shard."""
+
+    def __init__(self, channel: "RayChannel", actor, request, future):
+        self._channel, self._actor, self._request, self._future = channel, actor, request, future
+
+    def result(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return self._future.result(timeout)
+        except ShardDiedError:
+            if self._channel.closed or not isinstance(self._request, (Push, *_RETRIED)):
+                raise
+        if isinstance(self._request, Push):
+            return "rolled_back"
+        self._channel._find_restarted(self._actor)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._channel.submit(self._request, timeout=left).result(left)
+
+    def done(self) -> bool:
+        return self._future.done()
 
 
 def _await_death(actors: list, timeout: float) -> None:
@@ -350,6 +472,9 @@ class RayTransport:
         self._channels: list[RayChannel] = []
         self._session: str | None = None  # the GCS address of a transport-started session this one counts in
         self._actors_gcs: str | None = None  # the session the actors live in
+        self._recovery: Recovery | None = None
+        self._watches: list = []  # per shard: a call that fails once its actor is dead
+        self._given_up = None
 
     @property
     def actors(self) -> list:
@@ -365,8 +490,7 @@ class RayTransport:
                 _own_session["users"] += 1
                 self._session = _own_session["gcs"]
         self._check_feasible()
-        actor_cls = _ShardActor.options(max_restarts=0, **self._actor_options)
-        self._actors = [actor_cls.remote(config, self._shared_memory) for config in configs]
+        self._actors = [self._new_actor(config) for config in configs]
         self._actors_gcs = _gcs_address()
         refs = [a.endpoint.remote() for a in self._actors]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=self._start_timeout)
@@ -376,8 +500,48 @@ class RayTransport:
                 f"each asks for {self._need()}, the cluster has {ray.available_resources()} available"
             )
         endpoints = ray.get(refs)  # raises what a shard's constructor raised
-        self._channels = [RayChannel(a, c.index, e) for a, c, e in zip(self._actors, configs, endpoints)]
+        self._channels = [RayChannel(a, c.index, e, self._recovery_of(c.index)) for a, c, e in zip(self._actors, configs, endpoints)]
+        self._watches = [a.watch.remote() for a in self._actors]
         return list(self._channels)
+
+    def _new_actor(self, config):
+        name = {} if self._recovery is None else {"name": self._recovery_of(config.index).name}
+        return _ShardActor.options(max_restarts=0, **name, **self._actor_options).remote(config, self._shared_memory)
+
+    def _recovery_of(self, index: int) -> Recovery | None:
+        return None if self._recovery is None else self._recovery._replace(name=f"{self._recovery.name}-shard{index}")
+
+    # -- fail-over (`ParameterServer(on_shard_failure="restart")`) ------------------------
+    def expect_restarts(self, timeout: float) -> None:
+        """Before `start`: shard actors are named, and clients wait up to `timeout` s for a dead one to be restarted."""
+        name = f"jaxps-{uuid.uuid4().hex[:16]}"
+        self._recovery = Recovery(timeout, name, f"{name}-given-up")
+
+    def dead(self) -> list[int]:
+        """The shards whose actor is gone (killed, crashed, its node lost)."""
+        if not self._watches:
+            return []
+        ended, _ = ray.wait(list(self._watches), num_returns=len(self._watches), timeout=0)
+        return sorted(self._watches.index(ref) for ref in ended)
+
+    def restart(self, config) -> None:
+        """A new actor for shard `config.index` (from `config.restore`), wherever its resources fit, under the dead one's name."""
+        i = config.index
+        try:
+            ray.kill(self._actors[i], no_restart=True)
+        except Exception:  # already gone
+            pass
+        _await_death([self._actors[i]], timeout=10.0)
+        actor = self._new_actor(config)
+        endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
+        self._actors[i], self._watches[i] = actor, actor.watch.remote()
+        self._channels[i].rebind(actor, endpoint)
+
+    def give_up(self, reason: str) -> None:
+        """Dead shards stay dead: clients waiting for one raise `ShardDiedError(reason)`."""
+        if self._recovery is not None and self._given_up is None:
+            self._given_up = _GivenUp.options(name=self._recovery.given_up).remote(reason)
+            ray.get(self._given_up.reason.remote())
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any], worker_options: dict | None = None) -> list:
         """Runs `run_worker(fn, client_i, arg_i)` as one Ray task each; results in order."""
@@ -407,6 +571,10 @@ class RayTransport:
         """Kills the shard actors; shuts Ray down if a transport started it and this was its last user. Idempotent."""
         actors, self._actors = self._actors, []
         channels, self._channels = self._channels, []
+        self._watches = []
+        if self._given_up is not None:
+            actors.append(self._given_up)
+            self._given_up = None
         for channel in channels:
             channel.close()
         if actors and _gcs_address() == self._actors_gcs:  # (their session may have been shut down since)

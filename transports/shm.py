@@ -76,6 +76,26 @@ def sweep(prefix: str) -> list[str]:
     return names
 
 
+def write_text(name: str, text: str) -> None:
+    """A new segment holding `text` (a note for other processes, e.g. why a shard is not coming back)."""
+    data = text.encode()
+    buf = create(name, len(data))
+    buf[: len(data)] = data
+    buf.close()
+
+
+def read_text(name: str) -> str | None:
+    """The text `write_text` left in segment `name`, or None if there is none."""
+    try:
+        buf = attach(name)
+    except FileNotFoundError:
+        return None
+    try:
+        return bytes(buf).decode(errors="replace")
+    finally:
+        buf.close()
+
+
 def layout(specs: Sequence[tuple[tuple[int, ...], Any]]) -> tuple[list[int], int]:
     """Aligned byte offsets of arrays `(shape, dtype)` packed in one buffer, and its size."""
     offsets, end = [], 0

@@ -26,13 +26,13 @@ import itertools
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from jaxps.errors import ServerClosedError
-from jaxps.service import Pull, Push
+from jaxps.errors import ServerClosedError, ShardDiedError
+from jaxps.service import Decide, Join, Leave, Pull, Push, Stats
 from jaxps.transport import ShardChannel, Staged, own_copy
 from jaxps.transports import shm, wire
 from jaxps.transports.endpoint import POOL
@@ -48,11 +48,21 @@ except (ImportError, AttributeError):  # another jaxlib: a freed pull buffer is 
 _SLICE = 0.05  # seconds a waiting thread holds a connection's lock at a time
 
 
+class _Lost(Exception):
+    """A request's connection died while the shard is being restarted: send it again."""
+
+
+# requests sent again to a restarted shard when their connection dies (a push answers "rolled_back";
+# a checkpoint's or fail-over's own requests fail: the driver starts them over)
+_RETRIED = (Pull, Join, Leave, Stats, Decide)
+
+
 class _Pending:
     """`.result()` of one request; whoever waits reads the connection."""
 
-    def __init__(self, conn: "_Conn"):
+    def __init__(self, conn: "_Conn", request: Any = None):
         self._conn = conn
+        self._request = request
         self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
@@ -69,8 +79,12 @@ class _Pending:
         return self._done
 
     def result(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._conn.wait(lambda: self._done, timeout):
             raise TimeoutError(f"shard {self._conn.channel.index} did not answer within {timeout} s")
+        if isinstance(self._error, _Lost):  # to the restarted shard
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self._conn.channel.submit(self._request, timeout=left).result(left)
         if self._error is not None:
             raise self._error
         return self._value
@@ -198,7 +212,7 @@ class _Conn:
     # -- the wire -----------------------------------------------------------------
     def _send(self, request, buffer: int = 0) -> tuple[int, _Pending]:
         self._check()
-        rid, pending = next(self._ids), _Pending(self)
+        rid, pending = next(self._ids), _Pending(self, request)
         self._pending[rid] = pending
         try:
             self._c.send(wire.Call(rid, request, buffer))
@@ -258,10 +272,20 @@ class _Conn:
         if self._dead:
             raise RuntimeError("this connection was interrupted") if self.broken else self.channel.gone()
 
+    @property
+    def dead(self) -> bool:
+        return self._dead
+
     def _die(self, error: Callable[[], Exception] | None = None) -> None:
         self._dead = True
+        recovering = error is None and self.channel.recovery is not None and not self.channel.closed
         for pending in list(self._pending.values()):
-            pending._set(error=(error or self.channel.gone)())
+            if recovering and isinstance(pending._request, Push):
+                pending._set("rolled_back")  # the shard went back to a checkpoint: whatever it did with it is gone
+            elif recovering and isinstance(pending._request, _RETRIED):
+                pending._set(error=_Lost())
+            else:
+                pending._set(error=(error or self.channel.gone)())
         self._pending.clear()
 
     def _break(self) -> None:
@@ -287,44 +311,96 @@ class _Conn:
             self._lock.release()
 
 
+class Recovery(NamedTuple):
+    """A shard that dies is restarted at the same endpoint: wait up to `timeout` s for it, unless segment `given_up` appears."""
+
+    timeout: float
+    given_up: str  # a shared-memory segment the driver creates, holding the reason, once it stops restarting
+
+
 class SharedMemoryChannel(ShardChannel):
     """A client's line to one shard's endpoint; connects lazily, once per thread.
 
     `died()` returns the exception for a shard that has gone away (it must be
-    picklable if the channel is).
+    picklable if the channel is). With `recovery`, a dead shard is waited for
+    instead: requests in flight go to the restarted shard (a push's answer is
+    "rolled_back"), new ones wait until it serves again.
     """
 
-    def __init__(self, index: int, endpoint: wire.Endpoint, died: Callable[[], Exception]):
-        self.index, self.endpoint, self.died = index, endpoint, died
+    def __init__(self, index: int, endpoint: wire.Endpoint, died: Callable[[], Exception], recovery: Recovery | None = None):
+        self.index, self.endpoint, self.died, self.recovery = index, endpoint, died, recovery
         self.layout = [(tuple(s), np.dtype(d)) for s, d in endpoint.layout]
         self.offsets, _ = shm.layout(self.layout)
         self._local = threading.local()
         self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
 
     def __reduce__(self):
-        return (SharedMemoryChannel, (self.index, self.endpoint, self.died))
+        return (SharedMemoryChannel, (self.index, self.endpoint, self.died, self.recovery))
 
     def gone(self) -> Exception:
-        return ServerClosedError("the ParameterServer is closed") if self.closed else self.died()
+        if self.closed:
+            return ServerClosedError("the ParameterServer is closed")
+        if self.recovery is not None:
+            return ShardDiedError(f"shard {self.index} died during this request; it is being restarted from the latest checkpoint")
+        return self.died()
 
-    def conn(self, timeout: float | None = None) -> _Conn:
-        """This thread's connection, made on first use (within `timeout` seconds)."""
+    def conn(self, timeout: float | None = None, wait: bool = True) -> _Conn:
+        """This thread's connection, made on first use (within `timeout` seconds).
+
+        With `recovery`, a dead shard's connection is made anew, waiting for
+        the restarted shard (unless not `wait`).
+        """
         if self.closed:
             raise self.gone()
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.broken:
-            conn = self._local.conn = _Conn(self, timeout)
+        if conn is None or conn.broken or (conn.dead and self.recovery is not None):
+            conn = self._local.conn = self._connect(timeout, wait)
             self._conns.add(conn)
         return conn
 
+    def _connect(self, timeout: float | None, wait: bool) -> _Conn:
+        """A new connection; with `recovery` (and `wait`), retried while the shard is being restarted."""
+        if self.recovery is None or not wait:
+            return _Conn(self, timeout)
+        deadline = time.monotonic() + self.recovery.timeout
+        while True:
+            try:
+                return _Conn(self, timeout)
+            except ShardDiedError:
+                reason = shm.read_text(self.recovery.given_up)
+                if reason is not None:
+                    raise ShardDiedError(reason) from None
+                if self.closed:
+                    raise self.gone() from None
+                if time.monotonic() >= deadline:
+                    raise ShardDiedError(f"shard {self.index} died and was not back within {self.recovery.timeout} s") from None
+                time.sleep(0.05)
+
     def stage(self, leaves, check: bool) -> Staged:
-        return self.conn().stage(leaves, check)
+        conn = self.conn()
+        try:
+            return conn.stage(leaves, check)
+        except ShardDiedError:
+            if self.recovery is None or self.closed or not conn.dead:
+                raise
+            return self.conn().stage(leaves, check)  # on the restarted shard
 
     def submit(self, request, payload=None, timeout=None) -> _Pending:
-        conn = self.conn(timeout)
+        conn = self.conn(timeout, wait=isinstance(request, (Push, *_RETRIED)))
         if payload is not None:  # a push whose leaves were not staged here
             conn.stage(payload, False)
-        return conn.submit(request)
+        try:
+            return conn.submit(request)
+        except ShardDiedError:
+            if self.recovery is None or self.closed or not conn.dead:
+                raise
+            if isinstance(request, Push):  # staged on the connection that died: rolled back with it
+                done = _Pending(conn, request)
+                done._set("rolled_back")
+                return done
+            if not isinstance(request, _RETRIED):
+                raise
+            return self.conn(timeout).submit(request)
 
     def close(self) -> None:
         super().close()

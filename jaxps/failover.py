@@ -1,0 +1,152 @@
+"""Fail-over: a shard that dies is restarted from the latest checkpoint, and every other shard rolls back to it.
+
+`ParameterServer(..., checkpoint=jaxps.Checkpointing(...), on_shard_failure="restart")`
+starts a `Supervisor` on the driver. It watches the transport's shards and,
+when one dies, on the checkpoint thread (so no save runs meanwhile):
+
+1. `RollBack(directory, step, version)` to every live shard: each reads its
+   own part of the latest checkpoint, answers its unsettled pushes
+   "rolled_back", and serves its waiting pulls the restored parameters;
+2. `transport.restart(config)` for each dead one: a new process at the dead
+   one's endpoint, reading its part of the same checkpoint. Clients' channels
+   wait for it (their pushes in flight answer "rolled_back", pulls are sent
+   again); workers that had left are told to it again.
+
+All shards go on at `version`, the first version of a new *epoch*: every
+version any client has seen is older, so a push computed before the rollback
+is rolled back on every shard alike (`jaxps.consistency.Clock.rolled_back`).
+A shard that dies `max_restarts` times within `window` seconds is not restarted
+again: the transport's clients then raise `ShardDiedError` saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from jaxps import checkpoint
+from jaxps.client import gather
+from jaxps.errors import ShardDiedError
+from jaxps.service import Lead, Leave, RollBack, Stats
+from jaxps.shard import ShardConfig
+
+EPOCH = 1 << 32  # versions of one epoch; a rollback starts the next
+FAILURE_MODES = ("raise", "restart")
+
+
+def next_epoch(version: int) -> int:
+    """The first version of the epoch after `version`'s."""
+    return (version // EPOCH + 1) * EPOCH
+
+
+@dataclasses.dataclass
+class Recoveries:
+    """What fail-over has done, for `ps.stats()`."""
+
+    restarts: int = 0
+    steps_lost: int = 0
+    rolled_back_to: list = dataclasses.field(default_factory=list)  # the checkpoint step of each rollback
+    last_recovery_s: float | None = None
+    deaths: list = dataclasses.field(default_factory=list)  # monotonic times of shard deaths
+
+    def stats(self) -> dict:
+        return {
+            "restarts": self.restarts,
+            "steps_lost": self.steps_lost,
+            "rolled_back_to": list(self.rolled_back_to),
+            "last_recovery_s": self.last_recovery_s,
+        }
+
+
+class Supervisor:
+    """Watches the shards of one server and brings dead ones back (see the module's docstring)."""
+
+    def __init__(
+        self,
+        transport: Any,
+        channels: Sequence[Any],
+        configs: Sequence[ShardConfig],
+        directory: str,
+        run_exclusively: Callable[[Callable[[], Any]], Any],
+        version: int,
+        leads: bool,
+        max_restarts: int = 3,
+        window: float = 60.0,
+        poll: float = 0.1,
+        log: Callable[[str], None] | None = None,
+    ):
+        self._transport, self._channels = transport, list(channels)
+        self._configs = [dataclasses.replace(c, leaves=[]) for c in configs]  # a restarted shard reads the checkpoint
+        self._directory = directory
+        self._exclusively = run_exclusively  # runs a function on the checkpoint thread, returns its result
+        self._version = version  # the epoch's first version (the server's start)
+        self._leads = leads
+        self._max_restarts, self._window, self._poll = max_restarts, window, poll
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.recoveries = Recoveries()
+        self.failure: ShardDiedError | None = None
+        self.rolled_back_to: int | None = None  # the step of the last rollback (the checkpointing schedule restarts there)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="jaxps-failover", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stops watching (before the shards are stopped, so that their ends are not taken for deaths)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll):
+            dead = self._transport.dead()
+            if not dead:
+                continue
+            now = time.monotonic()
+            self.recoveries.deaths = [t for t in self.recoveries.deaths if now - t < self._window] + [now] * len(dead)
+            if len(self.recoveries.deaths) >= self._max_restarts:
+                reason = (
+                    f"shard {dead[0]} died: {len(self.recoveries.deaths)} shard deaths within {self._window:.0f} s, "
+                    f"so it is not restarted again (on_shard_failure='restart' gives up at {self._max_restarts})"
+                )
+                self._give_up(reason)
+                return
+            try:
+                self._exclusively(lambda: self._recover(dead))
+            except Exception as e:  # noqa: BLE001
+                self._give_up(f"shard {dead[0]} died and could not be restarted: {type(e).__name__}: {e}")
+                return
+
+    def _give_up(self, reason: str) -> None:
+        self.failure = ShardDiedError(reason)
+        self._log(f"jaxps: {reason}")
+        self._transport.give_up(reason)
+
+    def _recover(self, dead: list[int]) -> None:
+        started = time.monotonic()
+        steps = checkpoint.steps(self._directory)
+        if not steps:
+            raise RuntimeError(f"no checkpoint in {self._directory} to restart from")
+        step = steps[-1]
+        live = [i for i in range(len(self._channels)) if i not in dead]
+        before = gather([self._channels[i].submit(Stats()) for i in live], timeout=60)
+        version = self._version = next_epoch(self._version)
+        self._log(f"jaxps: shard {', '.join(map(str, dead))} died; rolling every shard back to step {step} of {self._directory}")
+        gather([self._channels[i].submit(RollBack(self._directory, step, version)) for i in live], timeout=600)
+        left = sorted({w for s in before for w in s["workers_left"]})
+        for i in dead:
+            self._transport.restart(dataclasses.replace(self._configs[i], restore=(self._directory, step, version)))
+            for w in left:  # they are gone for good (or rejoin through the driver)
+                self._channels[i].call(Leave(w), timeout=60)
+        if self._leads and 0 in dead:
+            self._channels[0].call(Lead(tuple(self._channels[1:])), timeout=60)
+        lost = max((s["steps"] for s in before), default=step) - step
+        took = time.monotonic() - started
+        self.recoveries.restarts += len(dead)
+        self.recoveries.steps_lost += max(0, lost)
+        self.recoveries.last_recovery_s = took
+        self.recoveries.rolled_back_to.append(step)
+        self.rolled_back_to = step
+        self._log(f"jaxps: shard {', '.join(map(str, dead))} restarted; every shard is at step {step} ({lost} steps lost) after {took:.1f} s")
