@@ -1,8 +1,8 @@
 """Recovery time of `on_shard_failure="restart"`: from a shard's SIGKILL to training going on.
 
-    python benchmarks/failover.py [--params 1e6,10e6] [--shards 2] [--repeats 3]
+    python benchmarks/failover.py [--params 1e6,10e6] [--shards 2] [--repeats 3] [--transports multiprocessing,ray]
 
-A multiprocessing server of `--params` float32 parameters in 8 leaves under
+A server of `--params` float32 parameters in 8 leaves under
 `optax.adam`, sync with 2 workers (threads of the driver pulling and pushing
 as fast as they can), `Checkpointing(every=20)`. Once a checkpoint exists and
 training has gone on past it, the benchmark kills one shard's process
@@ -35,16 +35,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxps  # noqa: E402
+from benchmarks.common import RAY_INIT, set_worker_path  # noqa: E402
 from jaxps import checkpoint  # noqa: E402
 
 
-def measure(num_params: int, shards: int, repeats: int) -> list[dict]:
+def measure(transport: str, num_params: int, shards: int, repeats: int) -> list[dict]:
     params = {f"w{i}": np.zeros(num_params // 8, np.float32) for i in range(8)}
     grads = {k: np.full_like(v, 1e-3) for k, v in params.items()}
     runs = []
     with tempfile.TemporaryDirectory() as directory:
         ps = jaxps.ParameterServer(
-            params, optax.adam(1e-3), shards=shards, transport="multiprocessing", mode="sync", workers=2,
+            params, optax.adam(1e-3), shards=shards, transport=transport, mode="sync", workers=2,
             checkpoint=jaxps.Checkpointing(directory, every=20, keep=2), on_shard_failure="restart",
         )
         stop = threading.Event()
@@ -82,7 +83,7 @@ def measure(num_params: int, shards: int, repeats: int) -> list[dict]:
                     "recover_s": stats["last_recovery_s"] + 0.1, "next_step_s": next_step,
                     "lost": before - stats["rolled_back_to"][-1],
                 })
-                print(f"  {num_params:>12,} params: shard {shard} killed at step {before}, back at step "
+                print(f"  {transport} {num_params:>12,} params: shard {shard} killed at step {before}, back at step "
                       f"{stats['rolled_back_to'][-1]}; recovered in {runs[-1]['recover_s']:.2f} s, "
                       f"next step {next_step:.2f} s after the kill", flush=True)
                 time.sleep(31.0 if r + 1 < repeats else 0)  # under 3 deaths a minute: no giving up
@@ -97,18 +98,30 @@ def main() -> None:
     parser.add_argument("--params", default="1e6,10e6", help="comma-separated parameter counts")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--transports", default="multiprocessing,ray")
     args = parser.parse_args()
+    set_worker_path()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"{now:%Y-%m-%d %H:%M} UTC: python benchmarks/failover.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    if "ray" in transports:
+        import ray
+
+        ray.init(**RAY_INIT, logging_level="warning")
     rows = []
-    for n in [int(float(x)) for x in args.params.split(",")]:
-        runs = measure(n, args.shards, args.repeats)
-        rows.append((n, *(statistics.median(r[k] for r in runs) for k in ("recover_s", "next_step_s", "lost"))))
-    print(f"\nmultiprocessing, {args.shards} shards, Adam, sync with 2 workers; medians of {args.repeats} kills")
-    print("| parameters | detect + recover | kill -> next step | steps lost |")
-    print("|---|---|---|---|")
-    for n, recover, next_step, lost in rows:
-        print(f"| {n:,} | {recover:.2f} s | {next_step:.2f} s | {lost:.0f} |")
+    try:
+        for transport in transports:
+            for n in [int(float(x)) for x in args.params.split(",")]:
+                runs = measure(transport, n, args.shards, args.repeats)
+                rows.append((transport, n, *(statistics.median(r[k] for r in runs) for k in ("recover_s", "next_step_s", "lost"))))
+    finally:
+        if "ray" in transports:
+            ray.shutdown()
+    print(f"\n{args.shards} shards, Adam, sync with 2 workers; medians of {args.repeats} kills")
+    print("| transport | parameters | detect + recover | kill -> next step | steps lost |")
+    print("|---|---|---|---|---|")
+    for transport, n, recover, next_step, lost in rows:
+        print(f"| {transport} | {n:,} | {recover:.2f} s | {next_step:.2f} s | {lost:.0f} |")
 
 
 if __name__ == "__main__":
