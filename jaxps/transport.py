@@ -17,7 +17,14 @@ requests, arrays and answers: subclass `ShardChannel` and implement `submit`;
 `stage` (copy a push's arrays ahead of sending it, checking them on the way)
 and `close` have defaults. Channels must also work inside a shard's own
 process: the leading shard of a sync server with backup workers sends the
-others its steps' decisions through them (`Lead`, `Decide`). `jaxps.transports.inprocess` is the smallest
+others its steps' decisions through them (`Lead`, `Decide`).
+
+A transport that can restart shards (`on_shard_failure="restart"`) also has
+`expect_restarts(timeout)` (called before `start`: its channels then wait for
+a dead shard instead of failing), `dead() -> [shard index]`,
+`restart(config)` (a new shard from `config.restore`, reached through the
+same channel) and `give_up(reason)` (waiting clients raise `ShardDiedError`);
+see `jaxps.failover` and the multiprocessing transport. `jaxps.transports.inprocess` is the smallest
 complete example.
 """
 
