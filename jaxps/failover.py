@@ -52,6 +52,11 @@ class Recoveries:
     last_recovery_s: float | None = None
     deaths: list = dataclasses.field(default_factory=list)  # monotonic times of shard deaths
 
+    @property
+    def last_rollback(self) -> int | None:
+        """The checkpoint step of the last rollback (the checkpointing schedule counts from there)."""
+        return self.rolled_back_to[-1] if self.rolled_back_to else None
+
     def stats(self) -> dict:
         return {
             "restarts": self.restarts,
@@ -88,7 +93,6 @@ class Supervisor:
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.recoveries = Recoveries()
         self.failure: ShardDiedError | None = None
-        self.rolled_back_to: int | None = None  # the step of the last rollback (the checkpointing schedule restarts there)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="jaxps-failover", daemon=True)
         self._thread.start()
@@ -148,5 +152,4 @@ class Supervisor:
         self.recoveries.steps_lost += max(0, lost)
         self.recoveries.last_recovery_s = took
         self.recoveries.rolled_back_to.append(step)
-        self.rolled_back_to = step
         self._log(f"jaxps: shard {', '.join(map(str, dead))} restarted; every shard is at step {step} ({lost} steps lost) after {took:.1f} s")

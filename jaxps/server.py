@@ -266,7 +266,7 @@ class ParameterServer:
                 self._transport, self._channels, configs, str(checkpoint.directory), self._saver.run,
                 version=0 if restore is None else restore[2], leads=leads,
             )
-            self._saver.restart_from = lambda: self._supervisor.rolled_back_to
+            self._saver.restart_from = lambda: self._supervisor.recoveries.last_rollback
         except BaseException:
             self.close()
             raise

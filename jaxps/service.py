@@ -123,6 +123,11 @@ class Decide(NamedTuple):
 
 REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, RollBack, Lead, Decide)
 
+# Fail-over: what a channel sends again to a restarted shard when the dead one took a request with it.
+# A push is never sent again (it answers "rolled_back"); a checkpoint's or fail-over's own requests fail
+# (the driver starts them over).
+RESENT_AFTER_RESTART = (Pull, Join, Leave, Stats, Decide)
+
 
 class Reply:
     """Where one request's answer goes; each transport (and data path) has its own.

@@ -44,7 +44,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import Decide, Join, Leave, Pull, Push, Reply, Stats
+from jaxps.service import RESENT_AFTER_RESTART, Pull, Push, Reply
 from jaxps.transport import ShardChannel, Staged, leave_quietly
 from jaxps.transports import wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
@@ -386,8 +386,6 @@ class _Failed:
         return True
 
 
-# requests sent again to a restarted shard (a push answers "rolled_back"; the others fail)
-_RETRIED = (Pull, Join, Leave, Stats, Decide)
 
 
 class _Recovering:
@@ -402,7 +400,7 @@ class _Recovering:
         try:
             return self._future.result(timeout)
         except ShardDiedError:
-            if self._channel.closed or not isinstance(self._request, (Push, *_RETRIED)):
+            if self._channel.closed or not isinstance(self._request, (Push, *RESENT_AFTER_RESTART)):
                 raise
         if isinstance(self._request, Push):
             return "rolled_back"

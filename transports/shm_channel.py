@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import Decide, Join, Leave, Pull, Push, Stats
+from jaxps.service import RESENT_AFTER_RESTART, Pull, Push
 from jaxps.transport import ShardChannel, Staged, own_copy
 from jaxps.transports import shm, wire
 from jaxps.transports.endpoint import POOL
@@ -52,9 +52,6 @@ class _Lost(Exception):
     """A request's connection died while the shard is being restarted: send it again."""
 
 
-# requests sent again to a restarted shard when their connection dies (a push answers "rolled_back";
-# a checkpoint's or fail-over's own requests fail: the driver starts them over)
-_RETRIED = (Pull, Join, Leave, Stats, Decide)
 
 
 class _Pending:
@@ -282,7 +279,7 @@ class _Conn:
         for pending in list(self._pending.values()):
             if recovering and isinstance(pending._request, Push):
                 pending._set("rolled_back")  # the shard went back to a checkpoint: whatever it did with it is gone
-            elif recovering and isinstance(pending._request, _RETRIED):
+            elif recovering and isinstance(pending._request, RESENT_AFTER_RESTART):
                 pending._set(error=_Lost())
             else:
                 pending._set(error=(error or self.channel.gone)())
@@ -386,7 +383,7 @@ class SharedMemoryChannel(ShardChannel):
             return self.conn().stage(leaves, check)  # on the restarted shard
 
     def submit(self, request, payload=None, timeout=None) -> _Pending:
-        conn = self.conn(timeout, wait=isinstance(request, (Push, *_RETRIED)))
+        conn = self.conn(timeout, wait=isinstance(request, (Push, *RESENT_AFTER_RESTART)))
         if payload is not None:  # a push whose leaves were not staged here
             conn.stage(payload, False)
         try:
@@ -398,7 +395,7 @@ class SharedMemoryChannel(ShardChannel):
                 done = _Pending(conn, request)
                 done._set("rolled_back")
                 return done
-            if not isinstance(request, _RETRIED):
+            if not isinstance(request, RESENT_AFTER_RESTART):
                 raise
             return self.conn(timeout).submit(request)
 
