@@ -200,7 +200,10 @@ def train(args, data, mode, log):
         }
         for i, s in enumerate(slices)
     ]
-    info = {"mode": mode, "transport": args.transport, "workers": args.workers, "shards": args.shards, "dataset": data.name}
+    info = {
+        "mode": mode, "transport": args.transport, "workers": args.workers, "shards": args.shards, "dataset": data.name,
+        "push_filter": args.push_filter,
+    }
     history = []
 
     def record(**fields):
@@ -224,6 +227,8 @@ def train(args, data, mode, log):
         options["checkpoint"] = jaxps.Checkpointing(args.checkpoint_dir, every=args.checkpoint_every, keep=3)
     if args.kill_shard_at is not None:
         options["on_shard_failure"] = "restart"
+    if args.push_filter is not None:
+        options["push_filter"] = jaxps.filters.from_spec(args.push_filter)
     if resume:
         ps = jaxps.ParameterServer.restore(args.checkpoint_dir, params, tx, **options)
         print(f"[{mode}] resuming from the checkpoint of step {ps.step} in {args.checkpoint_dir}")
@@ -265,6 +270,8 @@ def train(args, data, mode, log):
         "train_loss": float(np.mean(tail)) if tail else float("nan"),
         "staleness_mean": stats["staleness_mean"],
         "staleness_max": stats["staleness_max"],
+        "bytes_pushed": stats["bytes_pushed"],
+        "bytes_pulled": stats["bytes_pulled"],
         "history": history,
     }
     log({k: v for k, v in summary.items() if k != "history"})
@@ -272,6 +279,11 @@ def train(args, data, mode, log):
         f"[{mode}] test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after {stats['steps']} updates "
         f"in {wall:.1f}s = {summary['updates_per_s']:.1f} updates/s "
         f"(server start {startup:.1f}s, mean staleness {stats['staleness_mean']:.2f})"
+    )
+    gradients = max(1, summary["gradients"])
+    print(
+        f"[{mode}] bytes per push {stats['bytes_pushed'] / gradients:,.0f}"
+        f"{' with push filter ' + args.push_filter if args.push_filter else ''}, pulled {stats['bytes_pulled']:,} in all"
     )
     return summary
 
@@ -328,7 +340,17 @@ def parse_args(argv=None):
         help="multiprocessing: SIGKILL shard 0 at update STEP; it is restarted from the latest checkpoint (in a temporary "
         "--checkpoint-dir if none is given) and training goes on",
     )
+    p.add_argument(
+        "--push-filter", default=None, metavar="SPEC",
+        help="what of each gradient crosses to the shards: bf16, fp16, topk:FRACTION, sig:THRESHOLD, or several "
+        "joined by '+' (e.g. topk:0.01+bf16); top-k and sig keep what they do not send (error feedback)",
+    )
     args = p.parse_args(argv)
+    if args.push_filter is not None:
+        try:
+            jaxps.filters.from_spec(args.push_filter)
+        except ValueError as e:
+            p.error(f"--push-filter {args.push_filter}: {e}")
     if args.workers < 1 or args.steps < 1 or args.batch_size < 1 or args.shards < 1:
         p.error("--workers, --shards, --steps and --batch-size must be positive")
     if args.checkpoint_every < 1:

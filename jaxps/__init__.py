@@ -8,6 +8,7 @@ This module holds what a training loop uses. Writing a transport of your own:
 `jaxps.transport`.
 """
 
+from jaxps import filters as filters
 from jaxps.client import Client as Client
 from jaxps.client import PushFuture as PushFuture
 from jaxps.consistency import MODES as MODES
@@ -47,6 +48,7 @@ __all__ = [
     "ShardDiedError",
     "TrainState",
     "available_transports",
+    "filters",
     "jit",
     "make_plan",
     "register_transport",

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Sequence
 
+from jaxps.coding import Encoder
 from jaxps.errors import ServerClosedError
 from jaxps.plan import Plan
 from jaxps.service import Leave, Pull, Push
@@ -59,6 +61,26 @@ class ShardLink:
     pulled: int | None = None  # the version pulled since the last push (None: no pull since)
     based_on: int | None = None  # the version of the last pull
     last_step: int | None = None  # the step the last push was for
+    # (version, weak references to the leaves) of the last pull: while the caller still holds those
+    # leaves, a pull that finds the shard at that version moves nothing and gives them again
+    held: tuple[int, list] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "held": None}  # weak references stay in their process
+
+    def holding(self) -> tuple[int | None, list | None]:
+        """The version whose leaves the caller still holds, and those leaves (None, None: not all of them)."""
+        if self.held is None:
+            return None, None
+        leaves = [ref() for ref in self.held[1]]
+        return (None, None) if any(x is None for x in leaves) else (self.held[0], leaves)
+
+    def took(self, version: int, leaves: list | None, held: list | None) -> list:
+        """Notes a pull's answer (`leaves` None: those `held`); returns the leaves."""
+        leaves = held if leaves is None else leaves
+        self.pulled = self.based_on = version
+        self.held = (version, [weakref.ref(x) for x in leaves])
+        return leaves
 
     def next_step(self) -> int:
         """The step a push now is for: the version last pulled, else the one after the last push's."""
@@ -78,16 +100,19 @@ class Client:
         nonfinite: str = "raise",
         versions: Sequence[int | None] | None = None,
         sync: bool = False,
+        encoder: Encoder | None = None,
     ):
         """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step.
 
         `sync`: the server is in sync mode, where every shard counts the same
         steps: a pull gets one version from every shard, a push is for one step.
+        `encoder`: the server's push filter, with this worker's filter state.
         """
         self.worker = worker
         self.plan = plan
         self._nonfinite = nonfinite
         self._sync = sync
+        self._encoder = encoder
         versions = versions or [None] * len(channels)
         self._links = [ShardLink(ch, last_step=None if v is None else v - 1) for ch, v in zip(channels, versions)]
         self._left = False
@@ -108,31 +133,66 @@ class Client:
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
-        waits = [link.channel.submit(Pull(self.worker), timeout=remaining(deadline)) for link in self._links]
+        held = [link.holding() for link in self._links]  # held strongly until the answers are in
+        waits = [link.channel.submit(Pull(self.worker, have=v), timeout=remaining(deadline)) for link, (v, _) in zip(self._links, held)]
         replies = gather(waits, remaining(deadline))
         newest = max(version for version, _ in replies)
         if self._sync and any(version < newest for version, _ in replies):
             # a shard is still closing a step the others have closed (backup workers): its next version, please
             behind = [s for s, (version, _) in enumerate(replies) if version < newest]
-            again = [self._links[s].channel.submit(Pull(self.worker, newest), timeout=remaining(deadline)) for s in behind]
+            again = [
+                self._links[s].channel.submit(Pull(self.worker, newest, held[s][0]), timeout=remaining(deadline))
+                for s in behind
+            ]
             for s, reply in zip(behind, gather(again, remaining(deadline))):
                 replies[s] = reply
-        for link, (version, _) in zip(self._links, replies):
-            link.pulled = link.based_on = version
-        return self.plan.merge([leaves for _, leaves in replies])
+        per_shard = [link.took(version, leaves, h) for link, (version, leaves), (_, h) in zip(self._links, replies, held)]
+        return self.plan.merge(per_shard)
 
     def push(self, grads: Any) -> PushFuture:
         """Sends gradients for the parameters last pulled; checks them first.
 
         All or nothing: every leaf is converted and checked (and staged) before
         any shard sees any of it; a bad tree raises `jaxps.PushError` naming
-        the paths, shapes and dtypes at fault, and no shard changes.
+        the paths, shapes and dtypes at fault, and no shard changes (nor does
+        the push filter's state).
         """
         self._check_open()
-        per_shard = self.plan.split(check_gradients(self.plan, grads))
+        leaves = check_gradients(self.plan, grads)
         check = self._nonfinite != "allow"
-        staged = [link.channel.stage(leaves, check) for link, leaves in zip(self._links, per_shard)]
-        skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
+        if self._encoder is None:
+            per_shard = self.plan.split(leaves)
+            staged = [link.channel.stage(part, check) for link, part in zip(self._links, per_shard)]
+            skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
+            return self._send(staged, skipped)
+        # filtered: NaN/Inf are looked for in the gradients, before they are encoded
+        skipped = check and reject_nonfinite(self.plan, nonfinite_paths(self.plan.leaves, leaves), self._nonfinite)
+        if skipped:
+            return self._send([None] * len(self._links), True)
+        per_shard, state = self._encoder.encode(leaves)
+        staged = [link.channel.stage(part, False) for link, part in zip(self._links, per_shard)]
+        future = self._send(staged, False)
+        self._encoder.state = state
+        return future
+
+    @property
+    def filter_state(self) -> list | None:
+        """This worker's push filter state, per leaf (None: no filter, or no push yet).
+
+        It starts afresh with each client (a worker that leaves and comes back
+        starts with none); to carry it over, set it on the new client:
+        `new.filter_state = old.filter_state`.
+        """
+        return None if self._encoder is None else self._encoder.state
+
+    @filter_state.setter
+    def filter_state(self, state: list | None) -> None:
+        if self._encoder is None:
+            raise ValueError("this server has no push_filter")
+        self._encoder.state = state
+
+    def _send(self, staged: list, skipped: bool) -> PushFuture:
+        """Submits a push staged on every shard (or skipped) for the next step."""
         parts = []
         same_step = max(link.next_step() for link in self._links) if self._sync else None
         based = [link.based_on for link in self._links]

@@ -9,10 +9,12 @@ import jax
 import optax
 
 from jaxps import checkpoint as ckpt
+from jaxps import coding
 from jaxps.client import Client, gather
 from jaxps.consistency import make_policy
 from jaxps.errors import ServerClosedError
 from jaxps.failover import FAILURE_MODES, Supervisor
+from jaxps.filters import PushFilter
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
 from jaxps.saving import Checkpointing, Saver
@@ -22,7 +24,7 @@ from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
 
 RECOVERY_TIMEOUT = 300.0  # seconds a client waits for a dead shard to be restarted
-from jaxps.value_leaves import with_values
+from jaxps.value_leaves import ValueTransform, with_values
 
 
 class ParameterServer:
@@ -53,6 +55,10 @@ class ParameterServer:
       on_shard_failure: "raise" (default): a dead shard ends the run with
         `ShardDiedError`; "restart" (needs `checkpoint`): it is restarted and
         every shard rolls back to the latest checkpoint (`jaxps.failover`).
+      push_filter: what of each pushed gradient crosses to the shards
+        (`jaxps.filters`: `precision`, `top_k`, `significant`, `chain`, or
+        your own `PushFilter`); each client keeps its own filter state.
+        Value leaves cross unfiltered.
       values: leaves that workers push values for, not gradients (BatchNorm
         statistics): tree paths or path prefixes (`"batch_stats"`,
         `"['bn']['mean']"`) or `fn(path, leaf) -> bool`. A step sets them to
@@ -77,6 +83,7 @@ class ParameterServer:
         checkpoint: Checkpointing | None = None,
         values: Any = None,
         on_shard_failure: str = "raise",
+        push_filter: PushFilter | None = None,
         _restore: tuple[str, dict] | None = None,  # (directory, metadata): from `ParameterServer.restore`
     ):
         make_policy(mode, workers, backup_workers, max_staleness)  # checks the arguments
@@ -90,6 +97,12 @@ class ParameterServer:
         self._plan = make_plan(params, shards, assign)
         leaves = jax.tree_util.tree_leaves(params)
         check_shardable(tx, self._plan, leaves)
+        filtered = None
+        if push_filter is not None:
+            is_value = tx.is_value if isinstance(tx, ValueTransform) else (lambda path, leaf: False)
+            filtered = tuple(not is_value(spec.path, leaf) for spec, leaf in zip(self._plan.leaves, leaves))
+            coding.check(push_filter, self._plan, filtered)
+        self._filter = None if push_filter is None else (push_filter, filtered)
         restore = None if _restore is None else _check_restore(*_restore, self._plan, tx)
         if checkpoint is not None:
             ckpt.check_directory(checkpoint.directory, self._plan)  # another model's directory: refused now
@@ -107,7 +120,10 @@ class ParameterServer:
         # backup workers on several shards: shard 0 decides each step's workers, the others follow
         agree = mode == "sync" and backup_workers > 0 and len(self._plan.shard_leaves) > 1
         configs = [
-            ShardConfig(s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness, restore, agree and s > 0)
+            ShardConfig(
+                s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness, restore,
+                agree and s > 0, push_filter, filtered,
+            )
             for s, ids in enumerate(self._plan.shard_leaves)
         ]
         try:
@@ -180,7 +196,7 @@ class ParameterServer:
         return min(s["steps"] for s in self._shard_stats())
 
     def stats(self) -> dict:
-        """Steps, pushes applied/dropped/skipped and gradient staleness, in total and per shard."""
+        """Steps, pushes applied/dropped/skipped, gradient staleness and bytes moved, in total and per shard."""
         shards = self._shard_stats()
         count = sum(s["staleness_count"] for s in shards)
         recoveries = {} if self._supervisor is None else self._supervisor.recoveries.stats()
@@ -194,6 +210,9 @@ class ParameterServer:
             "pushes_skipped": max(s["pushes_skipped"] for s in shards),
             "staleness_mean": sum(s["staleness_mean"] * s["staleness_count"] for s in shards) / count if count else 0.0,
             "staleness_max": max(s["staleness_max"] for s in shards),
+            # array bytes that crossed between clients and shards (since each shard started)
+            "bytes_pushed": sum(s["bytes_pushed"] for s in shards),
+            "bytes_pulled": sum(s["bytes_pulled"] for s in shards),
             "shards": shards,
         }
 
@@ -287,7 +306,14 @@ class ParameterServer:
         self._finished.difference_update(workers)
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
-        return [Client(w, self._plan, self._channels, self._nonfinite, v, self._mode == "sync") for w, v in zip(workers, versions)]
+        return [
+            Client(w, self._plan, self._channels, self._nonfinite, v, self._mode == "sync", self._encoder())
+            for w, v in zip(workers, versions)
+        ]
+
+    def _encoder(self) -> coding.Encoder | None:
+        """A new client's side of the push filter, with a fresh state."""
+        return None if self._filter is None else coding.Encoder(self._filter[0], self._plan, self._filter[1])
 
     def _check_open(self) -> None:
         if self._closed:

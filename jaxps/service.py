@@ -44,11 +44,13 @@ class Push(NamedTuple):
 class Pull(NamedTuple):
     """The shard's leaves, once `worker` may read (at once for `worker=None`) at version `at_least` or later.
 
-    Answers `(version, leaves)`.
+    Answers `(version, leaves)`, or `(version, None)` if that is version
+    `have`, whose leaves the client holds already: no array crosses.
     """
 
     worker: int | None
     at_least: int = 0
+    have: int | None = None
 
 
 class Leave(NamedTuple):
@@ -186,6 +188,8 @@ class ShardService:
             Lead: self._lead,
             Decide: self._decide,
         }
+        self._bytes = {"bytes_pushed": 0, "bytes_pulled": 0}  # array bytes that crossed to and from clients
+        self._bytes_lock = threading.Lock()
         self._saved: dict | None = None  # the last snapshot, until written
         self._decisions: queue.SimpleQueue | None = None  # a leader's steps, on their way to the followers
 
@@ -200,10 +204,10 @@ class ShardService:
         # Keep or borrow: a shard that keeps gradients past the call (sync mode) copies
         # borrowed arrays; otherwise the step reads them in place, and the client hears
         # back (so may reuse its buffer) only once the step has run.
+        if not request.skipped and arrays is None:
+            raise ValueError(f"shard {self.shard.index}: a push without gradients")
         if request.skipped:
             grads = None
-        elif arrays is None:
-            raise ValueError(f"shard {self.shard.index}: a push without gradients")
         elif reply.borrowed:
             keep = self.shard.keeps_gradients
             grads = [own_copy(x) if keep else jax.device_put(x) for x in arrays]
@@ -219,6 +223,8 @@ class ShardService:
             reply.send(outcome)
 
         self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest)
+        if grads is not None:
+            self._count("bytes_pushed", arrays)
         del grads, arrays
         if reply.borrowed and not self.shard.keeps_gradients:
             self.shard.block_until_ready()
@@ -230,7 +236,18 @@ class ShardService:
             reply.taken()
 
     def _pull(self, request: Pull, reply: Reply, arrays: Any) -> None:
-        self.shard.pull(request.worker, reply.pulled, lend=reply.lend, at_least=request.at_least)
+        def ready(version: int, leaves: list) -> None:
+            if version == request.have:  # the client holds these leaves already
+                return reply.send((version, None))
+            self._count("bytes_pulled", leaves)
+            reply.pulled(version, leaves)
+
+        self.shard.pull(request.worker, ready, lend=reply.lend, at_least=request.at_least)
+
+    def _count(self, what: str, arrays: Sequence[Any]) -> None:
+        n = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in arrays)
+        with self._bytes_lock:
+            self._bytes[what] += n
 
     def _leave(self, request: Leave, reply: Reply, arrays: Any) -> None:
         self.shard.leave(request.worker)
@@ -240,7 +257,9 @@ class ShardService:
         reply.send(self.shard.join(request.worker))
 
     def _stats(self, request: Stats, reply: Reply, arrays: Any) -> None:
-        reply.send({**self.shard.stats(), "where": dict(self.where)})
+        with self._bytes_lock:
+            counted = dict(self._bytes)
+        reply.send({**self.shard.stats(), **counted, "where": dict(self.where)})
 
     def _hold(self, request: Hold, reply: Reply, arrays: Any) -> None:
         reply.send(self.shard.hold())

@@ -46,6 +46,9 @@ class ShardConfig:
     restore: tuple[str, int, int] | None = None
     # sync with backup workers on several shards: this shard takes the workers shard 0 took for each step
     follows: bool = False
+    # pushes cross through this filter (`jaxps.filters`); `filtered[i]`: whether plan leaf i does (value leaves do not)
+    push_filter: Any = None
+    filtered: tuple[bool, ...] | None = None
 
 
 class Shard:
@@ -56,6 +59,12 @@ class Shard:
         self._plan = config.plan
         self._leaf_specs = config.plan.shard_specs(config.index)
         self._device = device
+        self._decoder = None
+        if config.push_filter is not None:
+            from jaxps.coding import Decoder
+
+            mask = [config.filtered[i] for i in config.plan.shard_leaves[config.index]]
+            self._decoder = Decoder(config.push_filter, self._leaf_specs, mask)
         leaves, opt_state, version, applied = config.leaves, None, 0, 0
         self._restored_in: float | None = None  # seconds this shard took to read its checkpoint
         if config.restore is not None:
@@ -89,7 +98,10 @@ class Shard:
     def push(
         self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone, oldest: int | None = None
     ) -> None:
-        """Offers `worker`'s gradients (None: skipped) for step `for_step`; `done` fires once it is settled."""
+        """Offers `worker`'s gradients (None: skipped; a filter's payload with `push_filter`) for step `for_step`;
+        `done` fires once it is settled."""
+        if leaves is not None and self._decoder is not None:
+            leaves = self._decoder.decode(leaves)
         if leaves is not None:
             check_leaves(self._leaf_specs, leaves)
             grads = self._plan.view(self.index, [self._own(x, copy=not isinstance(x, jax.Array)) for x in leaves])
@@ -142,6 +154,11 @@ class Shard:
         """Waits until every dispatched step has run (and so has read its gradients)."""
         with self._lock:
             jax.block_until_ready((self._params, self._opt_state))
+
+    @property
+    def push_layout(self) -> list:
+        """`(shape, dtype)` of the largest push's arrays: the leaves, or a filter's payload."""
+        return self._plan.layout(self.index) if self._decoder is None else self._decoder.layout
 
     @property
     def keeps_gradients(self) -> bool:

@@ -173,3 +173,16 @@ def test_checkpoint_dir_saves_and_a_second_run_resumes(tmp_path, capsys):
     steps = [h["step"] for h in second["history"]]
     assert steps[-1] == 12 and all(s > 6 for s in steps), steps  # the curve goes on from step 6
     assert len(jaxps.checkpoint.steps(ckpt)) <= 3  # keep=3
+
+
+@needs_fashion_mnist
+def test_push_filter_sends_fewer_bytes_per_push(capsys):
+    argv = ["--mode", "sync", "--steps", "4", "--batch-size", "16", "--train-limit", "256",
+            "--test-limit", "100", "--eval-every", "0"]  # fmt: skip
+    (plain,) = mnist.main(argv)
+    (filtered,) = mnist.main(argv + ["--push-filter", "topk:0.01+bf16"])
+    assert plain["gradients"] == filtered["gradients"] == 8
+    assert filtered["bytes_pushed"] * 50 < plain["bytes_pushed"]  # 1% of the entries, 6 bytes each instead of 4
+    assert "with push filter topk:0.01+bf16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mnist.main(argv + ["--push-filter", "topk:2"])

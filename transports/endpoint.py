@@ -50,6 +50,7 @@ class EndpointServer:
         self.layout = tuple(layout)
         self.prefix = prefix or f"jaxps_{uuid.uuid4().hex[:16]}_"
         self.offsets, self.size = shm.layout(self.layout)
+        self.push_size = max(self.size, shm.layout(service.shard.push_layout)[1])  # a push filter's payload may be larger
         self._lock = threading.Lock()
         self._named: set[str] = set()  # segments created whose client has not mapped them yet
         self._stopping = False
@@ -97,7 +98,7 @@ class EndpointServer:
         names = (f"{name}_push", f"{name}_pull0")
         bufs = []
         try:
-            bufs = [self.create(n) for n in names]
+            bufs = [self.create(names[0], self.push_size), self.create(names[1])]
             conn.send(wire.Buffers(names))
             if not conn.poll(max(0.0, deadline - time.monotonic())) or not isinstance(conn.recv(), wire.Attached):
                 raise EOFError("the client did not map its buffers in time")
@@ -116,13 +117,13 @@ class EndpointServer:
         _Connection(conn, self, name, bufs).run()
 
     # -- segments ------------------------------------------------------------------------
-    def create(self, name: str):
-        """A new segment the size of the shard, for a client to map; its name lasts until `release`."""
+    def create(self, name: str, size: int | None = None):
+        """A new segment (the size of the shard's leaves by default), for a client to map; its name lasts until `release`."""
         with self._lock:
             if self._stopping:
                 raise RuntimeError(f"shard {self.service.shard.index} is stopping")
             self._named.add(name)
-            return shm.create(name, self.size)
+            return shm.create(name, self.size if size is None else size)
 
     def release(self, names) -> None:
         """Unlinks `names` (their mappings stay); a no-op for those already gone."""
@@ -216,7 +217,16 @@ class _Connection:
                 raise ValueError(f"no pull buffer {call.buffer}")
             with self._lock:  # an earlier pull not served yet is abandoned: its buffer may be reused
                 self._live_pull = call.rid
-        self._service.handle(request, _PeerReply(self, call.rid, call.buffer), self._push_views)
+        arrays = self._push_views if call.layout is None else self._payload_views(call.layout)
+        self._service.handle(request, _PeerReply(self, call.rid, call.buffer), arrays)
+
+    def _payload_views(self, layout: tuple) -> list[np.ndarray]:
+        """A push's arrays laid out as its `layout` says (a push filter's payload)."""
+        specs = [(tuple(shape), np.dtype(dtype)) for shape, dtype in layout]
+        offsets, size = shm.layout(specs)
+        if size > len(self._bufs[0]):
+            raise ValueError(f"a push of {size:,} bytes named for a {len(self._bufs[0]):,}-byte push buffer")
+        return shm.views(self._bufs[0], specs, offsets)
 
     def send(self, message) -> None:
         with self._lock:

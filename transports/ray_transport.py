@@ -216,6 +216,8 @@ def _to_jax(value):
     import jax
 
     version, ref = value
+    if ref is None:  # the client holds this version's leaves already
+        return version, None
     # zero-copy where aligned: the object is immutable and the jax array keeps it alive
     return version, [jax.device_put(x) for x in ray.get(ref)]
 

@@ -96,7 +96,8 @@ class _Conn:
         self._ids = itertools.count()
         self._pending: weakref.WeakValueDictionary[int, _Pending] = weakref.WeakValueDictionary()
         self._push_busy: int | None = None  # push whose gradients the shard has not taken yet
-        self._staged = False  # the push buffer holds the next push's gradients
+        # whether the push buffer holds the next push's arrays: False (no), None (laid out as the leaves), or their layout
+        self._staged: bool | tuple | None = False
         self._live_pull: int | None = None  # the one pull whose leaves may be read (others are abandoned)
         self._live_buf = (0, False)  # its pull buffer, and whether its views are lent out
         self._dead = False
@@ -127,16 +128,28 @@ class _Conn:
     # -- requests ---------------------------------------------------------------
     def stage(self, leaves, check: bool) -> Staged:
         """Copies `leaves` into the push buffer once the shard has taken the last push's
-        (checking each for NaN/Inf as it goes, if asked)."""
+        (checking each for NaN/Inf as it goes, if asked).
+
+        Arrays laid out otherwise than the shard's leaves (a push filter's
+        payload) are packed in as they come, and the push names their layout.
+        """
+        leaves = [np.asarray(x) for x in leaves]
+        layout = [(x.shape, x.dtype) for x in leaves]
+        own = layout == self.channel.layout
+        if not own:
+            offsets, size = shm.layout(layout)
+            if size > len(self._bufs[0]):
+                raise ValueError(f"shard {self.channel.index}: a push of {size:,} bytes does not fit its {len(self._bufs[0]):,}-byte buffer")
         with self._lock:
             self.wait(lambda: self._push_busy is None, None)
+            views = self._push_views if own else shm.views(self._bufs[0], layout, offsets)
             if check:
-                finite = [copy_checked(view, np.asarray(x)) for view, x in zip(self._push_views, leaves)]
+                finite = [copy_checked(view, x) for view, x in zip(views, leaves)]
             else:
                 finite = None
-                for view, x in zip(self._push_views, leaves):
-                    np.copyto(view, np.asarray(x))
-            self._staged = True
+                for view, x in zip(views, leaves):
+                    np.copyto(view, x)
+            self._staged = None if own else tuple((x.shape, x.dtype) for x in leaves)
         return Staged(None, finite)
 
     def submit(self, request) -> _Pending:
@@ -148,9 +161,9 @@ class _Conn:
             return self._send(request)[1]
 
     def _push(self, request: Push) -> _Pending:
-        if not request.skipped and not self._staged:
+        if not request.skipped and self._staged is False:
             raise RuntimeError("a push must be staged first: ShardChannel.stage(leaves, check)")
-        rid, pending = self._send(request)
+        rid, pending = self._send(request, layout=None if request.skipped else self._staged)
         if not request.skipped:
             self._push_busy, self._staged = rid, False
         return pending
@@ -207,12 +220,12 @@ class _Conn:
         return pending.result()
 
     # -- the wire -----------------------------------------------------------------
-    def _send(self, request, buffer: int = 0) -> tuple[int, _Pending]:
+    def _send(self, request, buffer: int = 0, layout: tuple | None = None) -> tuple[int, _Pending]:
         self._check()
         rid, pending = next(self._ids), _Pending(self, request)
         self._pending[rid] = pending
         try:
-            self._c.send(wire.Call(rid, request, buffer))
+            self._c.send(wire.Call(rid, request, buffer, layout))
         except (OSError, EOFError, ValueError):
             self._die()
             self._check()
@@ -257,6 +270,8 @@ class _Conn:
             if pending is not None:
                 pending._set((message.version, self._take(*self._live_buf)))
             return
+        if rid == self._live_pull:  # answered without leaves: the client holds them already
+            self._live_pull = None
         pending = self._pending.pop(rid, None)
         if pending is None:
             return

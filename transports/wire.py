@@ -43,13 +43,15 @@ class Endpoint(NamedTuple):
 class Call(NamedTuple):
     """Request `rid` of a connection: a `jaxps.service` request, `Grow` or `Mapped`.
 
-    A push's gradients are in the connection's push buffer; a `Pull`'s leaves
-    go to pull buffer `buffer`.
+    A push's gradients are in the connection's push buffer, laid out as the
+    shard's leaves, or as `layout` says (a push filter's payload: `(shape,
+    dtype)` of each array); a `Pull`'s leaves go to pull buffer `buffer`.
     """
 
     rid: int
     request: Any
     buffer: int = 0
+    layout: tuple | None = None
 
 
 class Grow(NamedTuple):
