@@ -11,6 +11,10 @@ state's mapping, whatever the plan, and a checkpoint restores into any
 number of shards: each new shard builds its state structure with
 ``tx.init`` on its view and fills every leaf by path.
 
+A row leaf's part (`rows=`) and its rows of optax state are stored as
+``<state path>@rows<start>:<stop>``: a restore into other row ranges (or a
+plan without row leaves) reads its rows from the parts that overlap them.
+
 On disk::
 
     root/
@@ -49,6 +53,7 @@ from jaxps.plan import Plan, leaf_specs
 
 PARAMS = "params"
 OPT_STATE = "opt_state"
+ROWS = "@rows"  # a row leaf's part: "<state path>@rows<start>:<stop>"
 METADATA = "jaxps_checkpoint.json"
 MARKER = "jaxps_checkpoints.json"
 FORMAT = "jaxps-checkpoint/1"
@@ -82,20 +87,75 @@ def flatten(prefix: str, tree: Any) -> dict[str, Any]:
     return {prefix + jax.tree_util.keystr(path): leaf for path, leaf in with_paths}
 
 
-def _structure(plan: Plan, tx: optax.GradientTransformation, shard: int) -> tuple[Any, Any, dict[str, Spec]]:
-    """Shard `shard`'s view and `tx.init` state as `ShapeDtypeStruct`s (nothing allocated), and their specs by path."""
-    view = plan.view(shard, [jax.ShapeDtypeStruct(plan.leaves[i].shape, plan.leaves[i].dtype) for i in plan.shard_leaves[shard]])
+def _structure(plan: Plan, tx: optax.GradientTransformation, shard: int) -> tuple[Any, Any, dict[str, Spec], dict[str, tuple[int, int]]]:
+    """Shard `shard`'s view and `tx.init` state as `ShapeDtypeStruct`s (nothing allocated), their specs by
+    stored path, and the row ranges of its row parts (`row_ranges`)."""
+    view = plan.view(shard, [jax.ShapeDtypeStruct(spec.shape, spec.dtype) for spec in plan.shard_specs(shard)])
     opt_state = jax.eval_shape(tx.init, view)
-    specs = {k: spec_of(v) for k, v in {**flatten(PARAMS, view), **flatten(OPT_STATE, opt_state)}.items()}
-    return view, opt_state, specs
+    ranges = row_ranges(plan, tx, shard, view, opt_state)
+    state = {**flatten(PARAMS, view), **flatten(OPT_STATE, opt_state)}
+    return view, opt_state, {stored(k, ranges): spec_of(v) for k, v in state.items()}, ranges
 
 
-def shard_state(plan: Plan, shard: int, params_view: Any, opt_state: Any, reuse: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def row_ranges(plan: Plan, tx: Any, shard: int, view: Any, opt_state: Any) -> dict[str, tuple[int, int]]:
+    """`{state path: (start, stop)}` of shard `shard`'s row parts: its rows of row leaves and of their optax state."""
+    ids = plan.shard_leaves[shard]
+    ranges = {k: plan.row_range(i, shard) for k, i in enumerate(ids) if plan.is_rows(i)}
+    if not ranges:
+        return {}
+    if tx is None:
+        raise ValueError("a shard with row leaves needs its optimizer to name its state's row parts")
+    leaves, treedef = jax.tree.flatten(view)
+    where = jax.tree.unflatten(treedef, list(range(len(leaves))))
+    marks = optax.tree_map_params(tx, lambda _, k: k, opt_state, where, transform_non_params=lambda v: jax.tree.map(lambda _: -1, v))
+    out = {p: ranges[k] for p, k in flatten(PARAMS, where).items() if k in ranges}
+    out.update({p: ranges[k] for p, k in flatten(OPT_STATE, marks).items() if k in ranges})
+    return out
+
+
+def stored(path: str, ranges: Mapping[str, tuple[int, int]]) -> str:
+    """The path a state leaf is stored under: a row part's carries its rows."""
+    rows = ranges.get(path)
+    return path if rows is None else f"{path}{ROWS}{rows[0]}:{rows[1]}"
+
+
+def _split_rows(path: str) -> tuple[str, tuple[int, int] | None]:
+    base, sep, rows = path.partition(ROWS)
+    if not sep:
+        return path, None
+    start, stop = rows.split(":")
+    return base, (int(start), int(stop))
+
+
+def whole(specs: Mapping[str, Spec]) -> dict[str, Spec]:
+    """Specs by state path with row parts joined into their whole leaf (parts that do not tile [0, n) say so)."""
+    out: dict[str, Spec] = {}
+    parts: dict[str, list] = {}
+    for path, spec in specs.items():
+        base, rows = _split_rows(path)
+        if rows is None:
+            out[path] = spec
+        else:
+            parts.setdefault(base, []).append((rows, spec))
+    for base, pieces in parts.items():
+        pieces.sort()
+        stops = [0] + [stop for (_, stop), _ in pieces]
+        rest = {(tuple(s[0][1:]), s[1]) for _, s in pieces}
+        tiles = all(start == stops[j] and s[0][0] == stop - start for j, ((start, stop), s) in enumerate(pieces)) and len(rest) == 1
+        (trailing, dtype) = next(iter(rest))
+        out[base] = ((stops[-1], *trailing), dtype) if tiles else ((-1,), "rows " + ", ".join(f"{a}:{b}" for (a, b), _ in pieces))
+    return out
+
+
+def shard_state(
+    plan: Plan, shard: int, params_view: Any, opt_state: Any, reuse: Mapping[str, np.ndarray] | None = None, tx: Any = None
+) -> dict[str, np.ndarray]:
     """Shard `shard`'s parameters and optax state as `{state path: numpy copy}`.
 
     Copies, so the shard's next (donating) step cannot change what is saved:
     into the arrays of `reuse` (an earlier snapshot, written and done with)
-    where path, shape and dtype match, else into new ones.
+    where path, shape and dtype match, else into new ones. Row parts are
+    stored under their rows (`tx` names their optax state).
     """
     state = {**flatten(PARAMS, params_view), **flatten(OPT_STATE, opt_state)}
     owned = {PARAMS + plan.leaves[i].path for i in plan.shard_leaves[shard]}
@@ -105,8 +165,9 @@ def shard_state(plan: Plan, shard: int, params_view: Any, opt_state: Any, reuse:
             f"shard {shard}'s parameter view does not match the plan: missing {sorted(owned - got)}, "
             f"unexpected {sorted(got - owned)}"
         )
+    ranges = row_ranges(plan, tx, shard, params_view, opt_state)
     reuse = reuse or {}
-    return {k: _copy(v, reuse.get(k)) for k, v in state.items()}
+    return {stored(k, ranges): _copy(v, reuse.get(stored(k, ranges))) for k, v in state.items()}
 
 
 def _copy(x: Any, into: np.ndarray | None) -> np.ndarray:
@@ -118,7 +179,7 @@ def _copy(x: Any, into: np.ndarray | None) -> np.ndarray:
 
 
 def expected_state(plan: Plan, tx: optax.GradientTransformation, shard: int) -> dict[str, Spec]:
-    """The state paths shard `shard` of `plan` holds under `tx`, with their specs (no arrays allocated)."""
+    """The (stored) state paths shard `shard` of `plan` holds under `tx`, with their specs (no arrays allocated)."""
     return _structure(plan, tx, shard)[2]
 
 
@@ -161,7 +222,7 @@ def check_state(saved: Mapping[str, Spec], plan: Plan, tx: optax.GradientTransfo
     expected: dict[str, Spec] = {}
     for shard in range(plan.num_shards):
         expected.update(expected_state(plan, tx, shard))
-    _raise(f"{where} does not match the parameters and tx.init of the optimizer:", mismatches(saved, expected, "expected"))
+    _raise(f"{where} does not match the parameters and tx.init of the optimizer:", mismatches(whole(saved), whole(expected), "expected"))
 
 
 def restore_shard(plan: Plan, tx: optax.GradientTransformation, shard: int, state: Mapping[str, Any]) -> tuple[list[np.ndarray], Any]:
@@ -171,13 +232,13 @@ def restore_shard(plan: Plan, tx: optax.GradientTransformation, shard: int, stat
     leaf taken from `state` by path. Arrays are returned as they come (numpy):
     the shard copies them onto its device.
     """
-    _, structure, expected = _structure(plan, tx, shard)
+    _, structure, expected, ranges = _structure(plan, tx, shard)
     _raise(
         f"the checkpoint does not hold shard {shard}'s state:",
         mismatches({k: spec_of(state[k]) for k in expected if k in state}, expected, "expected"),
     )
-    leaves = [state[PARAMS + plan.leaves[i].path] for i in plan.shard_leaves[shard]]
-    opt_state = jax.tree_util.tree_map_with_path(lambda p, _: state[OPT_STATE + jax.tree_util.keystr(p)], structure)
+    leaves = [state[stored(PARAMS + plan.leaves[i].path, ranges)] for i in plan.shard_leaves[shard]]
+    opt_state = jax.tree_util.tree_map_with_path(lambda p, _: state[stored(OPT_STATE + jax.tree_util.keystr(p), ranges)], structure)
     return leaves, opt_state
 
 
@@ -335,6 +396,7 @@ def commit(
         "num_shards": plan.num_shards,
         "parts": [f"part_{k}" for k in range(plan.num_shards)],
         "plan": plan.paths,
+        "rows": plan.rows,
         "params": _specs_json(specs),
         "fingerprint": fingerprint(specs),
         "jaxps_version": __version__,
@@ -399,13 +461,15 @@ def read(
     metadata = read_metadata(directory, step)
     where = read_index(directory, metadata)
     wanted = sorted(where) if paths is None else list(paths)
-    absent = [p for p in wanted if p not in where]
+    pieces = {p: [(p, None)] if p in where else _row_pieces(p, where) for p in wanted}
+    absent = [p for p in wanted if pieces[p] is None]
     if absent:
         raise CheckpointError(f"step {metadata['step']} in {directory} does not hold {absent[:10]}")
+    needed = list(dict.fromkeys(k for p in wanted for k, _ in pieces[p]))
     per_part: dict[str, list[str]] = {}
-    for p in wanted:
-        where[p] = where[p] if check_replicated else where[p][:1]
-        for part, name, _ in where[p]:
+    for k in needed:
+        where[k] = where[k] if check_replicated else where[k][:1]
+        for part, name, _ in where[k]:
             per_part.setdefault(part, []).append(name)
     ocp, checkpointer = _checkpointer()
     arrays: dict[str, dict[str, np.ndarray]] = {}
@@ -418,18 +482,49 @@ def read(
                 path, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
             )["arrays"]
     checkpointer.close()
-    state = {}
-    for p in wanted:
-        values = [(part, arrays[part][name]) for part, name, _ in where[p]]
+    found = {}
+    for k in needed:
+        values = [(part, arrays[part][name]) for part, name, _ in where[k]]
         first = values[0][1]
         differ = [part for part, v in values[1:] if np.asarray(v).tobytes() != np.asarray(first).tobytes()]
         if differ:
             raise CheckpointError(
-                f"{p}: saved by several shards with different values: "
+                f"{k}: saved by several shards with different values: "
                 + ", ".join(f"{part} {np.asarray(v).ravel()[:4]}" for part, v in values)
             )
-        state[p] = first
+        found[k] = first
+    state = {}
+    for p in wanted:
+        (k, rows), *more = pieces[p]
+        if not more and rows is None:
+            state[p] = found[k]
+        else:  # rows gathered from the parts that hold them
+            state[p] = np.concatenate([np.asarray(found[k])[rows] for k, rows in pieces[p]])
     return metadata, state
+
+
+def _row_pieces(path: str, where: Mapping[str, list]) -> list[tuple[str, slice]] | None:
+    """Where the rows of `path` (a row part, or a whole leaf stored in row parts) are: `(stored path, rows)`,
+    in order; None if they are not all there."""
+    base, rows = _split_rows(path)
+    held = []  # (start, stop, stored path) of each part holding rows of `base`
+    for k, places in where.items():
+        b, r = _split_rows(k)
+        if b == base:
+            shape = places[0][2][0]
+            if not shape:
+                return None
+            held.append((*(r or (0, shape[0])), k))
+    if not held:
+        return None
+    held.sort()
+    start, stop = rows or (0, max(b for _, b, _ in held))
+    out, at = [], start
+    for a, b, k in held:
+        if b > at and a <= at < stop:
+            out.append((k, slice(at - a, min(b, stop) - a)))
+            at = min(b, stop)
+    return out if at == stop else None
 
 
 def save(

@@ -12,11 +12,20 @@ import time
 import weakref
 from typing import Any, Sequence
 
+import jax
+import numpy as np
+
+from jaxps import rows as row_ops
 from jaxps.coding import Encoder
 from jaxps.errors import ServerClosedError
 from jaxps.plan import Plan
 from jaxps.service import Leave, Pull, Push
-from jaxps.validate import check_gradients, nonfinite_paths, reject_nonfinite
+from jaxps.validate import PushError, cast, check_gradients, check_leaves, check_structure, nonfinite_paths, reject_nonfinite
+
+
+def _to_device(x: Any) -> jax.Array:
+    """A pulled array as a jax array, with no program compiled per shape (rows vary from pull to pull)."""
+    return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x))
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -123,41 +132,95 @@ class Client:
         """The channels to the shards, by shard index."""
         return [link.channel for link in self._links]
 
-    def pull(self, timeout: float | None = None) -> Any:
+    def pull(self, timeout: float | None = None, rows: dict | None = None) -> Any:
         """The current parameters, as a tree like the initial one.
 
         Sees every earlier push of this client; in sync mode waits until the
         step of the last push is applied (and gets one version from every
         shard), in ssp mode while this worker is too far ahead of the slowest.
         `timeout` bounds the whole call.
+
+        `rows={path: ids}`: each named row leaf comes as `table[ids]` (one row
+        per id, in order, repeats allowed); only the shards holding those rows
+        (or other leaves) are asked, each for its distinct rows.
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
+        if rows is not None:
+            return self._pull_rows(rows, deadline)
         held = [link.holding() for link in self._links]  # held strongly until the answers are in
-        waits = [link.channel.submit(Pull(self.worker, have=v), timeout=remaining(deadline)) for link, (v, _) in zip(self._links, held)]
-        replies = gather(waits, remaining(deadline))
-        newest = max(version for version, _ in replies)
-        if self._sync and any(version < newest for version, _ in replies):
+        replies = self._fetch({s: {"have": v} for s, (v, _) in enumerate(held)}, deadline)
+        per_shard = [link.took(version, leaves, h) for link, (version, leaves), (_, h) in zip(self._links, replies.values(), held)]
+        return self.plan.merge(per_shard)
+
+    def _fetch(self, asks: dict[int, dict], deadline: float | None) -> dict[int, tuple[int, Any]]:
+        """`Pull(self.worker, **asks[s])` of each shard `s`; in sync mode, one version from all of them."""
+        waits = [self._links[s].channel.submit(Pull(self.worker, **ask), timeout=remaining(deadline)) for s, ask in asks.items()]
+        replies = dict(zip(asks, gather(waits, remaining(deadline))))
+        newest = max(version for version, _ in replies.values())
+        if self._sync and any(version < newest for version, _ in replies.values()):
             # a shard is still closing a step the others have closed (backup workers): its next version, please
-            behind = [s for s, (version, _) in enumerate(replies) if version < newest]
+            behind = [s for s, (version, _) in replies.items() if version < newest]
             again = [
-                self._links[s].channel.submit(Pull(self.worker, newest, held[s][0]), timeout=remaining(deadline))
-                for s in behind
+                self._links[s].channel.submit(Pull(self.worker, newest, **asks[s]), timeout=remaining(deadline)) for s in behind
             ]
             for s, reply in zip(behind, gather(again, remaining(deadline))):
                 replies[s] = reply
-        per_shard = [link.took(version, leaves, h) for link, (version, leaves), (_, h) in zip(self._links, replies, held)]
-        return self.plan.merge(per_shard)
+        return replies
 
-    def push(self, grads: Any) -> PushFuture:
+    def _pull_rows(self, rows: dict, deadline: float | None) -> Any:
+        plan = self.plan
+        wanted = row_ops.check_ids(plan, rows, ValueError)
+        asks: dict[int, dict[int, np.ndarray]] = {s: {} for s in range(len(self._links))}
+        grouped = {}
+        for i, ids in wanted.items():
+            distinct, inverse = np.unique(ids, return_inverse=True)
+            grouped[i] = (inverse, row_ops.by_shard(plan, i, distinct))
+            for s in range(plan.num_shards):
+                if i in plan.shard_leaves[s]:
+                    asks[s][plan.shard_leaves[s].index(i)] = np.zeros(0, np.int32)
+            for s, local, _ in grouped[i][1]:
+                asks[s][plan.shard_leaves[s].index(i)] = local
+        # a shard is asked if it holds rows asked for, or leaves pulled whole
+        needed = {
+            s: {"rows": tuple(ask.items())}
+            for s, ask in asks.items()
+            if any(len(ids) for ids in ask.values()) or len(ask) < len(plan.shard_leaves[s])
+        }
+        replies = self._fetch(needed, deadline)
+        flat: list[Any] = [None] * len(plan.leaves)
+        parts: dict[int, list] = {}
+        for s, (version, leaves) in replies.items():
+            self._links[s].pulled = self._links[s].based_on = version
+            for i, x in zip(plan.shard_leaves[s], leaves):
+                if plan.is_rows(i):
+                    parts.setdefault(i, []).append(np.asarray(x))
+                else:
+                    flat[i] = _to_device(x)
+        for i, pieces in parts.items():
+            joined = np.concatenate(pieces)
+            flat[i] = _to_device(joined[grouped[i][0]] if i in grouped else joined)
+        for i in grouped:
+            if flat[i] is None:  # no ids at all
+                spec = plan.leaves[i]
+                flat[i] = _to_device(np.zeros((0, *spec.shape[1:]), spec.dtype))
+        return jax.tree_util.tree_unflatten(plan.treedef, flat)
+
+    def push(self, grads: Any, rows: dict | None = None) -> PushFuture:
         """Sends gradients for the parameters last pulled; checks them first.
 
         All or nothing: every leaf is converted and checked (and staged) before
         any shard sees any of it; a bad tree raises `jaxps.PushError` naming
         the paths, shapes and dtypes at fault, and no shard changes (nor does
         the push filter's state).
+
+        `rows={path: ids}`: each named row leaf's gradient is one row per id
+        (rows of a repeated id add up); only those rows, and their optimizer
+        state, change (a lazy update).
         """
         self._check_open()
+        if rows is not None:
+            return self._push_rows(grads, rows)
         leaves = check_gradients(self.plan, grads)
         check = self._nonfinite != "allow"
         if self._encoder is None:
@@ -175,6 +238,36 @@ class Client:
         self._encoder.state = state
         return future
 
+    def _push_rows(self, grads: Any, rows: dict) -> PushFuture:
+        plan = self.plan
+        wanted = row_ops.check_ids(plan, rows, PushError)
+        leaves = check_structure(plan, grads)
+        specs = list(plan.leaves)
+        for i, ids in wanted.items():
+            row_ops.check_values(specs[i], ids, leaves[i], PushError)
+            specs[i] = dataclasses.replace(specs[i], shape=(len(ids), *specs[i].shape[1:]))
+        check_leaves(specs, leaves)
+        leaves = cast(specs, leaves)
+        skipped = self._nonfinite != "allow" and reject_nonfinite(plan, nonfinite_paths(specs, leaves), self._nonfinite)
+        if skipped:
+            return self._send([None] * len(self._links), True)
+        staged, row_ids = [], []
+        summed = {i: row_ops.sum_by_row(ids, leaves[i]) for i, ids in wanted.items()}
+        for s, link in enumerate(self._links):
+            arrays, ids_here = [], []
+            for k, i in enumerate(plan.shard_leaves[s]):
+                if i not in summed:
+                    arrays.append(plan.split_leaf(leaves[i], i, s))
+                    continue
+                distinct, values = summed[i]
+                start, stop = plan.row_range(i, s)
+                lo, hi = np.searchsorted(distinct, [start, stop])
+                ids_here.append((k, (distinct[lo:hi] - start).astype(np.int32)))
+                arrays.append(values[lo:hi])
+            staged.append(link.channel.stage(arrays, False))
+            row_ids.append(tuple(ids_here) or None)
+        return self._send(staged, False, row_ids)
+
     @property
     def filter_state(self) -> list | None:
         """This worker's push filter state, per leaf (None: no filter, or no push yet).
@@ -191,15 +284,15 @@ class Client:
             raise ValueError("this server has no push_filter")
         self._encoder.state = state
 
-    def _send(self, staged: list, skipped: bool) -> PushFuture:
-        """Submits a push staged on every shard (or skipped) for the next step."""
+    def _send(self, staged: list, skipped: bool, rows: list | None = None) -> PushFuture:
+        """Submits a push staged on every shard (or skipped) for the next step (`rows[s]`: a row push's ids on shard s)."""
         parts = []
         same_step = max(link.next_step() for link in self._links) if self._sync else None
         based = [link.based_on for link in self._links]
         oldest = None if None in based else min(based)
-        for link, stage in zip(self._links, staged):
+        for s, (link, stage) in enumerate(zip(self._links, staged)):
             step = link.next_step() if same_step is None else same_step
-            request = Push(self.worker, step, link.based_on, skipped, oldest)
+            request = Push(self.worker, step, link.based_on, skipped, oldest, None if rows is None else rows[s])
             parts.append(link.channel.submit(request, None if skipped else stage.payload))
             link.last_step, link.pulled = step, None
         return PushFuture(parts)

@@ -46,6 +46,7 @@ class Contribution(NamedTuple):
     grads: Any
     based_on: int | None
     oldest: int | None = None
+    rows: Any = None  # a row push: {position among the shard's leaves: local row ids}
 
 
 class Step(NamedTuple):

@@ -10,6 +10,7 @@ import optax
 
 from jaxps import checkpoint as ckpt
 from jaxps import coding
+from jaxps import rows as rows_lib
 from jaxps.client import Client, gather
 from jaxps.consistency import make_policy
 from jaxps.errors import ServerClosedError
@@ -55,6 +56,11 @@ class ParameterServer:
       on_shard_failure: "raise" (default): a dead shard ends the run with
         `ShardDiedError`; "restart" (needs `checkpoint`): it is restarted and
         every shard rolls back to the latest checkpoint (`jaxps.failover`).
+      rows: leaves to split by rows (axis 0) over all shards, as tree paths
+        (or path prefixes; a bare name is a top-level key) or `fn(path, leaf)
+        -> bool`: embedding tables. `client.pull(rows=...)` and
+        `client.push(grads, rows=...)` then move only the rows a batch
+        touches, and a row push updates only those rows (`jaxps.rows`).
       push_filter: what of each pushed gradient crosses to the shards
         (`jaxps.filters`: `precision`, `top_k`, `significant`, `chain`, or
         your own `PushFilter`); each client keeps its own filter state.
@@ -84,6 +90,7 @@ class ParameterServer:
         values: Any = None,
         on_shard_failure: str = "raise",
         push_filter: PushFilter | None = None,
+        rows: Any = None,
         _restore: tuple[str, dict] | None = None,  # (directory, metadata): from `ParameterServer.restore`
     ):
         make_policy(mode, workers, backup_workers, max_staleness)  # checks the arguments
@@ -94,9 +101,15 @@ class ParameterServer:
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite={nonfinite!r}; valid: {', '.join(NONFINITE)}")
         tx = with_values(tx, values, params, mode, workers)
-        self._plan = make_plan(params, shards, assign)
+        self._plan = make_plan(params, shards, assign, rows)
         leaves = jax.tree_util.tree_leaves(params)
         check_shardable(tx, self._plan, leaves)
+        if self._plan.row_leaves:
+            if push_filter is not None:
+                raise ValueError("push_filter= together with row leaves (rows=) is not supported yet")
+            for s, ids in enumerate(self._plan.shard_leaves):
+                view = self._plan.view(s, [jax.ShapeDtypeStruct(spec.shape, spec.dtype) for spec in self._plan.shard_specs(s)])
+                rows_lib.check_lazy(tx, view, [k for k, i in enumerate(ids) if self._plan.is_rows(i)])
         filtered = None
         if push_filter is not None:
             is_value = tx.is_value if isinstance(tx, ValueTransform) else (lambda path, leaf: False)
@@ -119,9 +132,10 @@ class ParameterServer:
         self._closed = False
         # backup workers on several shards: shard 0 decides each step's workers, the others follow
         agree = mode == "sync" and backup_workers > 0 and len(self._plan.shard_leaves) > 1
+        parts = self._plan.split(leaves)
         configs = [
             ShardConfig(
-                s, self._plan, [leaves[i] for i in ids], tx, mode, workers, backup_workers, max_staleness, restore,
+                s, self._plan, parts[s], tx, mode, workers, backup_workers, max_staleness, restore,
                 agree and s > 0, push_filter, filtered,
             )
             for s, ids in enumerate(self._plan.shard_leaves)

@@ -39,18 +39,22 @@ class Push(NamedTuple):
     based_on: int | None
     skipped: bool = False
     oldest: int | None = None  # the oldest version of the worker's last pull, over all shards
+    rows: tuple | None = None  # a row push: ((position among the shard's leaves, local row ids), ...)
 
 
 class Pull(NamedTuple):
     """The shard's leaves, once `worker` may read (at once for `worker=None`) at version `at_least` or later.
 
     Answers `(version, leaves)`, or `(version, None)` if that is version
-    `have`, whose leaves the client holds already: no array crosses.
+    `have`, whose leaves the client holds already: no array crosses. With
+    `rows` (`((position, local row ids), ...)`), those leaves are answered as
+    just those rows, every leaf copied into the answer itself.
     """
 
     worker: int | None
     at_least: int = 0
     have: int | None = None
+    rows: tuple | None = None
 
 
 class Leave(NamedTuple):
@@ -222,7 +226,8 @@ class ShardService:
                     return
             reply.send(outcome)
 
-        self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest)
+        rows = None if request.rows is None else dict(request.rows)
+        self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest, rows)
         if grads is not None:
             self._count("bytes_pushed", arrays)
         del grads, arrays
@@ -237,12 +242,17 @@ class ShardService:
 
     def _pull(self, request: Pull, reply: Reply, arrays: Any) -> None:
         def ready(version: int, leaves: list) -> None:
+            if request.rows is not None:  # copied here, under the shard's lock: the next step may donate
+                leaves = self.shard.rows_of(leaves, dict(request.rows))
+                self._count("bytes_pulled", leaves)
+                return reply.send((version, leaves))
             if version == request.have:  # the client holds these leaves already
                 return reply.send((version, None))
             self._count("bytes_pulled", leaves)
             reply.pulled(version, leaves)
 
-        self.shard.pull(request.worker, ready, lend=reply.lend, at_least=request.at_least)
+        lend = reply.lend and request.rows is None
+        self.shard.pull(request.worker, ready, lend=lend, at_least=request.at_least)
 
     def _count(self, what: str, arrays: Sequence[Any]) -> None:
         n = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in arrays)

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxps import rows as row_ops
 from jaxps.consistency import Clock, Contribution, Step, Sync, make_policy
 from jaxps.plan import Plan
 from jaxps.update import compile_step, mean_gradients
-from jaxps.validate import check_leaves
+from jaxps.validate import PushError, check_leaves
 
 PushDone = Callable[[str], None]  # "applied" | "dropped" | "skipped" | "rolled_back"
 PullReady = Callable[[int, list], Any]  # (version, leaves)
@@ -82,6 +83,11 @@ class Shard:
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
         self._tx = config.tx  # a rollback reads its checkpoint part with it
         self._step_donating, self._step_lent = compile_step(config.tx)
+        ids = config.plan.shard_leaves[config.index]
+        self._row_positions = [k for k, i in enumerate(ids) if config.plan.is_rows(i)]  # where its row leaves are
+        if self._row_positions:
+            self._lazy_donating, self._lazy_lent = row_ops.lazy_step(config.tx)
+            self._take_rows = jax.jit(lambda x, ids: x.at[ids].get(mode="fill", fill_value=0))
         self._mean = jax.jit(mean_gradients)
         self._policy = make_policy(config.mode, config.workers, config.backup_workers, config.max_staleness, config.follows)
         self._clock = Clock.start(config.workers, version, applied)
@@ -96,19 +102,26 @@ class Shard:
 
     # -- requests -------------------------------------------------------------
     def push(
-        self, worker: int, for_step: int, based_on: int | None, leaves: Sequence[Any] | None, done: PushDone, oldest: int | None = None
+        self,
+        worker: int,
+        for_step: int,
+        based_on: int | None,
+        leaves: Sequence[Any] | None,
+        done: PushDone,
+        oldest: int | None = None,
+        rows: dict[int, np.ndarray] | None = None,
     ) -> None:
         """Offers `worker`'s gradients (None: skipped; a filter's payload with `push_filter`) for step `for_step`;
-        `done` fires once it is settled."""
+        `done` fires once it is settled. `rows`: a row push's `{position: local row ids}`, whose leaves hold just those rows."""
         if leaves is not None and self._decoder is not None:
             leaves = self._decoder.decode(leaves)
         if leaves is not None:
-            check_leaves(self._leaf_specs, leaves)
-            grads = self._plan.view(self.index, [self._own(x, copy=not isinstance(x, jax.Array)) for x in leaves])
+            check_leaves(self._row_specs(rows), leaves)
+            grads = self._plan.view(self.index, [self._private(x) for x in leaves])
         else:
             grads = None
         with self._lock:
-            c = Contribution(worker, for_step, grads, based_on, oldest)
+            c = Contribution(worker, for_step, grads, based_on, oldest, rows or None)
             if self._policy.admits(self._clock, c):
                 self._take(c, done)
                 self._maybe_snapshot()
@@ -124,6 +137,33 @@ class Shard:
         with self._lock:
             self._pulls.append((worker, ready, lend, at_least))
             self._serve_pulls()
+
+    def rows_of(self, leaves: list, rows: dict[int, np.ndarray]) -> list[np.ndarray]:
+        """Host copies of `leaves`, just rows `rows[position]` of those named (call under the lock, as `pull`'s `ready`)."""
+        self._row_specs(rows)
+        out = []
+        for k, x in enumerate(leaves):
+            if k in rows:
+                padded = row_ops.pad_ids(rows[k], x.shape[0], row_ops.bucket(len(rows[k])))
+                out.append(np.asarray(self._take_rows(x, padded))[: len(rows[k])])
+            else:
+                out.append(np.array(x, copy=True))
+        return out
+
+    def _row_specs(self, rows: dict[int, np.ndarray] | None) -> tuple:
+        """The shard's leaf specs with row leaves cut to `rows`; raises `PushError` for ids that do not fit."""
+        if not rows:
+            return self._leaf_specs
+        specs = list(self._leaf_specs)
+        for k, ids in rows.items():
+            if k not in self._row_positions:
+                raise PushError(f"shard {self.index}: position {k} is not one of its row leaves {self._row_positions}")
+            spec = specs[k]
+            ok = ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer) and (ids.size == 0 or (ids[0] >= 0 and ids[-1] < spec.shape[0]))
+            if not ok or (ids.size > 1 and not np.all(ids[1:] > ids[:-1])):
+                raise PushError(f"shard {self.index}: {spec.path} ({spec.describe()}): row ids must be distinct, sorted and in [0, {spec.shape[0]})")
+            specs[k] = dataclasses.replace(spec, shape=(len(ids), *spec.shape[1:]))
+        return tuple(specs)
 
     def leave(self, worker: int) -> None:
         """`worker` is done: sync steps and ssp pulls stop waiting for it."""
@@ -243,7 +283,7 @@ class Shard:
             taken, self._snapshot_taken = self._snapshot_taken, None
             info = {"step": self._clock.applied, "version": self._clock.version}
             try:
-                state = shard_state(self._plan, self.index, self._params, self._opt_state, self._spare)
+                state = shard_state(self._plan, self.index, self._params, self._opt_state, self._spare, self._tx)
             except Exception as e:  # answered, never raised into the push that reached the cut
                 state, info = None, {"error": f"shard {self.index}: snapshot failed: {type(e).__name__}: {e}"}
             self._release()
@@ -257,6 +297,13 @@ class Shard:
         waiting, self._waiting = self._waiting, []
         for c, done in waiting:
             self._take(c, done)
+
+    def _private(self, x: Any) -> jax.Array:
+        """A pushed array as a jax array of the shard's own: numpy input is copied (its buffer is the
+        client's), through the host so that no program is compiled per shape (row pushes vary)."""
+        if not isinstance(x, jax.Array):
+            x = jax.device_put(np.array(x, copy=True))
+        return x if self._device is None else jax.device_put(x, self._device)
 
     def _own(self, x: Any, copy: bool) -> jax.Array:
         """`x` on the shard's device, copied if asked.
@@ -272,10 +319,36 @@ class Shard:
             grads = step.gradients
             if not grads:
                 continue
-            mean = grads[0] if len(grads) == 1 else self._mean(grads)
-            update = self._step_lent if self._lent and self._refcount() > self._own_refs else self._step_donating
-            self._params, self._opt_state = update(self._params, self._opt_state, mean)
+            lent = self._lent and self._refcount() > self._own_refs
+            if any(c.rows for c in step.contributions if c.grads is not None):
+                self._apply_rows([c for c in step.contributions if c.grads is not None], lent)
+            else:
+                mean = grads[0] if len(grads) == 1 else self._mean(grads)
+                update = self._step_lent if lent else self._step_donating
+                self._params, self._opt_state = update(self._params, self._opt_state, mean)
             self._lent = False
+
+    def _apply_rows(self, contributions: list[Contribution], lent: bool) -> None:
+        """A step with row pushes: the mean over the union of the rows, applied lazily (`jaxps.rows`)."""
+        treedef = jax.tree.structure(self._params)
+        sizes = [spec.shape[0] if k in self._row_positions else 0 for k, spec in enumerate(self._leaf_specs)]
+        pushed = [(jax.tree.leaves(c.grads), c.rows) for c in contributions]
+        if len(pushed) == 1:
+            leaves, ids = pushed[0][0], dict(pushed[0][1])
+        else:
+            leaves, ids = row_ops.combine(pushed, self._row_positions, sizes)
+            leaves = [x / len(pushed) for x in leaves]  # as the dense mean: float32 / 2 stays float32
+        leaves = list(leaves)
+        size = row_ops.bucket(max((len(x) for x in ids.values()), default=0))  # one size for all: fewer compiled steps
+        for k in ids:
+            ids[k], leaves[k] = row_ops.pad_ids(ids[k], sizes[k], size), row_ops.pad_values(leaves[k], size)
+        grads = jax.tree.unflatten(treedef, leaves)
+        if not ids:  # every row leaf was pushed whole by someone: a dense step
+            update = self._step_lent if lent else self._step_donating
+            self._params, self._opt_state = update(self._params, self._opt_state, grads)
+            return
+        update = self._lazy_lent if lent else self._lazy_donating
+        self._params, self._opt_state = update(self._params, self._opt_state, grads, ids)
 
     def _refcount(self) -> int:
         """The most Python references to any parameter leaf (a reader that dropped its pull no longer counts).

@@ -123,12 +123,12 @@ def check_shardable(tx: optax.GradientTransformation, plan: Plan, leaves: Sequen
     ]
     whole = _run_steps(tx, plan.merge(plan.split(leaves)), [plan.merge(plan.split(p)) for p in probes])
     expected = jax.tree_util.tree_leaves(whole)
-    got: list[Any] = [None] * len(leaves)
-    for shard, ids in enumerate(plan.shard_leaves):
-        view = plan.view(shard, [leaves[i] for i in ids])
-        grads = [plan.view(shard, [p[i] for i in ids]) for p in probes]
-        for i, x in zip(ids, jax.tree_util.tree_leaves(_run_steps(tx, view, grads))):
-            got[i] = x
+    parts, probe_parts = plan.split(leaves), [plan.split(p) for p in probes]
+    per_shard = [
+        jax.tree_util.tree_leaves(_run_steps(tx, plan.view(s, parts[s]), [plan.view(s, p[s]) for p in probe_parts]))
+        for s in range(plan.num_shards)
+    ]
+    got = jax.tree_util.tree_leaves(plan.merge(per_shard))
     differ = [
         plan.leaves[i].path
         for i in range(len(leaves))
@@ -158,7 +158,12 @@ def _run_steps(tx, params, grads_seq):
 
 
 def _not_shardable_message(names: list[str], plan: Plan, differ: list[str] | None = None) -> str:
-    if differ:
+    if differ and any(path in plan.row_leaves for path in differ):
+        what = (
+            f"the optimizer (built from {', '.join(names)}) reduces over whole leaves, and row leaves (rows=) are split "
+            f"by rows over the shards: the step differs at {differ[:5]}"
+        )
+    elif differ:
         what = f"the optimizer (built from {', '.join(names)}) reduces over the whole parameter tree: the step differs at {differ[:5]}"
     else:
         what = f"the optimizer reduces over the whole parameter tree ({', '.join(names)})"

@@ -89,6 +89,15 @@ SLOW_VARIANTS = (
     "test_semantics.py::test_finished_workers_do_not_block_sync[multiprocessing]",
     "test_semantics.py::test_finished_workers_do_not_block_sync[ray]",
     "test_semantics.py::test_a_worker_that_left_takes_part_again_from_the_current_step[multiprocessing]",
+    # row leaves: every behaviour in-process, pulled rows and sgd pushes on every transport by default
+    "test_rows.py::test_adam_row_pushes_are_lazy[ray]",
+    "test_rows.py::test_adam_row_pushes_are_lazy[multiprocessing]",
+    "test_rows.py::test_bad_rows_change_nothing_and_the_server_keeps_serving[ray]",
+    "test_rows.py::test_bad_rows_change_nothing_and_the_server_keeps_serving[multiprocessing]",
+    "test_rows.py::test_row_leaves_checkpoint_and_restore_into_another_shard_count[ray]",
+    "test_rows.py::test_row_leaves_checkpoint_and_restore_into_another_shard_count[multiprocessing]",
+    "test_rows.py::test_sync_averages_row_pushes_over_the_workers[ray]",
+    "test_movielens.py::test_example_learns_and_pushes_only_the_batch_rows[multiprocessing]",
 )
 KEPT_VARIANTS = ("test_bad_push_changes_nothing[ray-nan]", "test_bad_push_changes_nothing[multiprocessing-nan]")
 

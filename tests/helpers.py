@@ -1,7 +1,11 @@
 """Small trees, gradients and oracles shared by the tests."""
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
 
+import cloudpickle
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,3 +95,21 @@ def optimizers():
         "masked_adamw": optax.adamw(1e-2, weight_decay=0.1, mask=not_bias),
         "multi_transform": optax.multi_transform({"embed": optax.sgd(0.5), "rest": optax.adam(1e-2)}, labels),
     }
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def import_example(name: str):
+    """`examples/<name>.py` as a module whose functions travel to worker processes by value.
+
+    Run as a script, an example's functions live in `__main__` and travel by
+    value; imported, they would travel by reference to a module the workers
+    cannot import.
+    """
+    spec = importlib.util.spec_from_file_location(f"jaxps_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    cloudpickle.register_pickle_by_value(module)
+    return module

@@ -8,33 +8,20 @@ saying so, where it is missing.
 import gzip
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
+from helpers import import_example
 
 import jaxps
 import jaxps.checkpoint
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _import(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-datasets = _import("jaxps_example_datasets", EXAMPLES / "datasets.py")
-mnist = _import("jaxps_example_mnist", EXAMPLES / "mnist.py")
-# Run as a script, the example's functions travel to worker processes by value (they live in
-# __main__); imported here, they would travel by reference to a module the workers cannot import.
-cloudpickle.register_pickle_by_value(mnist)
+datasets = import_example("datasets")
+mnist = import_example("mnist")
 
 needs_fashion_mnist = pytest.mark.skipif(
     datasets.find_idx_files(FASHION_DIR) is None,

@@ -218,6 +218,8 @@ def _to_jax(value):
     version, ref = value
     if ref is None:  # the client holds this version's leaves already
         return version, None
+    if isinstance(ref, list):  # answered in the reply itself (a pull of rows)
+        return version, [jax.device_put(x) for x in ref]
     # zero-copy where aligned: the object is immutable and the jax array keeps it alive
     return version, [jax.device_put(x) for x in ray.get(ref)]
 
