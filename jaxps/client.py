@@ -253,17 +253,17 @@ class Client:
             return self._send([None] * len(self._links), True)
         staged, row_ids = [], []
         summed = {i: row_ops.sum_by_row(ids, leaves[i]) for i, ids in wanted.items()}
+        # per row leaf and shard: (local ids, where in the distinct ids); a shard none of whose rows were pushed gets none
+        parts = {i: {s: (local, at) for s, local, at in row_ops.by_shard(plan, i, distinct)} for i, (distinct, _) in summed.items()}
         for s, link in enumerate(self._links):
             arrays, ids_here = [], []
             for k, i in enumerate(plan.shard_leaves[s]):
                 if i not in summed:
                     arrays.append(plan.split_leaf(leaves[i], i, s))
                     continue
-                distinct, values = summed[i]
-                start, stop = plan.row_range(i, s)
-                lo, hi = np.searchsorted(distinct, [start, stop])
-                ids_here.append((k, (distinct[lo:hi] - start).astype(np.int32)))
-                arrays.append(values[lo:hi])
+                local, at = parts[i].get(s, (np.zeros(0, np.int32), slice(0, 0)))
+                ids_here.append((k, local))
+                arrays.append(summed[i][1][at])
             staged.append(link.channel.stage(arrays, False))
             row_ids.append(tuple(ids_here) or None)
         return self._send(staged, False, row_ids)
