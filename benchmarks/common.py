@@ -24,8 +24,9 @@ from typing import Any, Callable
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# "ray-objectstore": the Ray transport with `shared_memory=False`, every array through Ray's object store
-TRANSPORTS = ("inprocess", "multiprocessing", "ray", "ray-objectstore")
+# "ray-tcp": the Ray transport with `data_path="tcp"`, every array over TCP (as from another node);
+# "ray-objectstore": `data_path="object_store"`, every array through Ray's object store
+TRANSPORTS = ("inprocess", "multiprocessing", "ray", "ray-tcp", "ray-objectstore")
 RAY_INIT = {"address": "local", "num_cpus": 4, "include_dashboard": False}  # "local": a new session, never a running one
 
 
@@ -164,8 +165,8 @@ def server_args(name: str) -> dict:
 
     Ray: the run's own session is reused by the transport (and not shut down by it).
     """
-    if name == "ray-objectstore":
-        return {"transport": "ray", "transport_options": {"shared_memory": False}}
+    if name in ("ray-tcp", "ray-objectstore"):
+        return {"transport": "ray", "transport_options": {"data_path": name.removeprefix("ray-").replace("objectstore", "object_store")}}
     return {"transport": name}
 
 

@@ -293,6 +293,16 @@ def _step_dirs(root: Path) -> dict[int, Path]:
     return {int(p.name): p for p in root.iterdir() if p.name.isdigit() and p.is_dir()} if root.is_dir() else {}
 
 
+def local_path(directory: str | os.PathLike) -> Path:
+    """`directory` as a path of the file system (a URL such as gs://... is refused: mount the bucket instead)."""
+    if "://" in str(directory):
+        raise ValueError(
+            f"checkpoint directory {str(directory)!r}: URLs are not supported yet; give a path that the driver and every "
+            "shard's node see (a shared disk, or the bucket mounted with gcsfuse)"
+        )
+    return Path(directory)
+
+
 def steps(directory: str | os.PathLike) -> list[int]:
     """The complete steps in `directory`, oldest first (none for a missing directory)."""
     return sorted(s for s, p in _step_dirs(Path(directory)).items() if (p / METADATA).is_file())
@@ -412,7 +422,7 @@ def commit(
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:
     """The metadata of `step` (default: the latest complete step) in `directory`."""
-    root = Path(directory)
+    root = local_path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist")
     complete = steps(root)

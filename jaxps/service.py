@@ -12,6 +12,7 @@ in `ShardService._ops`.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
@@ -178,7 +179,7 @@ class ShardService:
 
     def __init__(self, shard: Shard, where: dict | None = None):
         self.shard = shard
-        self.where = {"pid": os.getpid(), "host": socket.gethostname(), **(where or {})}
+        self.where = {"pid": os.getpid(), "host": socket.gethostname(), "platform": jax.default_backend(), **(where or {})}
         self._ops = {
             Push: self._push,
             Pull: self._pull,
@@ -214,7 +215,7 @@ class ShardService:
             grads = None
         elif reply.borrowed:
             keep = self.shard.keeps_gradients
-            grads = [own_copy(x) if keep else jax.device_put(x) for x in arrays]
+            grads = [own_copy(x) for x in arrays] if keep else jax.device_put(list(arrays))  # one call for all leaves
         else:
             grads = list(arrays)
         lock, early = threading.Lock(), []  # outcomes settled before the step has run
@@ -255,7 +256,7 @@ class ShardService:
         self.shard.pull(request.worker, ready, lend=lend, at_least=request.at_least)
 
     def _count(self, what: str, arrays: Sequence[Any]) -> None:
-        n = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in arrays)
+        n = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in arrays)  # not jax's slower .nbytes
         with self._bytes_lock:
             self._bytes[what] += n
 

@@ -99,6 +99,11 @@ def nonfinite_paths(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[st
 CHUNK_BYTES = 1 << 20  # copied and then checked while still in cache
 
 
+def host_finite(x: np.ndarray) -> bool:
+    """Whether host array `x` is free of NaN and Inf (always, for integers)."""
+    return not jnp.issubdtype(x.dtype, jnp.inexact) or _host_finite(x)
+
+
 def copy_checked(dst: np.ndarray, src: np.ndarray) -> bool:
     """`np.copyto(dst, src)`, and whether the copied values are free of NaN and Inf.
 

@@ -9,13 +9,15 @@ import pytest
 import jaxps
 
 # The conformance suite: tests taking the `transport` fixture run once per entry.
-# "ray" reaches its shards through shared memory here (one machine); "ray-objectstore"
-# is the Ray transport with shared_memory=False, as clients on other machines reach them
-# (with `-m slow`: it shares everything but the data path with "ray").
-TRANSPORTS = ["inprocess", "multiprocessing", "ray", "ray-objectstore"]
+# "ray" reaches its shards through shared memory here (one machine); "ray-tcp" is the
+# Ray transport with data_path="tcp", as clients on other nodes reach them by default,
+# and "ray-objectstore" with data_path="object_store", the fallback through Ray's object
+# store (both with `-m slow`: they share everything but the data path with "ray").
+TRANSPORTS = ["inprocess", "multiprocessing", "ray", "ray-tcp", "ray-objectstore"]
+DATA_PATHS = {"ray-tcp": "tcp", "ray-objectstore": "object_store"}
 
 
-@pytest.fixture(params=[pytest.param(t, marks=pytest.mark.slow) if t == "ray-objectstore" else t for t in TRANSPORTS])
+@pytest.fixture(params=[pytest.param(t, marks=pytest.mark.slow) if t in DATA_PATHS else t for t in TRANSPORTS])
 def transport(request):
     """A transport name; transport-specific set-up (e.g. a shared Ray session) hangs off here."""
     if request.param.startswith("ray"):
@@ -47,8 +49,8 @@ def make_server(transport):
     servers = []
 
     where = {"transport": transport}
-    if transport == "ray-objectstore":
-        where = {"transport": "ray", "transport_options": {"shared_memory": False}}
+    if transport in DATA_PATHS:
+        where = {"transport": "ray", "transport_options": {"data_path": DATA_PATHS[transport]}}
 
     def make(params, tx, **kw):
         ps = jaxps.ParameterServer(params, tx, **where, **kw)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRANSPORTS = ("inprocess", "multiprocessing", "ray", "ray-objectstore")
+TRANSPORTS = ("inprocess", "multiprocessing", "ray", "ray-tcp", "ray-objectstore")
 
 
 @pytest.mark.slow

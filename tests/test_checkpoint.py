@@ -319,3 +319,20 @@ def test_killed_mid_save_leaves_the_previous_step(tmp_path):
     _, restored = ck.restore(tmp_path, params, optax.sgd(0.1), make_plan(params, 1))
     assert np.all(restored[0][0][0] == 1.0)
     json.loads((tmp_path / "1" / ck.METADATA).read_text())
+
+
+def test_a_url_directory_is_refused_not_written_locally(tmp_path, monkeypatch):
+    import optax
+
+    import jaxps
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="URLs are not supported"):
+        jaxps.Checkpointing("gs://bucket/run", every=2)
+    with jaxps.ParameterServer({"w": np.zeros(3, np.float32)}, optax.sgd(1.0)) as ps:
+        with pytest.raises(ValueError, match="gs://bucket/run"):
+            ps.save("gs://bucket/run")
+        assert ps.step == 0 and ps.push({"w": np.ones(3, np.float32)}).result() == "applied"
+    with pytest.raises(ValueError, match="URLs are not supported"):
+        jaxps.ParameterServer.restore("gs://bucket/run", {"w": np.zeros(3, np.float32)}, optax.sgd(1.0))
+    assert not list(tmp_path.iterdir())  # nothing written under ./gs:

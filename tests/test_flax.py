@@ -5,9 +5,7 @@ step (bit for bit for sgd), and the mean of the workers' values in sync mode.
 Functions and modules that travel to worker processes live at module level.
 """
 
-import functools
 import subprocess
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -78,8 +76,10 @@ def nnx_worker(model, optimizer, data):
 @pytest.fixture
 def where(transport):
     """ParameterServer keywords for `transport` (as conftest's make_server), for drop-ins that start their own server."""
-    if transport == "ray-objectstore":
-        return {"transport": "ray", "transport_options": {"shared_memory": False}}
+    from conftest import DATA_PATHS
+
+    if transport in DATA_PATHS:
+        return {"transport": "ray", "transport_options": {"data_path": DATA_PATHS[transport]}}
     return {"transport": transport}
 
 

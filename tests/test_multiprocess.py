@@ -165,6 +165,43 @@ def test_pulls_match_the_inprocess_transport(server):
         ref.close()
 
 
+@pytest.mark.parametrize("dtypes", ["float32", "mixed"])
+def test_many_small_leaves_cross_packed_and_match_the_inprocess_transport(server, dtypes):
+    """100+ small leaves go to the device in one call each way (`transports.packed`), bit for bit; leaves of
+    one dtype lie back to back and are copied and checked at once; a NaN among them still names its leaf."""
+    import ml_dtypes
+
+    from jaxps.validate import PushError
+
+    rng = np.random.default_rng(1)
+    params = {f"w{i:03d}": rng.standard_normal((i % 5 + 1, 4)).astype(np.float32) for i in range(100)}
+    params.update(scalar=np.float32(3), empty=np.zeros((0, 2), np.float32))
+    if dtypes == "mixed":
+        params.update(half=np.ones(7, ml_dtypes.bfloat16))
+    tx = optax.adam(1e-2)
+    ps = server(params, tx, shards=2)
+    ref = jaxps.ParameterServer(params, tx, shards=2, transport="inprocess")
+    try:
+        client = ps.client(0)
+        assert all(ch.unpack is not None for ch in client.channels)  # the packed path, both shards
+        assert all(ch.flat is not None for ch in client.channels) == (dtypes == "float32")  # bf16: one shard is not
+        held = []
+        for seed in range(3):
+            got, want = client.pull(), ref.pull()
+            assert_trees_equal(got, want)
+            held.append((got, want))
+            grads = grads_like(params, seed)
+            assert client.push(grads).result(30) == ref.push(grads).result(30) == "applied"
+        bad = dict(grads_like(params, 9), w057=np.full((3, 4), np.nan, np.float32))
+        with pytest.raises(PushError, match=r"\['w057'\]"):
+            client.push(bad)
+        assert_trees_equal(client.pull(), ref.pull())  # the bad push changed nothing
+        for got, want in held:  # pulled copies: later pulls never write into them
+            assert_trees_equal(got, want)
+    finally:
+        ref.close()
+
+
 def test_an_abandoned_pull_does_not_hold_a_buffer(server):
     ps = server(mode="sync", workers=2)
     c0, c1 = ps.client(0), ps.client(1)

@@ -108,9 +108,9 @@ def test_a_worker_task_whose_process_dies_leaves_so_the_others_go_on():
 def test_pull_sees_own_unawaited_pushes_through_the_object_store():
     big = {"w": np.zeros(1 << 20, np.float32), "v": np.zeros(1 << 18, np.float32)}  # MBs: via plasma
     ones = {k: np.ones_like(v) for k, v in big.items()}
-    opts = {"shared_memory": False}
+    opts = {"data_path": "object_store"}
     with jaxps.ParameterServer(big, optax.sgd(-1.0), shards=2, transport="ray", transport_options=opts) as ps:
-        assert not any(ch.via_shared_memory for ch in ps._channels)
+        assert [ch.route for ch in ps._channels] == ["object_store"] * 2
         futures = []
         for i in range(10):
             tree = ps.pull()
@@ -123,7 +123,7 @@ def test_pull_sees_own_unawaited_pushes_through_the_object_store():
 @ray.remote(num_cpus=0.01)
 def _routes(client):
     client.pull()
-    return [ch.via_shared_memory for ch in client.channels]
+    return [ch.route for ch in client.channels]
 
 
 def _segments():
@@ -134,31 +134,38 @@ def test_clients_on_the_shard_node_use_shared_memory_and_leave_no_segments():
     before = _segments()
     with _server() as ps:
         _pull_push(ps.client(0), 3)
-        assert [ch.via_shared_memory for ch in ps.client(0).channels] == [True, True]
-        assert ray.get(_routes.remote(ps.client(1)), timeout=120) == [True, True]
+        assert [ch.route for ch in ps.client(0).channels] == ["shm", "shm"]
+        assert ray.get(_routes.remote(ps.client(1)), timeout=120) == ["shm", "shm"]
         np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 3.0, np.float32))
-    with _server(transport_options={"shared_memory": False}) as ps:
-        assert ray.get(_routes.remote(ps.client(1)), timeout=120) == [False, False]
+    for data_path in ("tcp", "object_store"):
+        with _server(transport_options={"data_path": data_path}) as ps:
+            assert ray.get(_routes.remote(ps.client(1)), timeout=120) == [data_path] * 2
+            _pull_push(ps.client(0), 2)
+            np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 2.0, np.float32))
     assert _segments() <= before
 
 
-def test_shared_memory_and_object_store_clients_share_a_sync_step():
+def test_shared_memory_tcp_and_object_store_clients_share_a_sync_step():
     from jaxps.client import Client
     from jaxps.transports.ray_transport import RayChannel
 
-    with _server(mode="sync", workers=2) as ps:
+    with _server(mode="sync", workers=3) as ps:
         local = ps.client(0)
         elsewhere = [ch.endpoint._replace(node="another-node") for ch in local.channels]  # as seen from another machine
-        remote = Client(1, ps.plan, [RayChannel(a, i, e) for i, (a, e) in enumerate(zip(ps._transport.actors, elsewhere))])
-        assert [ch.via_shared_memory for ch in local.channels] == [True, True]
-        assert [ch.via_shared_memory for ch in remote.channels] == [False, False]
+        actors = ps._transport.actors
+
+        def remote(worker, data_path):
+            return Client(worker, ps.plan, [RayChannel(a, i, e, data_path=data_path) for i, (a, e) in enumerate(zip(actors, elsewhere))])
+
+        tcp, store = remote(1, "auto"), remote(2, "shm")  # from another node, "auto" is TCP and "shm" the object store
+        assert [[ch.route for ch in c.channels] for c in (local, tcp, store)] == [["shm"] * 2, ["tcp"] * 2, ["object_store"] * 2]
         for _ in range(3):
-            local.pull(), remote.pull()
-            waiting = remote.push(ONES)  # through Ray: settled by the shared-memory push that closes the step
-            threes = {k: np.full_like(v, 3.0) for k, v in ONES.items()}
-            assert local.push(threes).result(60) == "applied"
-            assert waiting.result(60) == "applied"
-        np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 6.0, np.float32))  # 3 steps of mean 2
+            local.pull(), tcp.pull(), store.pull()
+            waiting = [tcp.push(ONES), store.push(ONES)]  # settled by the shared-memory push that closes the step
+            sevens = {k: np.full_like(v, 7.0) for k, v in ONES.items()}
+            assert local.push(sevens).result(60) == "applied"
+            assert [w.result(60) for w in waiting] == ["applied"] * 2
+        np.testing.assert_array_equal(tcp.pull()["a"], np.full((4, 3), 9.0, np.float32))  # 3 steps of mean 3
         assert ps.step == 3
 
 
@@ -184,9 +191,9 @@ def test_busy_resources_time_out_and_free_what_was_placed():
     assert _wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
 
 
-@pytest.mark.parametrize("shared_memory", [True, False])
-def test_killed_shard_raises_shard_died_error(shared_memory):
-    with _server(mode="sync", workers=2, transport_options={"shared_memory": shared_memory}) as ps:
+@pytest.mark.parametrize("data_path", ["shm", "tcp", "object_store"])
+def test_killed_shard_raises_shard_died_error(data_path):
+    with _server(mode="sync", workers=2, transport_options={"data_path": data_path}) as ps:
         waiting = ps.client(0)
         waiting.pull()
         waiting.push(ONES)
@@ -205,7 +212,7 @@ def test_killed_shard_raises_shard_died_error(shared_memory):
         assert where["actor_id"] == ps._transport.actors[0]._actor_id.hex()
         assert where["node_id"] == ray.get_runtime_context().get_node_id()
         t = time.monotonic()
-        if shared_memory:
+        if data_path != "object_store":
             os.kill(where["pid"], signal.SIGKILL)  # the shard the pull waits on first, found from its stats
         else:
             ray.kill(ps._transport.actors[0])
@@ -269,3 +276,84 @@ def test_transport_instance_reuses_the_running_session():
         ps.push(ONES).result(60)
     assert transport.actors == []
     assert ray.is_initialized()
+
+
+# -- the TCP data path ------------------------------------------------------------------
+def test_tcp_moves_every_dtype_and_many_leaves_bit_for_bit():
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    params = {f"w{i:03d}": rng.standard_normal((i % 7 + 1, 3)).astype(np.float32) for i in range(100)}
+    params.update(bf=np.zeros((33,), ml_dtypes.bfloat16), scalar=np.float32(0), empty=np.zeros((0, 4), np.float32))
+    grads = [{k: rng.standard_normal(np.shape(v)).astype(np.asarray(v).dtype) for k, v in params.items()} for _ in range(3)]
+    with jaxps.ParameterServer(params, optax.sgd(0.5), shards=3, transport="ray", transport_options={"data_path": "tcp"}) as ps:
+        client = ps.client(0)
+        assert [ch.route for ch in client.channels] == ["tcp"] * 3
+        want = params
+        for g in grads:
+            client.pull()
+            assert client.push(g).result(60) == "applied"
+            want = optax.apply_updates(want, optax.sgd(0.5).update(g, optax.sgd(0.5).init(want))[0])
+        got = client.pull()
+        for k in params:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+            assert np.asarray(got[k]).dtype == np.asarray(params[k]).dtype
+
+
+def _evil_pickle(marker):
+    class Evil:
+        def __reduce__(self):
+            return (open, (marker, "w"))
+
+    import pickle
+
+    return pickle.dumps(Evil())
+
+
+def test_tcp_endpoint_binds_the_node_address_and_reads_nothing_before_the_key(tmp_path):
+    import socket
+    from multiprocessing import connection
+
+    from jaxps.transports import wire
+
+    with _server(transport_options={"data_path": "tcp"}) as ps:
+        endpoint = ps._channels[0].endpoint
+        host, port = endpoint.tcp
+        assert host == ray.util.get_node_ip_address() and host not in ("0.0.0.0", "::")
+        marker = tmp_path / "unpickled"
+        for attempt in ("garbage", "pickle first", "wrong key"):
+            with socket.create_connection((host, port), timeout=10) as sock:
+                conn = connection.Connection(os.dup(sock.fileno()))
+                try:
+                    if attempt == "garbage":
+                        sock.sendall(b"\xff" * 4096)
+                    elif attempt == "pickle first":
+                        conn.send_bytes(_evil_pickle(str(marker)))
+                    else:
+                        with pytest.raises((connection.AuthenticationError, EOFError, OSError)):
+                            connection.answer_challenge(conn, b"not the key")
+                            connection.deliver_challenge(conn, b"not the key")
+                    sock.settimeout(wire.HANDSHAKE_TIMEOUT + 5)
+                    try:  # the endpoint hangs up without serving it
+                        while sock.recv(1 << 16):
+                            pass
+                    except (ConnectionResetError, TimeoutError):
+                        pass
+                finally:
+                    conn.close()
+        assert not marker.exists()
+        with pytest.raises(ValueError, match="data_path"):
+            RayTransport(data_path="udp")
+        _pull_push(ps.client(0), 2)  # and it keeps serving the real clients
+        np.testing.assert_array_equal(ps.params()["b"], np.full(5, 2.0, np.float32))
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_trains_over_tcp_and_a_lost_node_is_a_shard_died_error():
+    """A 2-node `ray.cluster_utils.Cluster` in a process of its own (the tests' Ray session is another)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_node_script.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "sync over tcp equal to the oracle" in out.stdout
+    assert "node removed: ShardDiedError" in out.stdout
+    assert "nothing left behind" in out.stdout

@@ -9,7 +9,13 @@ buffer and a pool of pull buffers (one at first, at most `POOL`), each sized to
 the shard, created here and unlinked as soon as the client has mapped them, so
 no segment name outlives a handshake and a killed process leaks nothing.
 
-Robustness: the accept loop never ends while the endpoint serves. A peer of
+With `tcp_host`, the endpoint also listens on TCP at that address (the
+node's own, never a wildcard) for clients on other machines: the same
+handshake and requests; arrays stream over the socket (`wire.send_arrays`)
+into the connection's own push buffer, and a pull's leaves are written
+straight from the shard's arrays.
+
+Robustness: the accept loops never end while the endpoint serves. A peer of
 another user, a failed or stalled handshake (cut off after
 `wire.HANDSHAKE_TIMEOUT`), or a malformed message costs that connection only;
 handshakes run in their connections' threads, so none blocks another; running
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import os
 import shutil
 import socket
@@ -34,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from jaxps.service import Pull, Reply, ShardService
-from jaxps.transports import shm, wire
+from jaxps.transports import packed, shm, wire
 
 POOL = 4  # pull buffers per connection, at most
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -43,13 +50,24 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class EndpointServer:
     """Accepts connections to one shard and serves each in its own thread."""
 
-    def __init__(self, service: ShardService, layout, node: str | None = None, prefix: str | None = None, authkey: bytes | None = None):
+    def __init__(
+        self,
+        service: ShardService,
+        layout,
+        node: str | None = None,
+        prefix: str | None = None,
+        authkey: bytes | None = None,
+        tcp_host: str | None = None,
+    ):
         """`prefix` names the segments and (on Linux) the socket: a shard restarted with its prefix and
-        `authkey` is reached at the same endpoint."""
+        `authkey` is reached at the same endpoint. `tcp_host`: also serve over TCP, bound to that address."""
         self.service = service
         self.layout = tuple(layout)
         self.prefix = prefix or f"jaxps_{uuid.uuid4().hex[:16]}_"
-        self.offsets, self.size = shm.layout(self.layout)
+        self.offsets, self.size = packed.layout(self.layout)  # the clients lay theirs out alike
+        # a push's many small leaves go to the device in one call; those of one dtype lie back to back
+        self.unpack = packed.Unpacker(self.layout, self.offsets) if packed.worth_packing(self.layout) else None
+        self.flat = packed.flat_dtype(self.layout)
         self.push_size = max(self.size, shm.layout(service.shard.push_layout)[1])  # a push filter's payload may be larger
         self._lock = threading.Lock()
         self._named: set[str] = set()  # segments created whose client has not mapped them yet
@@ -64,15 +82,25 @@ class EndpointServer:
             address = os.path.join(self._socket_dir, "shard")
         self._listener.bind(address)
         self._listener.listen(64)
-        self.endpoint = wire.Endpoint(address, authkey or os.urandom(32), self.layout, os.getpid(), node)
-        threading.Thread(target=self._accept, name=f"jaxps-shard{service.shard.index}-accept", daemon=True).start()
+        self._listeners = [self._listener]
+        tcp = None
+        if tcp_host is not None:
+            family = socket.AF_INET6 if ":" in tcp_host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.bind((tcp_host, 0))
+            listener.listen(64)
+            self._listeners.append(listener)
+            tcp = (tcp_host, listener.getsockname()[1])
+        self.endpoint = wire.Endpoint(address, authkey or os.urandom(32), self.layout, os.getpid(), node, tcp)
+        for listener in self._listeners:
+            threading.Thread(target=self._accept, args=(listener,), name=f"jaxps-shard{service.shard.index}-accept", daemon=True).start()
 
     # -- connections ---------------------------------------------------------------------
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         backoff = 0.01
         while not self._stopping:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except OSError as e:
                 if self._stopping:
                     return
@@ -89,11 +117,16 @@ class EndpointServer:
     def _serve(self, sock: socket.socket) -> None:
         """Handshake, then this connection's requests until it closes."""
         deadline = time.monotonic() + wire.HANDSHAKE_TIMEOUT
+        streamed = sock.family != socket.AF_UNIX
         try:
+            if streamed:
+                wire.tune_tcp(sock)
             conn = wire.accept(sock, self.endpoint.authkey)
         except BaseException:  # not ours, not authentic, malformed or too slow: drop it
             sock.close()
             return
+        if streamed:
+            return self._serve_streamed(conn, deadline)
         name = f"{self.prefix}s{self.service.shard.index}p{os.getpid()}c{next(self._ids)}"
         names = (f"{name}_push", f"{name}_pull0")
         bufs = []
@@ -115,6 +148,18 @@ class EndpointServer:
         finally:
             self.release(names)
         _Connection(conn, self, name, bufs).run()
+
+    def _serve_streamed(self, conn, deadline: float) -> None:
+        """A TCP connection: its push buffer is private memory; a pull's leaves go out over the socket."""
+        try:
+            push = mmap.mmap(-1, max(self.push_size, 1))
+            conn.send(wire.Streamed(self.push_size))
+            if not conn.poll(max(0.0, deadline - time.monotonic())) or not isinstance(conn.recv(), wire.Attached):
+                raise EOFError("the client did not make its buffers in time")
+        except BaseException:
+            conn.close()
+            return
+        _Connection(conn, self, None, [push]).run()
 
     # -- segments ------------------------------------------------------------------------
     def create(self, name: str, size: int | None = None):
@@ -138,27 +183,35 @@ class EndpointServer:
             self._stopping = True
             for name in self._named:
                 shm.unlink(name)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
-        except OSError:
-            pass
-        self._listener.close()
+        for listener in self._listeners:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes its accept loop
+            except OSError:
+                pass
+            listener.close()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
-def serve(service: ShardService, layout, node: str | None = None, prefix: str | None = None, authkey: bytes | None = None) -> EndpointServer:
-    """Starts serving `service` (whose leaves are laid out as `layout`) on this machine."""
-    return EndpointServer(service, layout, node, prefix, authkey)
+def serve(
+    service: ShardService,
+    layout,
+    node: str | None = None,
+    prefix: str | None = None,
+    authkey: bytes | None = None,
+    tcp_host: str | None = None,
+) -> EndpointServer:
+    """Starts serving `service` (whose leaves are laid out as `layout`) on this machine (and over TCP at `tcp_host`)."""
+    return EndpointServer(service, layout, node, prefix, authkey, tcp_host)
 
 
 class _PeerReply(Reply):
     """Answers one request of a connection: through the socket, leaves through the pull buffer."""
 
-    borrowed = True  # a push's arrays are the connection's push buffer
+    borrowed = True  # a push's arrays are the connection's push buffer (unless copied out: `packed`)
 
-    def __init__(self, peer: "_Connection", rid: int, buffer: int):
-        self._peer, self._rid, self._buffer = peer, rid, buffer
+    def __init__(self, peer: "_Connection", rid: int, buffer: int, borrowed: bool = True):
+        self._peer, self._rid, self._buffer, self.borrowed = peer, rid, buffer, borrowed
 
     def send(self, value: Any) -> None:
         self._peer.send(wire.Answer(self._rid, value))
@@ -173,11 +226,14 @@ class _PeerReply(Reply):
 class _Connection:
     """The shard's side of one connection."""
 
-    def __init__(self, conn, server: EndpointServer, name: str, bufs):
+    def __init__(self, conn, server: EndpointServer, name: str | None, bufs):
+        """`name`: the prefix of the connection's segments (`bufs`: push, first pull); None for a
+        streamed (TCP) connection, whose one buffer (`bufs`: push) is private."""
         self._conn, self._server, self._name, self._bufs = conn, server, name, list(bufs)
+        self._streamed = name is None
         self._service = server.service
         self._push_views = shm.views(bufs[0], server.layout, server.offsets)
-        self._pull_views = [shm.views(bufs[1], server.layout, server.offsets)]
+        self._pull_views = [] if self._streamed else [shm.views(bufs[1], server.layout, server.offsets)]
         self._lock = threading.Lock()  # taken after the shard's lock, never before
         self._live_pull: int | None = None  # the one pull whose leaves will be read (an earlier one is abandoned)
         self._closed = False
@@ -187,14 +243,18 @@ class _Connection:
             while True:
                 try:
                     call = self._conn.recv()
+                    arrays = self._receive(call) if self._streamed else None
                 except (EOFError, OSError):
                     return
                 try:
-                    self._handle(call)
+                    if isinstance(arrays, Exception):
+                        raise arrays
+                    self._handle(call, arrays)
                 except Exception as e:
                     self.send(wire.Failure(getattr(call, "rid", -1), wire.pack_error(e), traceback.format_exc()))
         finally:
-            self._server.release([f"{self._name}_pull{i}" for i in range(len(self._pull_views))])  # a grow cut short
+            if not self._streamed:
+                self._server.release([f"{self._name}_pull{i}" for i in range(len(self._pull_views))])  # a grow cut short
             with self._lock:
                 self._closed = True
                 self._push_views = self._pull_views = []
@@ -205,20 +265,38 @@ class _Connection:
                         pass
                 self._conn.close()
 
-    def _handle(self, call: wire.Call) -> None:
+    def _receive(self, call) -> list[np.ndarray] | Exception | None:
+        """A streamed push's arrays, read off the socket into the push buffer (an error: read past, then raised)."""
+        if not isinstance(call, wire.Call) or not wire.carries_arrays(call.request):
+            return None
+        try:
+            views = self._push_views if call.layout is None else self._payload_views(call.layout)
+        except ValueError as e:  # a layout that does not fit: its bytes still have to be read past
+            wire.skip_bytes(self._conn, shm.layout(call.layout)[1])
+            return e
+        wire.recv_arrays(self._conn, views)
+        return views
+
+    def _handle(self, call: wire.Call, arrays: list | None = None) -> None:
         request = call.request
+        if self._streamed and isinstance(request, (wire.Grow, wire.Mapped)):
+            raise ValueError("a streamed connection has no shared buffers")
         if isinstance(request, wire.Grow):
             return self.send(wire.Answer(call.rid, self._grow()))
         if isinstance(request, wire.Mapped):
             self._server.release([request.name])
             return self.send(wire.Answer(call.rid, None))
         if isinstance(request, Pull):
-            if not 0 <= call.buffer < len(self._pull_views):
+            if not self._streamed and not 0 <= call.buffer < len(self._pull_views):
                 raise ValueError(f"no pull buffer {call.buffer}")
             with self._lock:  # an earlier pull not served yet is abandoned: its buffer may be reused
                 self._live_pull = call.rid
-        arrays = self._push_views if call.layout is None else self._payload_views(call.layout)
-        self._service.handle(request, _PeerReply(self, call.rid, call.buffer), arrays)
+        if arrays is None:
+            arrays = self._push_views if call.layout is None else self._payload_views(call.layout)
+        borrowed = True
+        if call.layout is None and wire.carries_arrays(request) and self._server.unpack is not None:  # many small leaves
+            arrays, borrowed = self._server.unpack(self._bufs[0]), False
+        self._service.handle(request, _PeerReply(self, call.rid, call.buffer, borrowed), arrays)
 
     def _payload_views(self, layout: tuple) -> list[np.ndarray]:
         """A push's arrays laid out as its `layout` says (a push filter's payload)."""
@@ -245,8 +323,19 @@ class _Connection:
             if self._closed or rid != self._live_pull:
                 return
             self._live_pull = None
-            for view, x in zip(self._pull_views[buffer], leaves):
-                np.copyto(view, np.asarray(x))
+            if self._streamed:  # the leaves' bytes follow the message, straight from the shard's arrays
+                self._send_locked(wire.Pulled(rid, version))
+                try:
+                    wire.send_arrays(self._conn, [np.ascontiguousarray(x) for x in leaves])
+                except OSError:
+                    pass
+                return
+            if self._server.flat is not None:  # back to back: one copy
+                flat = packed.flat_view(self._bufs[1 + buffer], self._server.flat, self._server.layout)
+                np.concatenate([np.asarray(x).reshape(-1) for x in leaves], out=flat)
+            else:
+                for view, x in zip(self._pull_views[buffer], leaves):
+                    np.copyto(view, np.asarray(x))
             self._send_locked(wire.Pulled(rid, version))
 
     def _grow(self) -> str:

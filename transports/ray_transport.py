@@ -1,16 +1,26 @@
 """Ray transport: each shard is an asyncio Ray actor, workers are Ray tasks.
 
-Across machines, arrays travel through Ray's object store: a push is one
-`ray.put` of the shard's leaf list; a shard puts its leaves into the store
-once per version, and every pull of that version gets the same object, read
-zero-copy. On the shard's own machine, a client talks to the actor through
-shared memory instead (`shared_memory=True`, the default): the actor also
-serves its `ShardService` on a shared-memory endpoint
-(`jaxps.transports.endpoint`), exactly as a multiprocessing shard process
-does, and the client reaches it through a `SharedMemoryChannel`. Every object-store transfer writes a new object, and
-fresh shared pages cost a page fault each (a `ray.put` of 20 MB takes ~10x a
-memcpy on a small VM); the connection's buffers are written again and again.
-Ray still places, starts and kills the shards and runs the workers.
+Data paths (`data_path`). Each shard actor also serves its `ShardService` on an
+endpoint of its own (`jaxps.transports.endpoint`), exactly as a
+multiprocessing shard process does, and a client reaches it:
+
+- on the shard's node, through shared memory (a `SharedMemoryChannel` over
+  `/dev/shm` buffers that are written again and again, never allocated per step);
+- on another node, over a TCP connection of its own to the node's address
+  (the same channel with `tcp=True`: arrays stream straight from and into
+  reused buffers, no pickling of array data, no object-store round trip);
+- or through Ray's object store: a push is one `ray.put` of the shard's leaf
+  list; a shard puts its leaves into the store once per version, and every
+  pull of that version gets the same object, read zero-copy. Every transfer
+  writes a new object, and fresh shared pages cost a page fault each (a
+  `ray.put` of 20 MB takes ~10x a memcpy on a small VM).
+
+`"auto"` (the default) takes shared memory on the same node and TCP across;
+`"shm"` shared memory on the same node and the object store across; `"tcp"`
+TCP everywhere; `"object_store"` the object store everywhere. Every endpoint
+connection proves it holds the shard's secret key (made in the shard actor,
+carried inside the pickled client) before anything it sends is read as a
+request. Ray still places, starts and kills the shards and runs the workers.
 
 Order. Ray runs the calls of one submitter in order only on a synchronous,
 single-threaded actor; an asyncio (or threaded) actor may start a call while
@@ -50,6 +60,7 @@ from jaxps.transports import wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
 
 DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
+DATA_PATHS = ("auto", "shm", "tcp", "object_store")
 
 
 # -- the actor ---------------------------------------------------------------------
@@ -57,7 +68,7 @@ DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
 class _ShardActor:
     """One shard's `ShardService`, served on an asyncio event loop (and on a shared-memory endpoint)."""
 
-    def __init__(self, config, shared_memory: bool = True):
+    def __init__(self, config, data_path: str = "auto"):
         from jaxps.service import ShardService  # here, once Ray has set up this process's devices
         from jaxps.shard import Shard
         from jaxps.transports.endpoint import serve
@@ -71,9 +82,9 @@ class _ShardActor:
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
         self._endpoint = None
-        if shared_memory:
-            node = ray.get_runtime_context().get_node_id()
-            self._endpoint = serve(self._service, config.plan.layout(config.index), node=node).endpoint
+        if data_path != "object_store":
+            tcp_host = ray.util.get_node_ip_address() if data_path in ("auto", "tcp") else None  # this node's address only
+            self._endpoint = serve(self._service, config.plan.layout(config.index), node=context.get_node_id(), tcp_host=tcp_host).endpoint
 
     async def ready(self) -> int:
         return self._service.shard.index
@@ -219,9 +230,9 @@ def _to_jax(value):
     if ref is None:  # the client holds this version's leaves already
         return version, None
     if isinstance(ref, list):  # answered in the reply itself (a pull of rows)
-        return version, [jax.device_put(x) for x in ref]
+        return version, jax.device_put(list(ref))
     # zero-copy where aligned: the object is immutable and the jax array keeps it alive
-    return version, [jax.device_put(x) for x in ray.get(ref)]
+    return version, jax.device_put(list(ray.get(ref)))
 
 
 _UNDECIDED = object()
@@ -244,11 +255,14 @@ class RayChannel(ShardChannel):
     memory on the actor's node (if the actor serves it), else through Ray.
     """
 
-    def __init__(self, actor, index: int, endpoint: wire.Endpoint | None = None, recovery: "Recovery | None" = None):
+    def __init__(
+        self, actor, index: int, endpoint: wire.Endpoint | None = None, recovery: "Recovery | None" = None, data_path: str = "auto"
+    ):
         self.actor = actor
         self.index = index
         self.endpoint = endpoint
         self.recovery = recovery
+        self.data_path = data_path
         self._new_caller()
 
     def _new_caller(self) -> None:
@@ -258,11 +272,11 @@ class RayChannel(ShardChannel):
         self._local: Any = _UNDECIDED
 
     def __getstate__(self):
-        return {"actor": self.actor, "index": self.index, "endpoint": self.endpoint, "recovery": self.recovery}
+        return {"actor": self.actor, "index": self.index, "endpoint": self.endpoint, "recovery": self.recovery, "data_path": self.data_path}
 
     def __setstate__(self, state):
         self.actor, self.index, self.endpoint = state["actor"], state["index"], state["endpoint"]
-        self.recovery = state.get("recovery")
+        self.recovery, self.data_path = state.get("recovery"), state.get("data_path", "auto")
         self._new_caller()
 
     def rebind(self, actor, endpoint: wire.Endpoint | None) -> None:
@@ -307,22 +321,33 @@ class RayChannel(ShardChannel):
         return shard_died(self.index, self.actor, why)
 
     @property
+    def route(self) -> str:
+        """How this process reaches the shard: "shm", "tcp" or "object_store" (decided on first use)."""
+        local = self._route()
+        return "object_store" if local is None else "tcp" if local.tcp else "shm"
+
+    @property
     def via_shared_memory(self) -> bool:
         """Whether this process reaches the shard through shared memory (decided on first use)."""
-        return self._route() is not None
+        return self.route == "shm"
 
     def _route(self) -> SharedMemoryChannel | None:
         with self._lock:
             if self._local is _UNDECIDED:
-                self._local = self._shared_memory_channel()
+                self._local = self._endpoint_channel()
             return self._local
 
-    def _shared_memory_channel(self) -> SharedMemoryChannel | None:
-        """A channel to the actor's shared-memory endpoint, if this process is on its node."""
+    def _endpoint_channel(self) -> SharedMemoryChannel | None:
+        """A channel to the actor's endpoint as `data_path` says: shared memory on its node, TCP across; None: Ray's object store."""
         e = self.endpoint
-        if e is None or not ray.is_initialized() or ray.get_runtime_context().get_node_id() != e.node:
+        if e is None or not ray.is_initialized():
             return None
-        return SharedMemoryChannel(self.index, e, functools.partial(self.gone, "its shared-memory connection closed"))
+        same_node = ray.get_runtime_context().get_node_id() == e.node
+        if same_node and self.data_path in ("auto", "shm"):
+            return SharedMemoryChannel(self.index, e, functools.partial(self.gone, "its shared-memory connection closed"))
+        if e.tcp is not None and self.data_path in ("auto", "tcp"):
+            return SharedMemoryChannel(self.index, e, functools.partial(self.gone, "its TCP connection closed"), tcp=True)
+        return None
 
     def stage(self, leaves, check: bool) -> Staged:
         actor = self.actor
@@ -442,10 +467,15 @@ class RayTransport:
       init_options: more keyword arguments for `ray.init` (e.g. `num_cpus`
         of a local Ray; the dashboard is off unless asked for).
       worker_options: Ray task options for `run_workers` (default
-        `num_cpus=0.01, max_retries=0`).
+        `num_cpus=0.01, max_retries=0`), e.g. `{"resources": {"TPU": 4}}`.
+      actor_options: more Ray actor options for the shard actors (e.g.
+        `{"runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}}`).
       start_timeout: seconds to wait for the shard actors to be placed and built.
-      shared_memory: clients on a shard actor's node reach it through shared
-        memory (default); False sends every array through the object store.
+      data_path: how clients reach a shard actor: "auto" (default: shared
+        memory on its node, TCP from other nodes), "shm" (shared memory on its
+        node, the object store from others), "tcp" (TCP from everywhere) or
+        "object_store" (every array through Ray's object store).
+      shared_memory: False is `data_path="object_store"` (kept for old code).
 
     `close()` kills the shard actors. If a transport's `start` called `ray.init`,
     the last transport using that session shuts Ray down (for a joined cluster
@@ -463,13 +493,20 @@ class RayTransport:
         worker_options: dict | None = None,
         start_timeout: float = 120.0,
         shared_memory: bool = True,
+        actor_options: dict | None = None,
+        data_path: str = "auto",
     ):
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"unknown data_path={data_path!r}; valid: {', '.join(DATA_PATHS)}")
+        clash = sorted({"num_cpus", "num_gpus", "resources"} & set(actor_options or {}))
+        if clash:
+            raise ValueError(f"actor_options {clash}: give them as transport options of their own (num_cpus=, num_gpus=, resources=)")
         self._address = address
-        self._actor_options = {"num_cpus": num_cpus or 0, "num_gpus": num_gpus or 0, "resources": dict(resources or {})}
+        self._actor_options = {**(actor_options or {}), "num_cpus": num_cpus or 0, "num_gpus": num_gpus or 0, "resources": dict(resources or {})}
         self._init_options = dict(init_options or {})
         self._worker_options = {**DEFAULT_WORKER_OPTIONS, **(worker_options or {})}
         self._start_timeout = start_timeout
-        self._shared_memory = shared_memory
+        self._data_path = data_path if shared_memory else "object_store"
         self._actors: list = []
         self._channels: list[RayChannel] = []
         self._session: str | None = None  # the GCS address of a transport-started session this one counts in
@@ -502,13 +539,15 @@ class RayTransport:
                 f"each asks for {self._need()}, the cluster has {ray.available_resources()} available"
             )
         endpoints = ray.get(refs)  # raises what a shard's constructor raised
-        self._channels = [RayChannel(a, c.index, e, self._recovery_of(c.index)) for a, c, e in zip(self._actors, configs, endpoints)]
+        self._channels = [
+            RayChannel(a, c.index, e, self._recovery_of(c.index), self._data_path) for a, c, e in zip(self._actors, configs, endpoints)
+        ]
         self._watches = [a.watch.remote() for a in self._actors]
         return list(self._channels)
 
     def _new_actor(self, config):
         name = {} if self._recovery is None else {"name": self._recovery_of(config.index).name}
-        return _ShardActor.options(max_restarts=0, **name, **self._actor_options).remote(config, self._shared_memory)
+        return _ShardActor.options(max_restarts=0, **name, **self._actor_options).remote(config, self._data_path)
 
     def _recovery_of(self, index: int) -> Recovery | None:
         return None if self._recovery is None else self._recovery._replace(name=f"{self._recovery.name}-shard{index}")
@@ -546,8 +585,13 @@ class RayTransport:
             ray.get(self._given_up.reason.remote())
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any], worker_options: dict | None = None) -> list:
-        """Runs `run_worker(fn, client_i, arg_i)` as one Ray task each; results in order."""
-        task = _run_worker.options(**{**self._worker_options, **(worker_options or {})})
+        """Runs `run_worker(fn, client_i, arg_i)` as one Ray task each; results in order.
+
+        Resources that no node of the cluster has are refused at once (Ray would leave the task pending forever).
+        """
+        options = {**self._worker_options, **(worker_options or {})}
+        _check_feasible(_need(options), "each worker task")
+        task = _run_worker.options(**options)
         refs = [task.remote(fn, c, a) for c, a in zip(clients, args)]
         index, running, outcomes = {ref: i for i, ref in enumerate(refs)}, list(refs), {}
         try:  # let every worker finish, as threads would
@@ -596,13 +640,21 @@ class RayTransport:
                         ray.shutdown()
 
     def _need(self) -> dict:
-        o = self._actor_options
-        return {k: v for k, v in {"CPU": o["num_cpus"], "GPU": o["num_gpus"], **o["resources"]}.items() if v}
+        return _need(self._actor_options)
 
     def _check_feasible(self) -> None:
-        """Refuses at once resources that no node of the cluster has (Ray would wait forever)."""
-        need = self._need()
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
-            have = [{k: v for k, v in r.items() if not k.startswith("node:") and "memory" not in k} for r in nodes]
-            raise ValueError(f"no node of the Ray cluster has the resources each shard actor asks for {need}; its nodes have {have}")
+        _check_feasible(self._need(), "each shard actor")
+
+
+def _need(options: dict) -> dict:
+    """The resources Ray options ask for, by Ray's names."""
+    need = {"CPU": options.get("num_cpus") or 0, "GPU": options.get("num_gpus") or 0, **(options.get("resources") or {})}
+    return {k: v for k, v in need.items() if v}
+
+
+def _check_feasible(need: dict, who: str) -> None:
+    """Refuses at once resources that no node of the cluster has (Ray would wait forever)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        have = [{k: v for k, v in r.items() if not k.startswith("node:") and "memory" not in k} for r in nodes]
+        raise ValueError(f"no node of the Ray cluster has the resources {who} asks for {need}; its nodes have {have}")

@@ -15,6 +15,11 @@ grows; at `POOL` buffers the last free one is never lent: pulls landing there
 are copied out. The shard writes only into the buffer a pull names, and the
 client never names one that is lent out.
 
+With `tcp=True` the channel reaches a shard on another machine over TCP
+(`wire.Endpoint.tcp`): the same connection and requests, the same pull-buffer
+pool and lending, but the buffers are this process's own memory and the
+arrays stream over the socket (`wire.send_arrays` / `recv_arrays`).
+
 A request's answer is read by the thread that waits for it (no reader
 threads): answers may come out of order (a sync push is settled later), so
 each connection keeps a table of its outstanding requests.
@@ -23,6 +28,7 @@ each connection keeps a table of its outstanding requests.
 from __future__ import annotations
 
 import itertools
+import mmap
 import threading
 import time
 import weakref
@@ -34,9 +40,9 @@ import numpy as np
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import RESENT_AFTER_RESTART, Pull, Push
 from jaxps.transport import ShardChannel, Staged, own_copy
-from jaxps.transports import shm, wire
+from jaxps.transports import packed, shm, wire
 from jaxps.transports.endpoint import POOL
-from jaxps.validate import copy_checked
+from jaxps.validate import copy_checked, host_finite
 
 try:  # JAX drops the numpy array under a dead jax array at its next call or GC; this does it now
     from jax._src.lib import _jax
@@ -103,8 +109,9 @@ class _Conn:
         self._dead = False
         self.broken = False  # interrupted mid-message: the channel opens a new connection
         deadline = time.monotonic() + (wire.CONNECT_TIMEOUT if timeout is None else timeout)
+        self._streamed = channel.tcp
         try:
-            self._c = wire.connect(channel.endpoint, timeout)
+            self._c = wire.connect(channel.endpoint, timeout, tcp=channel.tcp)
         except TimeoutError as e:
             raise TimeoutError(f"shard {channel.index}: {e}") from None
         except (OSError, EOFError) as e:
@@ -115,7 +122,10 @@ class _Conn:
             hello = self._c.recv()
             if isinstance(hello, wire.Refused):
                 raise RuntimeError(f"shard {channel.index} could not serve a new connection:\n{hello.traceback}")
-            self._bufs = [shm.attach(n) for n in hello.names]  # the push buffer, then the first pull buffer
+            if self._streamed:  # private buffers: the push buffer, then the first pull buffer
+                self._bufs = [mmap.mmap(-1, max(hello.push_size, 1)), mmap.mmap(-1, channel.size)]
+            else:  # the shard's segments
+                self._bufs = [shm.attach(n) for n in hello.names]
             self._c.send(wire.Attached())
         except BaseException as e:
             self._c.close()
@@ -143,7 +153,13 @@ class _Conn:
         with self._lock:
             self.wait(lambda: self._push_busy is None, None)
             views = self._push_views if own else shm.views(self._bufs[0], layout, offsets)
-            if check:
+            if own and self.channel.flat is not None:  # back to back: one copy, one check
+                flat = packed.flat_view(self._bufs[0], self.channel.flat, layout)
+                np.concatenate([x.reshape(-1) for x in leaves], out=flat)
+                finite = None
+                if check:
+                    finite = [True] * len(leaves) if host_finite(flat) else [host_finite(v) for v in views]
+            elif check:
                 finite = [copy_checked(view, x) for view, x in zip(views, leaves)]
             else:
                 finite = None
@@ -193,7 +209,12 @@ class _Conn:
         return free[0], len(self._lent) < POOL or len(free) > 1
 
     def _grow(self) -> int:
-        """Maps one more pull buffer, made by the shard, which unlinks its name once told it is mapped."""
+        """Maps one more pull buffer, made by the shard, which unlinks its name once told it is mapped
+        (streamed: one of this process's own)."""
+        if self._streamed:
+            self._bufs.append(mmap.mmap(-1, self.channel.size))
+            self._lent.append(None)
+            return len(self._lent) - 1
         name = self.call(wire.Grow())
         try:
             buf = shm.attach(name)
@@ -205,6 +226,8 @@ class _Conn:
 
     def _take(self, buf: int, lend: bool) -> list[jax.Array]:
         """The leaves just pulled into buffer `buf`: lent out as read-only views, or copied out."""
+        if self.channel.unpack is not None:  # copied out in one call (the buffer stays free)
+            return self.channel.unpack(self._bufs[1 + buf])
         views = shm.views(self._bufs[1 + buf], self.channel.layout, self.channel.offsets)
         if not lend:
             return [own_copy(v) for v in views]
@@ -212,7 +235,7 @@ class _Conn:
             v.flags.writeable = False
         if views:  # every array over the buffer (JAX's included) keeps their base alive
             self._lent[buf] = weakref.ref(views[0].base)
-        return [jax.device_put(v) for v in views]
+        return jax.device_put(views)  # one call for all leaves: far less overhead per leaf than one each
 
     def call(self, request) -> Any:
         with self._lock:
@@ -226,6 +249,8 @@ class _Conn:
         self._pending[rid] = pending
         try:
             self._c.send(wire.Call(rid, request, buffer, layout))
+            if self._streamed and wire.carries_arrays(request):  # the staged arrays follow their call
+                wire.send_arrays(self._c, self._staged_views(layout))
         except (OSError, EOFError, ValueError):
             self._die()
             self._check()
@@ -233,6 +258,13 @@ class _Conn:
             self._break()
             raise
         return rid, pending
+
+    def _staged_views(self, layout: tuple | None) -> list[np.ndarray]:
+        """The push buffer as the staged arrays (laid out as the shard's leaves, or as `layout`)."""
+        if layout is None:
+            return self._push_views
+        specs = [(tuple(shape), np.dtype(dtype)) for shape, dtype in layout]
+        return shm.views(self._bufs[0], specs, shm.layout(specs)[0])
 
     def wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
         """Reads answers until `ready()`; False if `timeout` passes first."""
@@ -263,6 +295,12 @@ class _Conn:
         if isinstance(message, wire.Taken):
             return
         if isinstance(message, wire.Pulled):
+            if self._streamed:  # the leaves follow on the socket: read them now, wanted or not
+                if rid != self._live_pull:
+                    return wire.skip_bytes(self._c, sum(int(np.prod(s)) * d.itemsize for s, d in self.channel.layout))
+                views = shm.views(self._bufs[1 + self._live_buf[0]], self.channel.layout, self.channel.offsets)
+                wire.recv_arrays(self._c, views)
+                del views
             if rid != self._live_pull:
                 return
             self._live_pull = None
@@ -339,15 +377,20 @@ class SharedMemoryChannel(ShardChannel):
     "rolled_back"), new ones wait until it serves again.
     """
 
-    def __init__(self, index: int, endpoint: wire.Endpoint, died: Callable[[], Exception], recovery: Recovery | None = None):
-        self.index, self.endpoint, self.died, self.recovery = index, endpoint, died, recovery
+    def __init__(
+        self, index: int, endpoint: wire.Endpoint, died: Callable[[], Exception], recovery: Recovery | None = None, tcp: bool = False
+    ):
+        self.index, self.endpoint, self.died, self.recovery, self.tcp = index, endpoint, died, recovery, tcp
         self.layout = [(tuple(s), np.dtype(d)) for s, d in endpoint.layout]
-        self.offsets, _ = shm.layout(self.layout)
+        self.offsets, self.size = packed.layout(self.layout)  # as the shard lays its buffers out
+        # many small leaves: pulled as copies, in one call; those of one dtype lie back to back
+        self.unpack = packed.Unpacker(self.layout, self.offsets) if packed.worth_packing(self.layout) else None
+        self.flat = packed.flat_dtype(self.layout)
         self._local = threading.local()
         self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
 
     def __reduce__(self):
-        return (SharedMemoryChannel, (self.index, self.endpoint, self.died, self.recovery))
+        return (SharedMemoryChannel, (self.index, self.endpoint, self.died, self.recovery, self.tcp))
 
     def gone(self) -> Exception:
         if self.closed:
@@ -420,4 +463,5 @@ class SharedMemoryChannel(ShardChannel):
             conn.close()
 
     def __repr__(self) -> str:
-        return f"SharedMemoryChannel(shard={self.index}, pid={self.endpoint.pid})"
+        via = f", tcp={self.endpoint.tcp[0]}:{self.endpoint.tcp[1]}" if self.tcp else ""
+        return f"SharedMemoryChannel(shard={self.index}, pid={self.endpoint.pid}{via})"

@@ -1,15 +1,24 @@
-"""The shared-memory wire: its messages, its handshake, and where an endpoint is.
+"""The endpoint wire: its messages, its handshake, and where an endpoint is.
 
 A client reaches a shard's endpoint over a Unix socket (control messages,
 pickled by `multiprocessing.connection` only after both sides proved they hold
 the endpoint's secret key) and moves arrays through `/dev/shm` buffers made
 per connection. Every message is one of the typed values below.
 
-Handshake: the endpoint checks the peer's user id (`SO_PEERCRED`: only the
-user that owns the shard may connect), then both sides run the HMAC
-challenge in both directions, under a deadline; the endpoint sends `Buffers`
-(the names of the connection's push buffer and first pull buffer), the client
-maps them and answers `Attached`, and the endpoint unlinks the names.
+Across machines the same connection runs over TCP (`Endpoint.tcp`): the same
+messages, and the arrays stream over the socket right behind the message that
+carries them (a push's `Call`, a pull's `Pulled`), raw bytes gathered from and
+scattered into each side's own reused buffers (`send_arrays`, `recv_arrays`):
+no pickling of array data, no allocation per request.
+
+Handshake: on a Unix socket the endpoint checks the peer's user id
+(`SO_PEERCRED`: only the user that owns the shard may connect); then both
+sides run the HMAC challenge in both directions, under a deadline, and nothing
+either side sends is unpickled before it has passed. Over a Unix socket the
+endpoint then sends `Buffers` (the names of the connection's push buffer and
+first pull buffer), the client maps them and answers `Attached`, and the
+endpoint unlinks the names; over TCP it sends `Streamed` (the push buffer's
+size) and the client answers `Attached` once it has made its own buffers.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ from multiprocessing import connection
 from typing import Any, NamedTuple
 
 import cloudpickle
+import numpy as np
+
+from jaxps.service import Push
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connection has to prove itself and map its buffers
 CONNECT_TIMEOUT = 30.0  # seconds a client waits to be accepted, when the caller gives no timeout
@@ -37,6 +49,7 @@ class Endpoint(NamedTuple):
     layout: tuple  # (shape, dtype) of the shard's leaves, in order
     pid: int  # the serving process
     node: str | None = None  # the Ray node it runs on, if any
+    tcp: tuple[str, int] | None = None  # (node address, port) for clients on other machines, if served
 
 
 # -- client -> endpoint ----------------------------------------------------------------
@@ -103,6 +116,12 @@ class Buffers(NamedTuple):
     names: tuple
 
 
+class Streamed(NamedTuple):
+    """Handshake over TCP: arrays stream over the socket; a push may be up to `push_size` bytes."""
+
+    push_size: int
+
+
 class Refused(NamedTuple):
     """Handshake: the endpoint could not serve this connection."""
 
@@ -155,10 +174,64 @@ def unpack_error(packed: bytes | None, tb: str, where: str) -> BaseException:
     return e
 
 
+# -- arrays over a TCP connection -----------------------------------------------------------
+_IOV_MAX = 512  # buffers per writev/readv call (Linux allows 1024)
+
+
+def carries_arrays(request: Any) -> bool:
+    """Whether a request's `Call` is followed by its arrays on a streamed (TCP) connection: a push that is not skipped."""
+    return isinstance(request, Push) and not request.skipped
+
+
+def _bytes(arrays) -> list[memoryview]:
+    return [memoryview(x.reshape(-1).view(np.uint8)) for x in arrays if x.nbytes]  # any dtype (bfloat16 too)
+
+
+def _all(op, fd: int, views: list[memoryview], what: str) -> None:
+    """Runs `op(fd, buffers)` (`os.writev` / `os.readv`) until every byte of `views` has moved."""
+    while views:
+        n = op(fd, views[:_IOV_MAX])
+        if n == 0:
+            raise EOFError(f"the connection closed in the middle of {what}")
+        while n and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+
+
+def send_arrays(conn: connection.Connection, arrays) -> None:
+    """Writes C-contiguous `arrays`' bytes, one after another, straight from their memory."""
+    _all(os.writev, conn.fileno(), _bytes(arrays), "sending arrays")
+
+
+def recv_arrays(conn: connection.Connection, arrays) -> None:
+    """Reads the bytes `send_arrays` wrote straight into writable C-contiguous `arrays` of the same layout."""
+    _all(os.readv, conn.fileno(), _bytes(arrays), "receiving arrays")
+
+
+def skip_bytes(conn: connection.Connection, nbytes: int) -> None:
+    """Reads and drops `nbytes` (arrays nobody will read: an abandoned pull's)."""
+    scratch = bytearray(min(nbytes, 1 << 20) or 1)
+    while nbytes:
+        n = os.readv(conn.fileno(), [memoryview(scratch)[: min(nbytes, len(scratch))]])
+        if n == 0:
+            raise EOFError("the connection closed in the middle of receiving arrays")
+        nbytes -= n
+
+
+def tune_tcp(sock: socket.socket) -> None:
+    """No Nagle delay (requests are small messages), and a peer that vanishes is noticed within a minute."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 20), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 # -- the handshake -----------------------------------------------------------------------
 def peer_uid(sock: socket.socket) -> int | None:
-    """The user id of the process at the other end of a Unix socket (None where the OS does not say)."""
-    if not hasattr(socket, "SO_PEERCRED"):
+    """The user id of the process at the other end of a Unix socket (None where the OS does not say, or for TCP)."""
+    if not hasattr(socket, "SO_PEERCRED") or sock.family != socket.AF_UNIX:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
@@ -207,14 +280,19 @@ def accept(sock: socket.socket, authkey: bytes, timeout: float = HANDSHAKE_TIMEO
     return _authenticated(sock, authkey, True, timeout)
 
 
-def connect(endpoint: Endpoint, timeout: float | None = None) -> connection.Connection:
-    """The client's side: connects and authenticates within `timeout` seconds (default `CONNECT_TIMEOUT`)."""
+def connect(endpoint: Endpoint, timeout: float | None = None, tcp: bool = False) -> connection.Connection:
+    """The client's side: connects (to `endpoint.tcp` if `tcp`) and authenticates within `timeout` seconds
+    (default `CONNECT_TIMEOUT`)."""
     timeout = CONNECT_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if tcp and endpoint.tcp is None:
+        raise ValueError("this shard's endpoint is not served over TCP")
+    sock = socket.socket(socket.AF_INET6 if tcp and ":" in endpoint.tcp[0] else socket.AF_INET if tcp else socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(max(timeout, 1e-3))
-        sock.connect(endpoint.address)
+        if tcp:
+            tune_tcp(sock)
+        sock.connect(tuple(endpoint.tcp) if tcp else endpoint.address)
     except socket.timeout:
         sock.close()
         raise TimeoutError(f"the shard's endpoint did not accept a connection within {timeout} s") from None
