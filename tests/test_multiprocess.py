@@ -165,7 +165,7 @@ def test_pulls_match_the_inprocess_transport(server):
         ref.close()
 
 
-@pytest.mark.parametrize("dtypes", ["float32", "mixed"])
+@pytest.mark.parametrize("dtypes", ["float32", pytest.param("mixed", marks=pytest.mark.slow)])
 def test_many_small_leaves_cross_packed_and_match_the_inprocess_transport(server, dtypes):
     """100+ small leaves go to the device in one call each way (`transports.packed`), bit for bit; leaves of
     one dtype lie back to back and are copied and checked at once; a NaN among them still names its leaf."""
