@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # "ray-tcp": the Ray transport with `data_path="tcp"`, every array over TCP (as from another node);
 # "ray-objectstore": `data_path="object_store"`, every array through Ray's object store
 TRANSPORTS = ("inprocess", "multiprocessing", "ray", "ray-tcp", "ray-objectstore")
+DATA_PATHS = {"ray-tcp": "tcp", "ray-objectstore": "object_store"}  # the Ray transport's `data_path` of those names
 RAY_INIT = {"address": "local", "num_cpus": 4, "include_dashboard": False}  # "local": a new session, never a running one
 
 
@@ -165,8 +166,8 @@ def server_args(name: str) -> dict:
 
     Ray: the run's own session is reused by the transport (and not shut down by it).
     """
-    if name in ("ray-tcp", "ray-objectstore"):
-        return {"transport": "ray", "transport_options": {"data_path": name.removeprefix("ray-").replace("objectstore", "object_store")}}
+    if name in DATA_PATHS:
+        return {"transport": "ray", "transport_options": {"data_path": DATA_PATHS[name]}}
     return {"transport": name}
 
 

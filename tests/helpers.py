@@ -2,7 +2,9 @@
 
 import functools
 import importlib.util
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -113,3 +115,20 @@ def import_example(name: str):
     spec.loader.exec_module(module)
     cloudpickle.register_pickle_by_value(module)
     return module
+
+
+def wait_for(predicate, seconds=20.0) -> bool:
+    """Whether `predicate()` comes true within `seconds` (polled every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def run_script(name: str, timeout: float = 600) -> str:
+    """Runs tests/`name` in a Python process of its own; its stdout, once it has exited with status 0."""
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / name)], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out.stdout

@@ -10,8 +10,6 @@ ends: a step lost silently, or applied twice, would show.
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_script
 
 import jaxps
 from jaxps.consistency import Clock, Contribution, Sync
@@ -242,7 +241,4 @@ def test_async_after_a_rollback_every_shard_holds_the_same_pushes_as_the_server_
 @pytest.mark.slow
 def test_a_ray_node_lost_mid_run_its_shard_comes_back_on_another_node():
     """A 4-node `ray.cluster_utils.Cluster` in a process of its own (the tests' Ray session is another)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failover_node_script.py")
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert "equal to the plain loop" in out.stdout
+    assert "equal to the plain loop" in run_script("failover_node_script.py")

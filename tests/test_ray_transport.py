@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_script, wait_for
 
 import jaxps
 
@@ -49,14 +50,6 @@ class _Trainer:
     def run(self, n):
         return _pull_push(self.client, n)
 
-
-def _wait_for(predicate, seconds=20.0):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_client_travels_into_a_task_and_an_actor():
@@ -171,10 +164,10 @@ def test_shared_memory_tcp_and_object_store_clients_share_a_sync_step():
 
 def test_shard_actors_get_the_cpus_asked_for():
     total = ray.cluster_resources()["CPU"]
-    assert _wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
+    assert wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
     with _server(transport_options={"num_cpus": 1}):
-        assert _wait_for(lambda: ray.available_resources().get("CPU", 0) == total - 2)
-    assert _wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
+        assert wait_for(lambda: ray.available_resources().get("CPU", 0) == total - 2)
+    assert wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
 
 
 def test_missing_custom_resource_is_refused_at_once():
@@ -188,7 +181,7 @@ def test_busy_resources_time_out_and_free_what_was_placed():
     total = ray.cluster_resources()["CPU"]
     with pytest.raises(TimeoutError, match="not started"):
         _server(transport_options={"num_cpus": total - 1, "start_timeout": 3})  # room for one shard only
-    assert _wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
+    assert wait_for(lambda: ray.available_resources().get("CPU", 0) == total)
 
 
 @pytest.mark.parametrize("data_path", ["shm", "tcp", "object_store"])
@@ -351,9 +344,7 @@ def test_tcp_endpoint_binds_the_node_address_and_reads_nothing_before_the_key(tm
 @pytest.mark.slow
 def test_a_two_node_cluster_trains_over_tcp_and_a_lost_node_is_a_shard_died_error():
     """A 2-node `ray.cluster_utils.Cluster` in a process of its own (the tests' Ray session is another)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_node_script.py")
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert "sync over tcp equal to the oracle" in out.stdout
-    assert "node removed: ShardDiedError" in out.stdout
-    assert "nothing left behind" in out.stdout
+    stdout = run_script("cross_node_script.py")
+    assert "sync over tcp equal to the oracle" in stdout
+    assert "node removed: ShardDiedError" in stdout
+    assert "nothing left behind" in stdout

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import optax
 import pytest
+from helpers import wait_for
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # its own Ray session (with a fake TPU) replaces the suite's for a minute
@@ -95,14 +96,6 @@ def _environ(pid: int) -> dict:
     return {k.decode(): v.decode(errors="replace") for k, v in pairs}
 
 
-def _wait_for(predicate, seconds=20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
 
 @pytest.fixture(scope="module")
 def script(tmp_path_factory):
@@ -163,7 +156,7 @@ def test_shard_actors_run_jax_on_the_cpu_pinned_by_their_resource(run, fake_tpu_
         assert where["platform"] == "cpu"
         assert where["node_id"] == node and where["actor_id"]
     assert run["ps_available"] == FAKE["ps"] - 2  # each shard actor held one `ps` while the server ran
-    assert _wait_for(lambda: ray.available_resources().get("ps", 0) == FAKE["ps"])  # and gave it back on close
+    assert wait_for(lambda: ray.available_resources().get("ps", 0) == FAKE["ps"])  # and gave it back on close
 
 
 def test_each_worker_task_holds_tpu_chips_of_its_own(run):

@@ -193,16 +193,9 @@ class EndpointServer:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
-def serve(
-    service: ShardService,
-    layout,
-    node: str | None = None,
-    prefix: str | None = None,
-    authkey: bytes | None = None,
-    tcp_host: str | None = None,
-) -> EndpointServer:
-    """Starts serving `service` (whose leaves are laid out as `layout`) on this machine (and over TCP at `tcp_host`)."""
-    return EndpointServer(service, layout, node, prefix, authkey, tcp_host)
+def serve(service: ShardService, layout, **options) -> EndpointServer:
+    """Starts serving `service` (whose leaves are laid out as `layout`) on this machine; `options`: `EndpointServer`'s."""
+    return EndpointServer(service, layout, **options)
 
 
 class _PeerReply(Reply):

@@ -326,11 +326,6 @@ class RayChannel(ShardChannel):
         local = self._route()
         return "object_store" if local is None else "tcp" if local.tcp else "shm"
 
-    @property
-    def via_shared_memory(self) -> bool:
-        """Whether this process reaches the shard through shared memory (decided on first use)."""
-        return self.route == "shm"
-
     def _route(self) -> SharedMemoryChannel | None:
         with self._lock:
             if self._local is _UNDECIDED:
