@@ -157,15 +157,17 @@ class Client:
         """`Pull(self.worker, **asks[s])` of each shard `s`; in sync mode, one version from all of them."""
         waits = [self._links[s].channel.submit(Pull(self.worker, **ask), timeout=remaining(deadline)) for s, ask in asks.items()]
         replies = dict(zip(asks, gather(waits, remaining(deadline))))
-        newest = max(version for version, _ in replies.values())
-        if self._sync and any(version < newest for version, _ in replies.values()):
-            # a shard is still closing a step the others have closed (backup workers): its next version, please
+        while self._sync:
+            # a shard is still closing a step the others have closed (backup workers): its next version, please;
+            # it may answer a later one still (the others went on meanwhile), so ask until all agree
+            newest = max(version for version, _ in replies.values())
             behind = [s for s, (version, _) in replies.items() if version < newest]
+            if not behind:
+                break
             again = [
                 self._links[s].channel.submit(Pull(self.worker, newest, **asks[s]), timeout=remaining(deadline)) for s in behind
             ]
-            for s, reply in zip(behind, gather(again, remaining(deadline))):
-                replies[s] = reply
+            replies.update(zip(behind, gather(again, remaining(deadline))))
         return replies
 
     def _pull_rows(self, rows: dict, deadline: float | None) -> Any:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -149,3 +150,40 @@ def test_backup_workers_on_one_shard_need_no_leader():
         _check_agreement(ps, outcomes)
     finally:
         ps.close()
+
+
+def test_a_sync_pull_asks_again_until_every_shard_answers_one_version():
+    """A shard asked again may answer a later version still (the others went on meanwhile):
+    the pull asks the ones behind again until all agree, so its leaves and its push's step are one step."""
+    import concurrent.futures
+
+    from jaxps.client import Client
+    from jaxps.transport import Pull, Push, ShardChannel
+
+    plan = jaxps.make_plan(_params(), SHARDS, assign=_assign)
+
+    class Scripted(ShardChannel):
+        """A shard answering the first of `versions` at or after what a pull asks for, its leaves full of it."""
+
+        def __init__(self, shard, versions):
+            self.specs, self.versions, self.pushes = plan.shard_specs(shard), list(versions), []
+
+        def submit(self, request, payload=None, timeout=None):
+            future = concurrent.futures.Future()
+            if isinstance(request, Pull):
+                version = next(v for v in self.versions if v >= request.at_least)
+                self.versions.remove(version)
+                future.set_result((version, [np.full(s.shape, version, s.dtype) for s in self.specs]))
+            else:
+                assert isinstance(request, Push)
+                self.pushes.append(request.for_step)
+                future.set_result("applied")
+            return future
+
+    # shard 1 is behind; asked for version 11, it answers 12: shards 0 and 2 are then behind
+    channels = [Scripted(0, [11, 12]), Scripted(1, [10, 12]), Scripted(2, [11, 12])]
+    client = Client(0, plan, channels, sync=True)
+    params = client.pull()
+    assert all(np.all(np.asarray(x) == 12) for x in jax.tree.leaves(params)), params
+    client.push({"a": np.zeros(STEPS, np.float32), "b": np.zeros((STEPS, 3), np.float32), "count": np.float32(1)}).result()
+    assert [ch.pushes for ch in channels] == [[12]] * SHARDS
