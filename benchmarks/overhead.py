@@ -12,9 +12,10 @@ jit each step), the same optimizer (`optax.adam(1e-3)`) and batch size:
   split: plain optax as two jits, `grad_fn` then the update (donated): what any
          parameter server must do, since the server, not the worker, updates;
   jaxps: 1 worker, in-process server (1 shard): `grads = grad_fn(ps.pull(), x, y)`,
-         `ps.push(grads).result()` (the shard's optax step is its own jit), twice:
-         with the default `nonfinite="raise"` (each push checks the gradients
-         for NaN/Inf, which waits for them: a device sync per step) and with
+         `ps.push(grads)` (the shard's optax step is its own jit; the future is
+         not waited on, as in a training loop), twice: with the default
+         `nonfinite="raise"` (the gradients are checked for NaN/Inf on the
+         device, inside the shard's step: nothing waits for them) and with
          `nonfinite="allow"` (no check, like the plain loop).
 
 Each block runs `steps` steps and ends with `jax.block_until_ready`; blocks
@@ -104,8 +105,9 @@ def run(quick: bool) -> dict:
             for _ in range(n):
                 x, y = batches[i % n_batches]
                 loss, grads = grad_fn(ps.pull(), x, y)
-                ps.push(grads).result()
+                future = ps.push(grads)  # a refused push would raise at the next push
                 i += 1
+            future.result()
             jax.block_until_ready((ps.pull(), loss))
             counter["i"] = i
             return float(loss)

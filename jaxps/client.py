@@ -7,6 +7,7 @@ channels are (multiprocessing, Ray), so it can travel into the worker.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 import weakref
@@ -20,12 +21,28 @@ from jaxps.coding import Encoder
 from jaxps.errors import ServerClosedError
 from jaxps.plan import Plan
 from jaxps.service import Leave, Pull, Push
-from jaxps.validate import PushError, cast, check_gradients, check_leaves, check_structure, nonfinite_paths, reject_nonfinite
+from jaxps.validate import (
+    PushError,
+    cast,
+    check_gradients,
+    check_leaves,
+    check_structure,
+    finite_flags,
+    float_positions,
+    nonfinite_error,
+    nonfinite_paths,
+    reject_nonfinite,
+)
 
 
 def _to_device(x: Any) -> jax.Array:
     """A pulled array as a jax array, with no program compiled per shape (rows vary from pull to pull)."""
     return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x))
+
+
+# a push waits for the device checks of this worker's unasked pushes but the newest UNASKED_WAITING (and
+# raises a refused one's error): the host may run that many pushes ahead of the checks
+UNASKED_WAITING = 1
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -39,27 +56,59 @@ def gather(waits: Sequence[Any], timeout: float | None = None) -> list:
     return [w.result(remaining(deadline)) for w in waits]
 
 
+@dataclasses.dataclass
+class Guard:
+    """A push's NaN/Inf check, still running on the device: whether each leaf at `paths` is finite."""
+
+    flags: jax.Array
+    paths: list[str]
+    skip: bool  # nonfinite="skip": a non-finite push is skipped, not refused
+    plan: Plan
+
+    def error(self) -> PushError | None:
+        """The error refusing the push, if a leaf holds NaN or Inf (waits for the check)."""
+        bad = [path for path, ok in zip(self.paths, np.asarray(self.flags)) if not ok]
+        return nonfinite_error(self.plan, bad) if bad else None
+
+
 class PushFuture:
     """Completes when every shard has applied (or dropped) the push.
 
     `result()` is 'applied', 'dropped' (some shard had already closed the step),
     'skipped' (non-finite gradients with `nonfinite='skip'`) or 'rolled_back'
     (a shard died and every shard went back to a checkpoint before this push
-    was applied, or it was computed on parameters from before that).
+    was applied, or it was computed on parameters from before that). A push
+    checked on the device (`guard`) raises `jaxps.PushError` here if it held
+    NaN or Inf (with `nonfinite='raise'`).
     """
 
-    def __init__(self, parts: Sequence[Any]):
+    def __init__(self, parts: Sequence[Any], guard: Guard | None = None):
         self._parts = list(parts)
+        self._guard = guard
         self._outcome: str | None = None
+        self._error: PushError | None = None
+        self.observed = False  # whether `result()` has been asked
 
     def result(self, timeout: float | None = None) -> str:
+        self.observed = True
         if self._outcome is None:
             outcomes = gather(self._parts, timeout)
-            self._outcome = next((o for o in ("rolled_back", "dropped", "skipped") if o in outcomes), "applied")
+            outcome = next((o for o in ("rolled_back", "dropped", "skipped") if o in outcomes), "applied")
+            if outcome == "applied" and self._guard is not None:
+                self._error = self._guard.error()
+                if self._error is not None and self._guard.skip:
+                    outcome, self._error = "skipped", None
+            self._outcome = outcome
+        if self._error is not None:
+            raise self._error
         return self._outcome
 
     def done(self) -> bool:
         return self._outcome is not None or all(p.done() for p in self._parts)
+
+    def checked(self) -> bool:
+        """Whether `result()` would not wait: done, and its device check (if any) is back."""
+        return self.done() and (self._guard is None or self._guard.flags.is_ready())
 
 
 @dataclasses.dataclass
@@ -126,6 +175,9 @@ class Client:
         self._links = [ShardLink(ch, last_step=None if v is None else v - 1) for ch, v in zip(channels, versions)]
         self._left = False
         self._interrupted = False
+        self._floats = float_positions(plan.leaves)  # the leaves a NaN/Inf check looks at
+        # pushes checked on the device whose result nobody has asked yet, oldest first (see `push`)
+        self._unasked: collections.deque[PushFuture] = collections.deque()
 
     @property
     def channels(self) -> list:
@@ -216,17 +268,32 @@ class Client:
         the paths, shapes and dtypes at fault, and no shard changes (nor does
         the push filter's state).
 
+        NaN and Inf are checked here too, except in one case: on the in-process
+        transport in async and ssp mode, gradients that are jax arrays are
+        checked on the device, inside the shards' step (nothing waits for
+        `jax.grad` to finish): a non-finite push changes nothing on any shard,
+        and its future's `result()` raises the `PushError` (or says "skipped").
+        If nobody asks, a later push of this worker raises it, before sending
+        anything: the first once the check is back, at the latest the second
+        push after it (or its `leave`, as `run_workers` ends, once it has left).
+
         `rows={path: ids}`: each named row leaf's gradient is one row per id
         (rows of a repeated id add up); only those rows, and their optimizer
         state, change (a lazy update).
         """
         self._check_open()
+        self._raise_unasked("this push was not sent", waiting=UNASKED_WAITING)
         if rows is not None:
             return self._push_rows(grads, rows)
         leaves = check_gradients(self.plan, grads)
         check = self._nonfinite != "allow"
         if self._encoder is None:
             per_shard = self.plan.split(leaves)
+            guard = self._device_check(leaves) if check else None
+            if guard is not None:
+                future = self._send([link.channel.stage(part, False) for link, part in zip(self._links, per_shard)], False, guard=guard)
+                self._unasked.append(future)
+                return future
             staged = [link.channel.stage(part, check) for link, part in zip(self._links, per_shard)]
             skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
             return self._send(staged, skipped)
@@ -286,18 +353,51 @@ class Client:
             raise ValueError("this server has no push_filter")
         self._encoder.state = state
 
-    def _send(self, staged: list, skipped: bool, rows: list | None = None) -> PushFuture:
-        """Submits a push staged on every shard (or skipped) for the next step (`rows[s]`: a row push's ids on shard s)."""
+    def _device_check(self, leaves: list) -> Guard | None:
+        """The NaN/Inf check of a push, on the device, where the shards can take it (see `push`); else None."""
+        if self._sync or not all(link.channel.checks_on_device for link in self._links):
+            return None  # a sync step means several workers' pushes; other transports check while copying
+        floats = self._floats
+        if not floats or not all(isinstance(leaves[i], jax.Array) for i in floats):
+            return None  # host arrays are checked at once: there is nothing to wait for
+        flags = finite_flags([leaves[i] for i in floats])
+        return Guard(flags, [self.plan.leaves[i].path for i in floats], self._nonfinite == "skip", self.plan)
+
+    def _raise_unasked(self, now: str, waiting: int = 0) -> None:
+        """Raises the `PushError` of the oldest push checked on the device that was refused and nobody asked about.
+
+        Looks at those whose check is back, and waits for the others' beyond the newest `waiting`.
+        """
+        while self._unasked:
+            oldest = self._unasked[0]
+            if not oldest.observed and len(self._unasked) <= waiting and not oldest.checked():
+                return
+            self._unasked.popleft()
+            if oldest.observed:
+                continue
+            try:
+                oldest.result()
+            except PushError as e:
+                raise PushError(f"an earlier push of this worker was refused (nobody asked its future); {now}: {e}") from None
+            except Exception:
+                pass  # other errors are its future's to tell
+
+    def _send(self, staged: list, skipped: bool, rows: list | None = None, guard: Guard | None = None) -> PushFuture:
+        """Submits a push staged on every shard (or skipped) for the next step (`rows[s]`: a row push's ids on shard s;
+        `guard`: its NaN/Inf check, still on the device)."""
         parts = []
         same_step = max(link.next_step() for link in self._links) if self._sync else None
         based = [link.based_on for link in self._links]
         oldest = None if None in based else min(based)
         for s, (link, stage) in enumerate(zip(self._links, staged)):
             step = link.next_step() if same_step is None else same_step
-            request = Push(self.worker, step, link.based_on, skipped, oldest, None if rows is None else rows[s])
+            request = Push(
+                self.worker, step, link.based_on, skipped, oldest, None if rows is None else rows[s],
+                None if guard is None else (guard.flags, guard.skip),
+            )
             parts.append(link.channel.submit(request, None if skipped else stage.payload))
             link.last_step, link.pulled = step, None
-        return PushFuture(parts)
+        return PushFuture(parts, guard)
 
     def _nonfinite_paths(self, per_shard: list, staged: list) -> list[str]:
         """Paths holding NaN/Inf: as the channels found while staging, else checked here (one device sync)."""
@@ -329,6 +429,7 @@ class Client:
                 errors.append(e)
         if errors:
             raise errors[0]
+        self._raise_unasked("the worker has left")
 
     def interrupt(self) -> None:
         """Makes this client's next call raise `ServerClosedError`: its driver was interrupted (Ctrl-C)."""

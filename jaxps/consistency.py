@@ -47,6 +47,7 @@ class Contribution(NamedTuple):
     based_on: int | None
     oldest: int | None = None
     rows: Any = None  # a row push: {position among the shard's leaves: local row ids}
+    guard: Any = None  # checked on the device: (per-leaf finite flags, skip) (`Guard`); applied only if all are finite
 
 
 class Step(NamedTuple):
@@ -88,6 +89,7 @@ class Clock:
     hold: Any = None  # during a checkpoint: how far this shard may go (async/ssp: pushes per worker; sync: a version)
     restarted_at: int = 0  # the version this shard (re)started from a checkpoint at: older pushes are rolled back
     pushes_rolled_back: int = 0
+    pushes_refused: int = 0  # found non-finite on the device after they were taken, and so not applied
 
     @classmethod
     def start(cls, workers: int | None, version: int = 0, applied: int = 0) -> "Clock":
@@ -107,6 +109,18 @@ class Clock:
         fresh = Clock.start(self.workers, version, applied)
         return dataclasses.replace(fresh, left=self.left, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back)
 
+    def not_applied(self, skipped: bool) -> "Clock":
+        """This clock once a push it counted as applied turns out non-finite (checked on the device): its step
+        changed nothing, so it is not counted as one; it is counted as skipped (`nonfinite="skip"`) or refused."""
+        skips, refusals = (1, 0) if skipped else (0, 1)
+        return dataclasses.replace(
+            self,
+            applied=self.applied - 1,
+            pushes_applied=self.pushes_applied - 1,
+            pushes_skipped=self.pushes_skipped + skips,
+            pushes_refused=self.pushes_refused + refusals,
+        )
+
     def stats(self) -> dict:
         return {
             "version": self.version,
@@ -115,6 +129,7 @@ class Clock:
             "pushes_dropped": self.pushes_dropped,
             "pushes_skipped": self.pushes_skipped,
             "pushes_rolled_back": self.pushes_rolled_back,
+            "pushes_refused": self.pushes_refused,
             "workers_left": sorted(self.left),
             "staleness_mean": self.staleness_sum / self.staleness_count if self.staleness_count else 0.0,
             "staleness_max": self.staleness_max,

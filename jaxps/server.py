@@ -222,6 +222,8 @@ class ParameterServer:
             "pushes_applied": min(s["pushes_applied"] for s in shards),
             "pushes_dropped": max(s["pushes_dropped"] for s in shards),
             "pushes_skipped": max(s["pushes_skipped"] for s in shards),
+            # non-finite pushes refused after the shards took them (checked on the device: `Client.push`)
+            "pushes_refused": max(s["pushes_refused"] for s in shards),
             "staleness_mean": sum(s["staleness_mean"] * s["staleness_count"] for s in shards) / count if count else 0.0,
             "staleness_max": max(s["staleness_max"] for s in shards),
             # array bytes that crossed between clients and shards (since each shard started)

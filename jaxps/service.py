@@ -41,6 +41,7 @@ class Push(NamedTuple):
     skipped: bool = False
     oldest: int | None = None  # the oldest version of the worker's last pull, over all shards
     rows: tuple | None = None  # a row push: ((position among the shard's leaves, local row ids), ...)
+    guard: Any = None  # in-process only: (finite flags on the device, skip) of a push checked there (`Shard.push`)
 
 
 class Pull(NamedTuple):
@@ -228,7 +229,7 @@ class ShardService:
             reply.send(outcome)
 
         rows = None if request.rows is None else dict(request.rows)
-        self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest, rows)
+        self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest, rows, request.guard)
         if grads is not None:
             self._count("bytes_pushed", arrays)
         del grads, arrays

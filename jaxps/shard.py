@@ -22,7 +22,7 @@ import optax
 from jaxps import rows as row_ops
 from jaxps.consistency import Clock, Contribution, Step, Sync, make_policy
 from jaxps.plan import Plan
-from jaxps.update import compile_step, mean_gradients
+from jaxps.update import compile_guarded_step, compile_step, mean_gradients
 from jaxps.validate import PushError, check_leaves
 
 PushDone = Callable[[str], None]  # "applied" | "dropped" | "skipped" | "rolled_back"
@@ -83,6 +83,8 @@ class Shard:
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
         self._tx = config.tx  # a rollback reads its checkpoint part with it
         self._step_donating, self._step_lent = compile_step(config.tx)
+        self._guarded: tuple | None = None  # the steps of pushes checked on the device, compiled on first use
+        self._unsettled: list[tuple[jax.Array, bool]] = []  # (finite?, skip) of those pushes, until known
         ids = config.plan.shard_leaves[config.index]
         self._row_positions = [k for k, i in enumerate(ids) if config.plan.is_rows(i)]  # where its row leaves are
         if self._row_positions:
@@ -110,9 +112,15 @@ class Shard:
         done: PushDone,
         oldest: int | None = None,
         rows: dict[int, np.ndarray] | None = None,
+        guard: tuple[jax.Array, bool] | None = None,
     ) -> None:
         """Offers `worker`'s gradients (None: skipped; a filter's payload with `push_filter`) for step `for_step`;
-        `done` fires once it is settled. `rows`: a row push's `{position: local row ids}`, whose leaves hold just those rows."""
+        `done` fires once it is settled. `rows`: a row push's `{position: local row ids}`, whose leaves hold just those rows.
+
+        `guard`: `(flags, skip)`, the push's per-leaf finite flags, still being computed on the device (async and
+        ssp, in-process); its step is computed, and kept only if they are all set, inside one compiled call. A
+        push found non-finite is counted skipped (`skip`) or refused, not applied; its worker learns it from the flags.
+        """
         if leaves is not None and self._decoder is not None:
             leaves = self._decoder.decode(leaves)
         if leaves is not None:
@@ -120,8 +128,11 @@ class Shard:
             grads = self._plan.view(self.index, [self._private(x) for x in leaves])
         else:
             grads = None
+        if guard is not None:
+            guard = (self._private(guard[0]), guard[1])
         with self._lock:
-            c = Contribution(worker, for_step, grads, based_on, oldest, rows or None)
+            self._settle_guards(force=False)
+            c = Contribution(worker, for_step, grads, based_on, oldest, rows or None, guard)
             if self._policy.admits(self._clock, c):
                 self._take(c, done)
                 self._maybe_snapshot()
@@ -194,6 +205,7 @@ class Shard:
         """Waits until every dispatched step has run (and so has read its gradients)."""
         with self._lock:
             jax.block_until_ready((self._params, self._opt_state))
+            self._settle_guards(force=True)
 
     @property
     def push_layout(self) -> list:
@@ -207,6 +219,7 @@ class Shard:
 
     def stats(self) -> dict:
         with self._lock:
+            self._settle_guards(force=True)
             restored = {} if self._restored_in is None else {"restored_in_s": self._restored_in}
             return {"shard": self.index, **self._clock.stats(), **restored}
 
@@ -244,6 +257,7 @@ class Shard:
             self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
             self._lent = False
+            self._unsettled = []  # pushes after the checkpoint: gone with the rollback
             pushes, self._pushes = self._pushes, {}
             waiting, self._waiting = self._waiting, []
             self._clock = self._clock.restarted(version, step, rolled_back=len(pushes) + len(waiting))
@@ -281,6 +295,7 @@ class Shard:
             from jaxps.checkpoint import shard_state
 
             taken, self._snapshot_taken = self._snapshot_taken, None
+            self._settle_guards(force=True)
             info = {"step": self._clock.applied, "version": self._clock.version}
             try:
                 state = shard_state(self._plan, self.index, self._params, self._opt_state, self._spare, self._tx)
@@ -322,11 +337,30 @@ class Shard:
             lent = self._lent and self._refcount() > self._own_refs
             if any(c.rows for c in step.contributions if c.grads is not None):
                 self._apply_rows([c for c in step.contributions if c.grads is not None], lent)
+            elif step.contributions[0].guard is not None:
+                self._apply_guarded(step, lent)
             else:
                 mean = grads[0] if len(grads) == 1 else self._mean(grads)
                 update = self._step_lent if lent else self._step_donating
                 self._params, self._opt_state = update(self._params, self._opt_state, mean)
             self._lent = False
+
+    def _apply_guarded(self, step: Step, lent: bool) -> None:
+        """A push checked on the device (async, ssp: one per step): applied only if its flags are all set."""
+        (c,) = step.contributions
+        if self._guarded is None:
+            self._guarded = compile_guarded_step(self._tx)
+        update = self._guarded[1] if lent else self._guarded[0]
+        flags, skip = c.guard
+        self._params, self._opt_state, ok = update(self._params, self._opt_state, c.grads, flags)
+        self._unsettled.append((ok, skip))
+
+    def _settle_guards(self, force: bool) -> None:
+        """Counts the pushes checked on the device whose check is back (all of them, `force`: waits) and failed."""
+        while self._unsettled and (force or self._unsettled[0][0].is_ready()):
+            ok, skip = self._unsettled.pop(0)
+            if not bool(ok):
+                self._clock = self._clock.not_applied(skip)
 
     def _apply_rows(self, contributions: list[Contribution], lent: bool) -> None:
         """A step with row pushes: the mean over the union of the rows, applied lazily (`jaxps.rows`)."""

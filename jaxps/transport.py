@@ -90,6 +90,9 @@ class ShardChannel:
     """
 
     closed = False
+    # whether a push's finite flags, still being computed on the device, can go to the shard as they are
+    # (the shard then checks the push inside its step: `Shard.push`'s `guard`); only within one process
+    checks_on_device = False
 
     def submit(self, request: Any, payload: Any = None, timeout: float | None = None) -> Waitable:
         """Sends `request` (a push with `payload`, what `stage` returned); returns at once.

@@ -65,6 +65,19 @@ def compile_step(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(step, donate_argnums=(1,))
 
 
+def compile_guarded_step(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    """As `compile_step`, for a push checked on the device: `step(params, opt_state, grads, flags)` returns
+    `(params, opt_state, ok)`, the step's result if every flag is set (every leaf finite), else its inputs."""
+
+    def step(params, opt_state, grads, flags):
+        ok = jax.numpy.all(flags)
+        apply = lambda p, s, g: apply_gradients(tx, p, s, g)  # noqa: E731
+        keep = lambda p, s, g: (p, s)  # noqa: E731
+        return (*jax.lax.cond(ok, apply, keep, params, opt_state, grads), ok)
+
+    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(step, donate_argnums=(1,))
+
+
 def transform_names(tx: Any) -> list[str]:
     """Names of the optax transform factories `tx` is built from (best effort)."""
     names: list[str] = []

@@ -143,13 +143,37 @@ def cast(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> list[Any]:
 def reject_nonfinite(plan: Plan, bad: Sequence[str], nonfinite: str) -> bool:
     """Whether a push with NaN/Inf at paths `bad` is skipped; raises `PushError` if it must be refused."""
     if bad and nonfinite == "raise":
-        bad = set(bad)
-        shown = [f"{s.path} ({s.describe()})" for s in plan.leaves if s.path in bad]
-        raise PushError(
-            f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
-            "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
-        )
+        raise nonfinite_error(plan, bad)
     return bool(bad)
+
+
+def nonfinite_error(plan: Plan, bad: Sequence[str]) -> PushError:
+    """The error refusing a push with NaN/Inf at paths `bad`."""
+    bad = set(bad)
+    shown = [f"{s.path} ({s.describe()})" for s in plan.leaves if s.path in bad]
+    return PushError(
+        f"push rejected, nothing was changed: NaN or Inf in {shown[:10]}; "
+        "pass nonfinite='skip' to ParameterServer to skip such pushes instead"
+    )
+
+
+def float_positions(specs: Sequence[LeafSpec]) -> list[int]:
+    """Positions of the leaves that can hold NaN or Inf."""
+    return [i for i, s in enumerate(specs) if jnp.issubdtype(s.dtype, jnp.inexact)]
+
+
+@jax.jit
+def finite_flags(leaves: Sequence[jax.Array]) -> jax.Array:
+    """Per leaf, whether it is free of NaN and Inf: computed on the device, nothing waits for it.
+
+    The sum decides at once when finite; an overflowing (or non-finite) sum is checked element by element.
+    """
+
+    def finite(x):
+        total = jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32))
+        return jax.lax.cond(jnp.isfinite(total), lambda x: True, lambda x: jnp.all(jnp.isfinite(x)), x)
+
+    return jnp.stack([finite(x) for x in leaves])
 
 
 def check_gradients(plan: Plan, grads: Any) -> list[Any]:

@@ -231,8 +231,9 @@ def test_step_donates_only_params_no_pull_still_holds():
             expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
         assert_trees_equal(ps.pull(), expected, ulp=ULP)
         shard = ps._channels[0]._service.shard
-        assert shard._step_lent._cache_size() == 1  # each compiled once
-        assert shard._step_donating._cache_size() == 1
+        donating, lent = shard._guarded  # jax-array pushes, checked on the device, take the guarded steps
+        assert lent._cache_size() == 1  # each compiled once
+        assert donating._cache_size() == 1
 
 
 def test_whole_tree_transforms_are_refused_by_name():

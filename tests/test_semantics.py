@@ -266,16 +266,21 @@ def _snapshot(ps):
     ],
     ids=["missing", "extra", "shape", "dtype", "nan", "inf"],
 )
-def test_bad_push_changes_nothing(make_server, bad, match):
+def test_bad_push_changes_nothing(make_server, transport, bad, match):
     params, tx = params_tree(), optax.sgd(0.1, momentum=0.9)
     ps = make_server(params, tx, shards=3)
     g0, g1 = grads_like(params, 0), grads_like(params, 1)
     ps.push(g0).result(timeout=30)
     before = _snapshot(ps)
     with pytest.raises(jaxps.PushError, match=match):
-        ps.push(bad(g1))
+        ps.push(bad(g1)).result(timeout=30)  # raised by push itself, or (NaN checked on the device) by its future
     after = _snapshot(ps)
     assert_trees_equal(after[0], before[0])
+    if after[2]["pushes_refused"] > before[2]["pushes_refused"]:
+        # checked on the device (in-process, async): the shards took the push, then refused it in their step
+        assert transport == "inprocess" and "NaN" in match and after[2]["pushes_refused"] == 1
+        for moved in ("pushes_refused", "bytes_pushed"):
+            before[2].pop(moved), after[2].pop(moved)
     assert after[1:] == before[1:]
     # the server keeps serving, and its optimizer state is as if the bad push never came
     ps.push(g1).result(timeout=30)
@@ -291,7 +296,7 @@ def test_nan_in_an_imaginary_part_is_refused(make_server):
     z = np.array([1 + 1j, complex(1, np.nan), 1, 1], np.complex64)
     for g in ({"z": jnp.asarray(z), "w": jnp.ones(3)}, {"z": z, "w": np.ones(3, np.float32)}):
         with pytest.raises(jaxps.PushError, match=r"NaN or Inf in \[\"\['z'\] \(complex64\[4\]\)\"\]"):
-            ps.push(g)
+            ps.push(g).result(timeout=30)
     assert_trees_equal(ps.params(), params)
     assert ps.step == 0
 
@@ -305,6 +310,61 @@ def test_nonfinite_skip_mode(make_server):
     assert (ps.step, ps.stats()["pushes_skipped"]) == (0, 1)
     assert ps.push(g).result(timeout=30) == "applied"
     assert ps.step == 1
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_a_push_checked_on_the_device_changes_nothing_on_any_shard(tmp_path, mode):
+    """In-process, async and ssp: jax-array gradients are checked inside the shards' step. NaN in one
+    shard's leaf leaves every shard's parameters, Adam state and step as they were; the future says so."""
+    params, tx = params_tree(), optax.adam(0.1)
+    ps = jaxps.ParameterServer(params, tx, shards=3, mode=mode, workers=1, **({"max_staleness": 1} if mode == "ssp" else {}))
+    try:
+        g0, g1 = grads_like(params, 0), grads_like(params, 1)
+        ps.push(g0).result(timeout=30)
+        before = ps.params()
+        bad = {**g1, "dense": {**g1["dense"], "bias": g1["dense"]["bias"].at[2].set(-jnp.inf)}}
+        future = ps.push(bad)
+        with pytest.raises(jaxps.PushError, match=r"NaN or Inf in \[\"\['dense'\]\['bias'\] \(float32\[3\]\)\"\]"):
+            future.result(timeout=30)
+        with pytest.raises(jaxps.PushError):  # asked again: the same answer
+            future.result(timeout=30)
+        assert_trees_equal(ps.params(), before)
+        stats = ps.stats()
+        assert (ps.step, stats["pushes_applied"], stats["pushes_refused"]) == (1, 1, 1)
+        assert ps.save(tmp_path / "ckpt") == 1  # a checkpoint counts the refused push out too
+        # Adam's moments and count are as if the refused push never came
+        ps.push(g1).result(timeout=30)
+        step, opt_state = optax_oracle(tx), tx.init(params)
+        expected, opt_state = step(params, opt_state, g0)
+        expected, _ = step(expected, opt_state, g1)
+        assert_trees_equal(ps.params(), expected, ulp=ULP)
+        assert ps.step == 2
+    finally:
+        ps.close()
+
+
+def test_a_refused_push_nobody_asked_about_is_raised_by_the_next_push():
+    params = params_tree()
+    ps = jaxps.ParameterServer(params, optax.sgd(0.1), shards=2)
+    try:
+        g, bad = grads_like(params, 0), {**grads_like(params, 0), "scale": jnp.float32(jnp.nan)}
+        ps.push(bad)  # its future dropped unasked
+        assert ps.stats()["pushes_refused"] == 1  # (the shards' count waits for the check)
+        with pytest.raises(jaxps.PushError, match=r"earlier push of this worker was refused .* this push was not sent: .*\['scale'\]"):
+            ps.push(g)
+        assert ps.step == 0
+        assert_trees_equal(ps.params(), params)
+        assert ps.push(g).result(timeout=30) == "applied"  # told once; the worker goes on
+        expected, _ = optax_oracle(optax.sgd(0.1))(params, optax.sgd(0.1).init(params), g)
+        assert_trees_equal(ps.params(), expected)
+        # the host may run ahead of the check by one push: the second push after a refused one raises at the latest
+        ps.push(bad)
+        with pytest.raises(jaxps.PushError, match="earlier push of this worker was refused"):
+            for _ in range(2):
+                ps.push(g)
+        assert ps.stats()["pushes_refused"] == 2
+    finally:
+        ps.close()
 
 
 def test_nonfinite_skip_counts_as_arrival_in_sync(make_server):
@@ -340,3 +400,19 @@ def test_stats_say_where_each_shard_runs(make_server, transport):
             os.kill(pid, 0)
     if transport.startswith("ray"):
         assert [w["actor_id"] for w in where] == [a._actor_id.hex() for a in ps._transport.actors]
+
+
+def test_a_workers_last_push_refused_unasked_is_raised_by_run_workers():
+    params = params_tree()
+    with jaxps.ParameterServer(params, optax.sgd(0.1), shards=2, workers=1) as ps:
+        g = grads_like(params, 0)
+
+        def work(client, _):
+            client.push(g)
+            client.push({**g, "conv": {**g["conv"], "bias": g["conv"]["bias"] * jnp.nan}})  # not asked
+
+        with pytest.raises(jaxps.PushError, match=r"earlier push of this worker was refused .* the worker has left: .*\['conv'\]\['bias'\]"):
+            ps.run_workers(work, [None])
+        stats = ps.stats()
+        assert (ps.step, stats["pushes_refused"]) == (1, 1)
+        assert all(s["workers_left"] == [0] for s in stats["shards"])  # it left first

@@ -28,6 +28,8 @@ class _FutureReply(Reply):
 class InProcessChannel(ShardChannel):
     """Direct calls into a shard service of this process."""
 
+    checks_on_device = True
+
     def __init__(self, service: ShardService):
         self._service = service
 
