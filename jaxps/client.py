@@ -290,11 +290,11 @@ class Client:
         if self._encoder is None:
             per_shard = self.plan.split(leaves)
             guard = self._device_check(leaves) if check else None
-            if guard is not None:
-                future = self._send([link.channel.stage(part, False) for link, part in zip(self._links, per_shard)], False, guard=guard)
+            staged = [link.channel.stage(part, check and guard is None) for link, part in zip(self._links, per_shard)]
+            if guard is not None:  # checked in the shards' step: reported through the future
+                future = self._send(staged, False, guard=guard)
                 self._unasked.append(future)
                 return future
-            staged = [link.channel.stage(part, check) for link, part in zip(self._links, per_shard)]
             skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
             return self._send(staged, skipped)
         # filtered: NaN/Inf are looked for in the gradients, before they are encoded
