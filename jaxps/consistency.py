@@ -76,6 +76,7 @@ class Clock:
     pushes: tuple[int, ...] = ()  # pushes received, per worker
     last_step: tuple[int | None, ...] = ()  # step of each worker's last push
     left: frozenset[int] = frozenset()  # workers that have finished
+    returns: Mapping[int, int] = dataclasses.field(default_factory=dict)  # sync: a left worker counts again from this step
     joined_at: tuple[int, ...] = ()  # each worker's push count when it last (re)joined
     pending: Mapping[int, Mapping[int, Contribution]] = dataclasses.field(default_factory=dict)
     decided: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # a follower: the leader's workers per step
@@ -107,7 +108,9 @@ class Clock:
         """This clock rolled back to a checkpoint of `applied` steps, going on at `version`, with `rolled_back`
         unsettled pushes answered so; who has left stays left."""
         fresh = Clock.start(self.workers, version, applied)
-        return dataclasses.replace(fresh, left=self.left, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back)
+        return dataclasses.replace(
+            fresh, left=self.left, returns=self.returns, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back
+        )
 
     def not_applied(self, skipped: bool) -> "Clock":
         """This clock once a push it counted as applied turns out non-finite (checked on the device): its step
@@ -143,7 +146,17 @@ def _join(clock: Clock, worker: int) -> Clock:
     joined = list(clock.joined_at) + [0] * max(0, len(clock.pushes) - len(clock.joined_at))
     if worker < len(joined):
         joined[worker] = clock.pushes[worker]
-    return dataclasses.replace(clock, left=clock.left - {worker}, joined_at=tuple(joined))
+    returns = {w: at for w, at in clock.returns.items() if w != worker}
+    return dataclasses.replace(clock, left=clock.left - {worker}, returns=returns, joined_at=tuple(joined))
+
+
+def _returned(clock: Clock) -> Clock:
+    """Workers coming back at a step this clock has reached no longer count as left."""
+    back = {w for w, at in clock.returns.items() if at <= clock.version}
+    if not back:
+        return clock
+    returns = {w: at for w, at in clock.returns.items() if w not in back}
+    return dataclasses.replace(clock, left=clock.left - back, returns=returns)
 
 
 def _count(counts: tuple[int, ...], worker: int) -> int:
@@ -212,8 +225,9 @@ class Async:
     def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:
         return dataclasses.replace(clock, left=clock.left | {worker}), []
 
-    def join(self, clock: Clock, worker: int) -> Clock:
-        return _join(clock, worker)
+    def join(self, clock: Clock, worker: int, at: int | None = None) -> tuple[Clock, int]:
+        """`worker` takes part (again) now; the clock, and the step its first push is for (this version)."""
+        return _join(clock, worker), clock.version
 
     # -- checkpoints: a cut by per-worker push counts -------------------------
     def hold(self, clock: Clock) -> tuple[Clock, tuple[int, ...]]:
@@ -308,7 +322,7 @@ class Sync:
             taken = sorted(arrived) if chosen is None else sorted(w for w in arrived if w in chosen)
             dropped = tuple(arrived[w] for w in sorted(arrived) if w not in taken)
             step = Step(clock.version, tuple(arrived[w] for w in taken), dropped)
-            clock = _closed(dataclasses.replace(clock, pending=pending, decided=decided), step)
+            clock = _returned(_closed(dataclasses.replace(clock, pending=pending, decided=decided), step))
             steps.append(step)
         return clock, steps
 
@@ -319,8 +333,19 @@ class Sync:
     def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:
         return self._close_ready(dataclasses.replace(clock, left=clock.left | {worker}))
 
-    def join(self, clock: Clock, worker: int) -> Clock:
-        return _join(clock, worker)
+    def join(self, clock: Clock, worker: int, at: int | None = None) -> tuple[Clock, int]:
+        """`worker` takes part (again) from step `at` (None: this version), or the step after its last push
+        if that is later; the clock, and that step. Steps before it count the worker as left, and its pulls
+        wait for it. The driver gives every shard the same `at`, so all of them count the worker from one step.
+        """
+        last = clock.last_step[worker]
+        first = max(clock.version if at is None else at, 0 if last is None else last + 1)
+        steps = list(clock.last_step)
+        steps[worker] = None if first == 0 else first - 1  # a pull waits for version `first`
+        clock = dataclasses.replace(_join(clock, worker), last_step=tuple(steps))
+        if first > clock.version:
+            clock = dataclasses.replace(clock, left=clock.left | {worker}, returns={**clock.returns, worker: first})
+        return clock, first
 
     # -- checkpoints: a cut at a step boundary --------------------------------
     def hold(self, clock: Clock) -> tuple[Clock, int]:

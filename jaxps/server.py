@@ -19,7 +19,7 @@ from jaxps.filters import PushFilter
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
 from jaxps.saving import Checkpointing, Saver
-from jaxps.service import Join, Lead, Pull, Stats
+from jaxps.service import Hold, Join, Lead, Pull, Snapshot, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
@@ -129,6 +129,7 @@ class ParameterServer:
         self._nonfinite = nonfinite
         self._clients: dict[int, Client] = {}
         self._finished: set[int] = set()  # workers an earlier `run_workers` let leave
+        self._running: set[int] = set()  # workers a `run_workers` call is running now
         self._closed = False
         # backup workers on several shards: shard 0 decides each step's workers, the others follow
         agree = mode == "sync" and backup_workers > 0 and len(self._plan.shard_leaves) > 1
@@ -186,6 +187,8 @@ class ParameterServer:
         if not isinstance(worker, int) or worker < 0 or (self._workers is not None and worker >= self._workers):
             bound = f"[0, {self._workers})" if self._workers is not None else ">= 0"
             raise ValueError(f"worker index must be an int in {bound}, got {worker!r}")
+        if worker in self._running:
+            raise ValueError(f"worker {worker} is running in run_workers, with the client run_workers gave it")
         if worker not in self._clients or self._has_left(worker):
             self._clients[worker] = self._new_clients([worker])[0]
         return self._clients[worker]
@@ -264,10 +267,14 @@ class ParameterServer:
                 f"steps would wait forever for workers {list(range(len(args), self._workers))}"
             )
         workers = list(range(len(args)))
+        if self._running & set(workers):
+            raise ValueError(f"workers {sorted(self._running & set(workers))} are running in another run_workers call")
         clients = self._new_clients(workers)
+        self._running.update(workers)
         try:
             return self._transport.run_workers(fn, clients, args)
         finally:
+            self._running.difference_update(workers)
             self._finished.update(workers)
 
     def close(self) -> None:
@@ -314,11 +321,16 @@ class ParameterServer:
         return worker in self._finished or (worker in self._clients and self._clients[worker].left)
 
     def _new_clients(self, workers: list[int]) -> list[Client]:
-        """Fresh clients for `workers`, each (re)joined on every shard first, so all start from the current step.
+        """Fresh clients for `workers`, (re)joined on every shard first, so all start from the current step.
 
-        Joining also restarts ssp's push counts for them together.
+        Joining also restarts ssp's push counts for them together; in sync mode
+        every shard counts them from the same step (`join_at_one_step`).
         """
-        versions = [gather([ch.submit(Join(w)) for ch in self._channels]) for w in workers]
+        if self._mode == "sync":  # between checkpoints and recoveries, which hold the shards too
+            firsts = self._saver.run(lambda: join_at_one_step(self._channels, workers))
+        else:
+            firsts = gather([ch.submit(Join(tuple(workers))) for ch in self._channels])
+        versions = [[per_shard[k] for per_shard in firsts] for k in range(len(workers))]
         self._finished.difference_update(workers)
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
@@ -334,6 +346,26 @@ class ParameterServer:
     def _check_open(self) -> None:
         if self._closed:
             raise ServerClosedError("the ParameterServer is closed")
+
+
+def join_at_one_step(channels: Sequence[Any], workers: Sequence[int]) -> list[list[int]]:
+    """Sync: `workers` join every shard at one step, so that each step waits for the same workers everywhere.
+
+    Every shard is held (closes no further step) and answers its version; all
+    of them then count the workers from the newest of those versions (shards
+    behind close the steps before it without them). Answers, per shard, each
+    worker's first step.
+    """
+    marks = gather([ch.submit(Hold()) for ch in channels])
+    try:
+        return gather([ch.submit(Join(tuple(workers), max(marks))) for ch in channels])
+    except BaseException:
+        for ch in channels:  # a shard that answered the hold may still hold: let it go on
+            try:
+                ch.call(Snapshot(None), timeout=10)
+            except Exception:
+                pass
+        raise
 
 
 def _check_restore(directory: str, metadata: dict, plan: Plan, tx: optax.GradientTransformation) -> tuple[str, int, int]:

@@ -66,9 +66,11 @@ class Leave(NamedTuple):
 
 
 class Join(NamedTuple):
-    """`worker` takes part (again) from the current version; answers that version."""
+    """`workers` take part (again) from the current version, or (sync) from step `at`, ending a `Hold`;
+    answers the step each one's first push is for."""
 
-    worker: int
+    workers: tuple[int, ...]
+    at: int | None = None
 
 
 class Stats(NamedTuple):
@@ -266,7 +268,7 @@ class ShardService:
         reply.send(None)
 
     def _join(self, request: Join, reply: Reply, arrays: Any) -> None:
-        reply.send(self.shard.join(request.worker))
+        reply.send(self.shard.join(request.workers, request.at))
 
     def _stats(self, request: Stats, reply: Reply, arrays: Any) -> None:
         with self._bytes_lock:

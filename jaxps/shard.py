@@ -77,6 +77,8 @@ class Shard:
         # the shard donates its buffers, so it must own them: always copy
         self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in leaves])
         self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
+        # where its parameters live (`device`, else where JAX put them): pushed arrays elsewhere are moved there
+        self._home = next((x.sharding for x in jax.tree.leaves(self._params)), None)
         if opt_state is None:
             self._opt_state = config.tx.init(self._params)
         else:
@@ -137,7 +139,7 @@ class Shard:
                 self._take(c, done)
                 self._maybe_snapshot()
             else:  # beyond a checkpoint's cut: waits, in a copy (the caller may reuse its buffers)
-                self._waiting.append((c._replace(grads=_detach(grads)), done))
+                self._waiting.append((c._replace(grads=self._detach(grads)), done))
 
     def pull(self, worker: int | None, ready: PullReady, lend: bool = True, at_least: int = 0) -> None:
         """Calls `ready(version, leaves)` once `worker` may read (at once for `worker=None`) at version `at_least` or later.
@@ -194,12 +196,21 @@ class Shard:
             self._settle(steps)
             self._maybe_snapshot()
 
-    def join(self, worker: int) -> int:
-        """`worker` takes part (again, if it had left); returns the version, the step its first push is for."""
+    def join(self, workers: Sequence[int], at: int | None = None) -> list[int]:
+        """`workers` take part (again, if they had left); returns the step each one's first push is for.
+
+        `at` (sync): the step they count from, the same on every shard; the
+        driver held every shard to find it (`hold`), and the hold ends here.
+        """
         with self._lock:
-            self._clock = self._policy.join(self._clock, worker)
+            firsts = []
+            for worker in workers:
+                self._clock, first = self._policy.join(self._clock, worker, at)
+                firsts.append(first)
+            if at is not None:
+                self._release()
             self._serve_pulls()
-            return self._clock.version
+            return firsts
 
     def block_until_ready(self) -> None:
         """Waits until every dispatched step has run (and so has read its gradients)."""
@@ -317,8 +328,12 @@ class Shard:
         """A pushed array as a jax array of the shard's own: numpy input is copied (its buffer is the
         client's), through the host so that no program is compiled per shape (row pushes vary)."""
         if not isinstance(x, jax.Array):
-            x = jax.device_put(np.array(x, copy=True))
-        return x if self._device is None else jax.device_put(x, self._device)
+            return jax.device_put(np.array(x, copy=True), self._home)
+        return x if x.sharding == self._home else jax.device_put(x, self._home)  # a worker on another device
+
+    def _detach(self, grads: Any) -> Any:
+        """Private copies of `grads` through the host (None stays None), where the parameters are."""
+        return None if grads is None else jax.tree.map(lambda x: jax.device_put(np.array(x, copy=True), self._home), grads)
 
     def _own(self, x: Any, copy: bool) -> jax.Array:
         """`x` on the shard's device, copied if asked.
@@ -340,7 +355,7 @@ class Shard:
             elif step.contributions[0].guard is not None:
                 self._apply_guarded(step, lent)
             else:
-                mean = grads[0] if len(grads) == 1 else self._mean(grads)
+                mean = grads[0] if len(grads) == 1 else self._mean(grads, np.int32(len(grads)))
                 update = self._step_lent if lent else self._step_donating
                 self._params, self._opt_state = update(self._params, self._opt_state, mean)
             self._lent = False
@@ -413,11 +428,6 @@ class Shard:
             else:
                 waiting.append(pull)
         self._pulls = waiting
-
-
-def _detach(grads: Any) -> Any:
-    """Private host copies of `grads` (None stays None), on the default device."""
-    return None if grads is None else jax.tree.map(lambda x: jax.device_put(np.array(x, copy=True)), grads)
 
 
 def _load(config: ShardConfig) -> tuple[list, Any, int, int]:

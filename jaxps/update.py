@@ -50,9 +50,14 @@ def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads):
     return optax.apply_updates(params, updates), opt_state
 
 
-def mean_gradients(grads: Sequence[Any]):
-    """Mean of gradient trees, summed in the given (worker) order."""
-    return jax.tree.map(lambda *g: functools.reduce(operator.add, g) / len(g), *grads)
+def mean_gradients(grads: Sequence[Any], count: jax.Array):
+    """Mean of gradient trees, summed in the given (worker) order.
+
+    `count` (how many) is an argument, not a constant: XLA would divide by a
+    constant as a multiplication by its rounded reciprocal (7/3 one ulp off),
+    not as the division eager JAX (and so a user's optax loop) makes.
+    """
+    return jax.tree.map(lambda *g: functools.reduce(operator.add, g) / count.astype(g[0].dtype), *grads)
 
 
 def compile_step(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:

@@ -68,12 +68,27 @@ def check_leaves(specs: Sequence[LeafSpec], leaves: Sequence[Any]) -> None:
         raise PushError("push rejected, nothing was changed: " + "; ".join(problems))
 
 
-@jax.jit
 def finite_flags(leaves: Sequence[jax.Array]) -> jax.Array:
-    """Per leaf, whether it is free of NaN and Inf: computed on the device, nothing waits for it.
+    """Per leaf, whether it is free of NaN and Inf: computed on the device(s), nothing waits for it.
 
-    The sum decides at once when finite (a vectorized sum is ~3x faster than XLA's `all(isfinite(x))` on
-    CPU); an overflowing (or non-finite) sum is checked element by element.
+    One compiled call per device the leaves are on; the flags end up on the
+    first leaf's device.
+    """
+    places = [x.sharding for x in leaves]
+    if all(p == places[0] for p in places):
+        return _finite_flags(leaves)
+    groups: dict[Any, list[int]] = {}
+    for k, place in enumerate(places):
+        groups.setdefault(place, []).append(k)
+    flags = [jax.device_put(_finite_flags([leaves[k] for k in ks]), places[0]) for ks in groups.values()]
+    order = np.argsort(np.concatenate([ks for ks in groups.values()]))
+    return jnp.concatenate(flags)[order]
+
+
+@jax.jit
+def _finite_flags(leaves: Sequence[jax.Array]) -> jax.Array:
+    """`finite_flags` of leaves on one device. The sum decides at once when finite (a vectorized sum is ~3x
+    faster than XLA's `all(isfinite(x))` on CPU); an overflowing (or non-finite) sum is checked element by element.
     """
 
     def finite(x):

@@ -1,6 +1,7 @@
 """The pure parts (plan, clocks, optimizer checks) and in-process end-to-end loops."""
 
 import concurrent.futures
+import os
 import subprocess
 import sys
 
@@ -96,6 +97,62 @@ def test_sync_clock_a_worker_that_pushed_and_left_still_counts_for_its_step():
     assert [s.gradients for s in steps] == [["g0", "g2"]]
 
 
+def test_sync_clock_counts_a_returning_worker_from_the_step_it_joins_at():
+    # a shard behind the others (version 1, they are at 2) is told worker 2 comes back at step 2: it closes
+    # step 1 without worker 2, step 2 waits for it, and worker 2's pull waits for version 2
+    policy, clock = Sync(), Clock.start(3)
+    clock, _ = policy.leave(clock, 2)
+    for w in (0, 1):
+        clock, _, _ = policy.push(clock, Contribution(w, 0, f"g{w}", 0))
+    clock, first = policy.join(clock, 2, at=2)
+    assert first == 2 and clock.version == 1 and not policy.pull_ready(clock, 2)
+    for w in (0, 1):
+        clock, steps, _ = policy.push(clock, Contribution(w, 1, f"g{w}", 1))
+    assert [s.workers for s in steps] == [(0, 1)] and clock.version == 2 and policy.pull_ready(clock, 2)
+    for w in (0, 1):
+        clock, steps, _ = policy.push(clock, Contribution(w, 2, f"g{w}", 2))
+    assert not steps  # waits for worker 2 now
+    clock, steps, _ = policy.push(clock, Contribution(2, 2, "g2", 2))
+    assert [s.workers for s in steps] == [(0, 1, 2)] and clock.left == frozenset() and not clock.returns
+    # a worker that pushed for a step and left comes back after that step, never twice for it
+    clock, _ = policy.leave(clock, 2)
+    clock, _, _ = policy.push(clock, Contribution(2, 3, "g2", 3))
+    clock, first = policy.join(clock, 2, at=3)
+    assert first == 4
+
+
+def test_a_sync_step_takes_the_mean_eager_jax_computes():
+    # 7/3 as XLA computes a division by the constant 3 (times its rounded reciprocal) is one ulp off
+    ps = jaxps.ParameterServer({"s": jnp.float32(0.0)}, optax.sgd(1.0), mode="sync", workers=3)
+    with ps:
+        clients = [ps.client(w) for w in range(3)]
+        futures = [c.push({"s": jnp.float32(g)}) for c, g in zip(clients, (8.0, 2.0, -3.0))]
+        assert [f.result(60) for f in futures] == ["applied"] * 3
+        assert np.asarray(ps.params()["s"]) == -(np.float32(7.0) / np.float32(3.0))
+
+
+def test_a_running_workers_client_is_not_given_out_twice():
+    with jaxps.ParameterServer(params_tree(), optax.sgd(0.1), mode="sync", workers=2) as ps:
+
+        def ask_again(client, worker):
+            try:
+                ps.client(worker)
+            except ValueError as e:
+                return str(e)
+            finally:
+                client.push(grads_like(params_tree(), 0))
+
+        assert ps.run_workers(ask_again, [1, 0]) == [f"worker {w} is running in run_workers, with the client run_workers gave it" for w in (1, 0)]
+        assert ps.client(0).worker == 0 and ps.step == 1
+
+
+def test_gradients_on_another_device_than_the_shards_are_taken_and_checked_there():
+    # two CPU devices stand in for a machine's GPUs (they must exist before JAX starts: a fresh interpreter)
+    script = os.path.join(os.path.dirname(__file__), "multi_device_script.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
 def test_ssp_clock_counts_a_rejoined_worker_from_its_join():
     policy, clock = make_policy("ssp", 2, 0, 1), Clock.start(2)
     for t in range(3):
@@ -103,7 +160,7 @@ def test_ssp_clock_counts_a_rejoined_worker_from_its_join():
     assert not policy.pull_ready(clock, 0)  # 3 pushes ahead of worker 1
     for w in (0, 1):
         clock, _ = policy.leave(clock, w)
-        clock = policy.join(clock, w)  # a new run_workers
+        clock, _ = policy.join(clock, w)  # a new run_workers
     assert policy.pull_ready(clock, 0) and policy.pull_ready(clock, 1)
     clock, _, _ = policy.push(clock, Contribution(0, 3, "g", 3))
     clock, _, _ = policy.push(clock, Contribution(0, 4, "g", 4))

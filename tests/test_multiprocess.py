@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_equal, grads_like, params_tree
+from helpers import assert_trees_equal, grads_like, params_tree, wait_for
 
 import jaxps
 from jaxps.transports import shm_channel
@@ -266,6 +266,56 @@ def test_client_travels_into_a_user_spawned_process(server):
         np.testing.assert_array_equal(seen[k], expected[k])
         np.testing.assert_array_equal(np.asarray(ps.params()[k]), expected[k])
     assert ps.stats()["pushes_applied"] == 1
+
+
+def _sync_steps_in_child(client, steps, value):
+    """A worker in a process of its own: `steps` sync steps (None: until killed), each pushing `value` everywhere."""
+    t = 0
+    while steps is None or t < steps:
+        client.pull(timeout=120)
+        client.push({k: np.full_like(v, value) for k, v in PARAMS.items()}).result(120)
+        t += 1
+    client.leave()
+
+
+def test_a_killed_worker_process_is_replaced_mid_run_by_a_newcomer(server):
+    # sync, 2 workers: worker 1's process is SIGKILLed mid-run; worker 0 goes on alone once it has left,
+    # and a new process takes worker 1's slot, counted from the current step on both shards
+    ps = server(shards=2, mode="sync", workers=2)
+    ctx = multiprocessing.get_context("spawn")
+    worker0 = ps.client(0)
+
+    def steps(n):
+        for _ in range(n):
+            worker0.pull(timeout=120)
+            assert worker0.push(ONES).result(120) == "applied"
+
+    first = ctx.Process(target=_sync_steps_in_child, args=(ps.client(1), None, 2.0))
+    first.start()
+    try:
+        steps(6)
+        # worker 1 has pushed for step 6 on both shards and waits in its pull for worker 0: kill it there
+        assert wait_for(lambda: all(s["worker_pushes"][1] == 7 for s in ps.stats()["shards"]), 120)
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(30)
+    finally:
+        if first.is_alive():
+            first.kill()
+    ps.client(1).leave()  # the driver's word for a worker process of its own that died
+    steps(3)  # step 6 with worker 1's last push, steps 7 and 8 alone
+    newcomer = ctx.Process(target=_sync_steps_in_child, args=(ps.client(1), 3, 2.0))
+    newcomer.start()
+    try:
+        steps(3)  # steps 9-11 with the newcomer
+        newcomer.join(120)
+    finally:
+        if newcomer.is_alive():
+            newcomer.kill()
+    assert newcomer.exitcode == 0 and not _alive(first.pid)
+    assert ps.step == 12 and [s["version"] for s in ps.stats()["shards"]] == [12, 12]
+    moved = 7 * 1.5 + 2 * 1.0 + 3 * 1.5  # the mean of both workers' pushes, or worker 0's alone
+    for k, v in PARAMS.items():
+        np.testing.assert_array_equal(np.asarray(ps.params()[k]), v - np.float32(moved), err_msg=k)
 
 
 def test_channels_pickle_and_connect_per_thread(server):

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jaxps
-from helpers import TRANSCENDENTAL, ULP, assert_trees_equal, grads_like, mean, optax_oracle, optimizers, params_tree
+from helpers import TRANSCENDENTAL, ULP, assert_trees_equal, grads_like, mean, optax_oracle, optimizers, params_tree, wait_for
 
 
 @pytest.mark.parametrize("name", ["adam", "masked_adamw", "multi_transform"])
@@ -229,6 +229,63 @@ def test_a_worker_that_left_takes_part_again_from_the_current_step(make_server):
     assert phases == [[["applied"] * 2] * 2] * 4
     assert (ps.step, ps.stats()["pushes_dropped"]) == (8, 0)
     np.testing.assert_array_equal(np.asarray(ps.params()["w"]), np.full(3, 16.0, np.float32))  # 8 steps of the mean, 2
+
+
+def test_a_worker_joining_mid_step_counts_from_one_step_on_every_shard(make_server):
+    # worker 1's push for step 0 has reached shard 0 (which closed step 0) but not yet shard 1 when
+    # worker 2 joins: both shards must count worker 2 from step 1, so every step takes the same workers
+    from jaxps.transport import Push
+
+    params, tx = params_tree(), optax.sgd(0.5)
+    ps = make_server(params, tx, shards=2, mode="sync", workers=3)
+    ps.client(2).leave()
+    c0, c1 = ps.client(0), ps.client(1)
+    gate = threading.Event()
+
+    class Gated:
+        """Shard 1's channel, holding back worker 1's push until the gate opens."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def submit(self, request, *args, **kwargs):
+            if isinstance(request, Push):
+                gate.wait(60)
+            return self.inner.submit(request, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    link = c1._links[1]
+    link.channel = Gated(link.channel)
+    grads = {(w, t): grads_like(params, seed=10 * t + w, integer=True) for w in range(3) for t in range(4)}
+    futures = [c0.push(grads[(0, 0)])]
+    pushing = threading.Thread(target=lambda: futures.append(c1.push(grads[(1, 0)])))
+    pushing.start()
+    assert wait_for(lambda: ps.stats()["shards"][0]["version"] == 1, 60)
+    assert ps.stats()["shards"][1]["version"] == 0
+    c2 = ps.client(2)  # joins now
+    gate.set()
+    pushing.join(60)
+    link.channel = link.channel.inner
+    assert [f.result(60) for f in futures] == ["applied", "applied"]
+
+    def steps(client):
+        return [(client.pull(timeout=60), client.push(grads[(client.worker, t)]).result(60))[1] for t in range(1, 4)]
+
+    outcomes = {}
+    threads = [threading.Thread(target=lambda c: outcomes.update({c.worker: steps(c)}), args=(c,)) for c in (c0, c1, c2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert outcomes == {w: ["applied"] * 3 for w in range(3)}
+    step, expected, opt_state = optax_oracle(tx), params, tx.init(params)
+    expected, opt_state = step(expected, opt_state, mean([grads[(0, 0)], grads[(1, 0)]]))
+    for t in range(1, 4):
+        expected, opt_state = step(expected, opt_state, mean([grads[(w, t)] for w in range(3)]))
+    assert_trees_equal(ps.params(), expected)
+    assert [s["version"] for s in ps.stats()["shards"]] == [4, 4]
 
 
 class Pair(NamedTuple):
