@@ -358,9 +358,10 @@ def test_nan_in_an_imaginary_part_is_refused(make_server):
     assert ps.step == 0
 
 
-def test_nonfinite_skip_mode(make_server):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_nonfinite_skip_mode(make_server, shards):
     params = params_tree()
-    ps = make_server(params, optax.sgd(0.1), shards=2, nonfinite="skip")
+    ps = make_server(params, optax.sgd(0.1), shards=shards, nonfinite="skip")
     g = grads_like(params, 0)
     assert ps.push({**g, "scale": jnp.float32(jnp.nan)}).result(timeout=30) == "skipped"
     assert_trees_equal(ps.params(), params)
@@ -369,12 +370,13 @@ def test_nonfinite_skip_mode(make_server):
     assert ps.step == 1
 
 
+@pytest.mark.parametrize("shards", [1, 3])  # one shard checks the push in its step; with several, the client does
 @pytest.mark.parametrize("mode", ["async", "ssp"])
-def test_a_push_checked_on_the_device_changes_nothing_on_any_shard(tmp_path, mode):
+def test_a_push_checked_on_the_device_changes_nothing_on_any_shard(tmp_path, mode, shards):
     """In-process, async and ssp: jax-array gradients are checked inside the shards' step. NaN in one
     shard's leaf leaves every shard's parameters, Adam state and step as they were; the future says so."""
     params, tx = params_tree(), optax.adam(0.1)
-    ps = jaxps.ParameterServer(params, tx, shards=3, mode=mode, workers=1, **({"max_staleness": 1} if mode == "ssp" else {}))
+    ps = jaxps.ParameterServer(params, tx, shards=shards, mode=mode, workers=1, **({"max_staleness": 1} if mode == "ssp" else {}))
     try:
         g0, g1 = grads_like(params, 0), grads_like(params, 1)
         ps.push(g0).result(timeout=30)
@@ -400,9 +402,10 @@ def test_a_push_checked_on_the_device_changes_nothing_on_any_shard(tmp_path, mod
         ps.close()
 
 
-def test_a_refused_push_nobody_asked_about_is_raised_by_the_next_push():
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_refused_push_nobody_asked_about_is_raised_by_the_next_push(shards):
     params = params_tree()
-    ps = jaxps.ParameterServer(params, optax.sgd(0.1), shards=2)
+    ps = jaxps.ParameterServer(params, optax.sgd(0.1), shards=shards)
     try:
         g, bad = grads_like(params, 0), {**grads_like(params, 0), "scale": jnp.float32(jnp.nan)}
         ps.push(bad)  # its future dropped unasked
