@@ -174,6 +174,7 @@ class Client:
         versions = versions or [None] * len(channels)
         self._links = [ShardLink(ch, last_step=None if v is None else v - 1) for ch, v in zip(channels, versions)]
         self._left = False
+        self.sent_away = False  # pickled (to another process): that copy, not this one, may leave
         self._interrupted = False
         self._floats = float_positions(plan.leaves)  # the leaves a NaN/Inf check looks at
         # pushes checked on the device whose result nobody has asked yet, oldest first (see `push`)
@@ -414,6 +415,10 @@ class Client:
     def left(self) -> bool:
         """Whether this worker has left through this client."""
         return self._left
+
+    def __getstate__(self) -> dict:
+        self.sent_away = True  # a copy of it may leave on its own, in its process: ask the shards
+        return dict(self.__dict__)
 
     def leave(self) -> None:
         """This worker is done: sync steps and ssp pulls stop waiting for it. Idempotent."""

@@ -29,7 +29,7 @@ the others. So a step uses the same workers on every shard.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 MODES = ("async", "sync", "ssp")
 
@@ -76,7 +76,6 @@ class Clock:
     pushes: tuple[int, ...] = ()  # pushes received, per worker
     last_step: tuple[int | None, ...] = ()  # step of each worker's last push
     left: frozenset[int] = frozenset()  # workers that have finished
-    returns: Mapping[int, int] = dataclasses.field(default_factory=dict)  # sync: a left worker counts again from this step
     joined_at: tuple[int, ...] = ()  # each worker's push count when it last (re)joined
     pending: Mapping[int, Mapping[int, Contribution]] = dataclasses.field(default_factory=dict)
     decided: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # a follower: the leader's workers per step
@@ -108,9 +107,7 @@ class Clock:
         """This clock rolled back to a checkpoint of `applied` steps, going on at `version`, with `rolled_back`
         unsettled pushes answered so; who has left stays left."""
         fresh = Clock.start(self.workers, version, applied)
-        return dataclasses.replace(
-            fresh, left=self.left, returns=self.returns, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back
-        )
+        return dataclasses.replace(fresh, left=self.left, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back)
 
     def not_applied(self, skipped: bool) -> "Clock":
         """This clock once a push it counted as applied turns out non-finite (checked on the device): its step
@@ -146,17 +143,7 @@ def _join(clock: Clock, worker: int) -> Clock:
     joined = list(clock.joined_at) + [0] * max(0, len(clock.pushes) - len(clock.joined_at))
     if worker < len(joined):
         joined[worker] = clock.pushes[worker]
-    returns = {w: at for w, at in clock.returns.items() if w != worker}
-    return dataclasses.replace(clock, left=clock.left - {worker}, returns=returns, joined_at=tuple(joined))
-
-
-def _returned(clock: Clock) -> Clock:
-    """Workers coming back at a step this clock has reached no longer count as left."""
-    back = {w for w, at in clock.returns.items() if at <= clock.version}
-    if not back:
-        return clock
-    returns = {w: at for w, at in clock.returns.items() if w not in back}
-    return dataclasses.replace(clock, left=clock.left - back, returns=returns)
+    return dataclasses.replace(clock, left=clock.left - {worker}, joined_at=tuple(joined))
 
 
 def _count(counts: tuple[int, ...], worker: int) -> int:
@@ -276,10 +263,16 @@ class Sync:
     def quorum(self, clock: Clock, for_step: int) -> int:
         """Gradients step `for_step` waits for: `workers - backup`, or fewer once workers leave.
 
-        A worker that left after pushing for `for_step` still counts: its gradient is in.
+        A worker that left after pushing for `for_step` still counts: its gradient is in. One whose last push
+        (or join: `join`) is for a later step does not: a worker's pushes go in step order.
         """
         arrived = clock.pending.get(for_step, {})
-        can_arrive = sum(1 for w in range(clock.workers) if w not in clock.left or w in arrived)
+
+        def can_arrive(w: int) -> bool:
+            last = clock.last_step[w]
+            return w in arrived or (w not in clock.left and (last is None or last < for_step))
+
+        can_arrive = sum(1 for w in range(clock.workers) if can_arrive(w))
         return max(1, min(clock.workers - self.backup, can_arrive))
 
     def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
@@ -322,7 +315,7 @@ class Sync:
             taken = sorted(arrived) if chosen is None else sorted(w for w in arrived if w in chosen)
             dropped = tuple(arrived[w] for w in sorted(arrived) if w not in taken)
             step = Step(clock.version, tuple(arrived[w] for w in taken), dropped)
-            clock = _returned(_closed(dataclasses.replace(clock, pending=pending, decided=decided), step))
+            clock = _closed(dataclasses.replace(clock, pending=pending, decided=decided), step)
             steps.append(step)
         return clock, steps
 
@@ -333,19 +326,23 @@ class Sync:
     def leave(self, clock: Clock, worker: int) -> tuple[Clock, list[Step]]:
         return self._close_ready(dataclasses.replace(clock, left=clock.left | {worker}))
 
+    def first_step(self, clock: Clock, workers: Sequence[int]) -> int:
+        """The first step `workers` could all join at here: this version, or the step after the last push of one."""
+        lasts = [clock.last_step[w] for w in workers if clock.last_step[w] is not None]
+        return max([clock.version, *(last + 1 for last in lasts)])
+
     def join(self, clock: Clock, worker: int, at: int | None = None) -> tuple[Clock, int]:
-        """`worker` takes part (again) from step `at` (None: this version), or the step after its last push
-        if that is later; the clock, and that step. Steps before it count the worker as left, and its pulls
-        wait for it. The driver gives every shard the same `at`, so all of them count the worker from one step.
+        """`worker` takes part (again) from step `at` (None: `first_step` here); the clock, and that step.
+
+        Steps before it do not wait for the worker (as if its last push were for
+        the step before), and its pulls wait for it. The driver gives every shard
+        the same `at` (the largest `first_step` of all), so every shard counts the
+        worker from one step.
         """
-        last = clock.last_step[worker]
-        first = max(clock.version if at is None else at, 0 if last is None else last + 1)
+        first = self.first_step(clock, [worker]) if at is None else at
         steps = list(clock.last_step)
-        steps[worker] = None if first == 0 else first - 1  # a pull waits for version `first`
-        clock = dataclasses.replace(_join(clock, worker), last_step=tuple(steps))
-        if first > clock.version:
-            clock = dataclasses.replace(clock, left=clock.left | {worker}, returns={**clock.returns, worker: first})
-        return clock, first
+        steps[worker] = None if first == 0 else first - 1
+        return dataclasses.replace(_join(clock, worker), last_step=tuple(steps)), first
 
     # -- checkpoints: a cut at a step boundary --------------------------------
     def hold(self, clock: Clock) -> tuple[Clock, int]:

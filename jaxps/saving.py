@@ -32,6 +32,15 @@ from jaxps.plan import Plan
 from jaxps.service import Hold, Snapshot, WritePart
 
 
+def release(channels: Sequence[Any]) -> None:
+    """Ends a hold on every shard that may still hold (one that answered `Hold` before something failed)."""
+    for ch in channels:
+        try:
+            ch.call(Snapshot(None), timeout=10)
+        except Exception:
+            pass
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpointing:
     """Save into `directory` every `every` steps, in the background, keeping the `keep` latest (None: all).
@@ -63,6 +72,8 @@ class Saver:
         self._watcher: threading.Thread | None = None
         self._start_step = start_step
         self.restart_from: Callable[[], int | None] = lambda: None  # fail-over: the step every shard last rolled back to
+        # taken while the shards are held for a cut, by a save (until its snapshots) and by a sync join
+        self.holding = threading.Lock()
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` on the saver's thread, between saves; its result."""
@@ -103,16 +114,13 @@ class Saver:
         self._executor.shutdown(wait=True)
 
     def _save(self, root: Path, keep: int | None) -> int:
-        try:
-            marks = gather([ch.submit(Hold()) for ch in self._channels])
-            infos = gather([ch.submit(Snapshot(cut_of(marks))) for ch in self._channels])
-        except BaseException:
-            for ch in self._channels:  # a shard that answered may still hold: let it go on
-                try:
-                    ch.call(Snapshot(None), timeout=10)
-                except Exception:
-                    pass
-            raise
+        with self.holding:
+            try:
+                marks = gather([ch.submit(Hold()) for ch in self._channels])
+                infos = gather([ch.submit(Snapshot(cut_of(marks))) for ch in self._channels])
+            except BaseException:
+                release(self._channels)
+                raise
         errors = [i["error"] for i in infos if "error" in i]
         if errors:
             raise checkpoint.CheckpointError("; ".join(errors))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -18,8 +19,8 @@ from jaxps.failover import FAILURE_MODES, Supervisor
 from jaxps.filters import PushFilter
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
-from jaxps.saving import Checkpointing, Saver
-from jaxps.service import Hold, Join, Lead, Pull, Snapshot, Stats
+from jaxps.saving import Checkpointing, Saver, release
+from jaxps.service import Hold, Join, Lead, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
@@ -130,6 +131,7 @@ class ParameterServer:
         self._clients: dict[int, Client] = {}
         self._finished: set[int] = set()  # workers an earlier `run_workers` let leave
         self._running: set[int] = set()  # workers a `run_workers` call is running now
+        self._running_lock = threading.Lock()
         self._closed = False
         # backup workers on several shards: shard 0 decides each step's workers, the others follow
         agree = mode == "sync" and backup_workers > 0 and len(self._plan.shard_leaves) > 1
@@ -267,15 +269,19 @@ class ParameterServer:
                 f"steps would wait forever for workers {list(range(len(args), self._workers))}"
             )
         workers = list(range(len(args)))
-        if self._running & set(workers):
-            raise ValueError(f"workers {sorted(self._running & set(workers))} are running in another run_workers call")
-        clients = self._new_clients(workers)
-        self._running.update(workers)
+        with self._running_lock:
+            if self._running & set(workers):
+                raise ValueError(f"workers {sorted(self._running & set(workers))} are running in another run_workers call")
+            self._running.update(workers)
         try:
-            return self._transport.run_workers(fn, clients, args)
+            clients = self._new_clients(workers)
+            try:
+                return self._transport.run_workers(fn, clients, args)
+            finally:
+                self._finished.update(workers)
         finally:
-            self._running.difference_update(workers)
-            self._finished.update(workers)
+            with self._running_lock:
+                self._running.difference_update(workers)
 
     def close(self) -> None:
         """Stops the shards and frees their resources. Idempotent."""
@@ -318,7 +324,12 @@ class ParameterServer:
         return gather([ch.submit(Stats()) for ch in self._channels])
 
     def _has_left(self, worker: int) -> bool:
-        return worker in self._finished or (worker in self._clients and self._clients[worker].left)
+        """Whether `worker` has left: after `run_workers`, through its client here, or (its client sent to
+        another process) there, as the shards know."""
+        client = self._clients.get(worker)
+        if worker in self._finished or (client is not None and client.left):
+            return True
+        return client is not None and client.sent_away and worker in self._channels[0].call(Stats())["workers_left"]
 
     def _new_clients(self, workers: list[int]) -> list[Client]:
         """Fresh clients for `workers`, (re)joined on every shard first, so all start from the current step.
@@ -326,8 +337,9 @@ class ParameterServer:
         Joining also restarts ssp's push counts for them together; in sync mode
         every shard counts them from the same step (`join_at_one_step`).
         """
-        if self._mode == "sync":  # between checkpoints and recoveries, which hold the shards too
-            firsts = self._saver.run(lambda: join_at_one_step(self._channels, workers))
+        if self._mode == "sync":
+            with self._saver.holding:  # not while a save holds the shards for its cut
+                firsts = join_at_one_step(self._channels, workers)
         else:
             firsts = gather([ch.submit(Join(tuple(workers))) for ch in self._channels])
         versions = [[per_shard[k] for per_shard in firsts] for k in range(len(workers))]
@@ -351,20 +363,17 @@ class ParameterServer:
 def join_at_one_step(channels: Sequence[Any], workers: Sequence[int]) -> list[list[int]]:
     """Sync: `workers` join every shard at one step, so that each step waits for the same workers everywhere.
 
-    Every shard is held (closes no further step) and answers its version; all
-    of them then count the workers from the newest of those versions (shards
-    behind close the steps before it without them). Answers, per shard, each
-    worker's first step.
+    Every shard is held (closes no further step) and answers the first step
+    the workers could join at there (its version, or the step after one's last
+    push); every shard then counts them from the latest of those (shards behind
+    close the steps before it without them), and the hold ends. Answers, per
+    shard, each worker's first step.
     """
-    marks = gather([ch.submit(Hold()) for ch in channels])
     try:
-        return gather([ch.submit(Join(tuple(workers), max(marks))) for ch in channels])
+        firsts = gather([ch.submit(Hold(tuple(workers))) for ch in channels])
+        return gather([ch.submit(Join(tuple(workers), max(firsts))) for ch in channels])
     except BaseException:
-        for ch in channels:  # a shard that answered the hold may still hold: let it go on
-            try:
-                ch.call(Snapshot(None), timeout=10)
-            except Exception:
-                pass
+        release(channels)
         raise
 
 

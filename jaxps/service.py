@@ -78,7 +78,12 @@ class Stats(NamedTuple):
 
 
 class Hold(NamedTuple):
-    """A checkpoint begins: the shard stops where it is; answers its mark (`jaxps.consistency`)."""
+    """A checkpoint begins: the shard stops where it is; answers its mark (`jaxps.consistency`).
+
+    With `joining` (sync): workers are about to join; answers the first step they could all join at here.
+    """
+
+    joining: tuple[int, ...] = ()
 
 
 class Snapshot(NamedTuple):
@@ -276,7 +281,7 @@ class ShardService:
         reply.send({**self.shard.stats(), **counted, "where": dict(self.where)})
 
     def _hold(self, request: Hold, reply: Reply, arrays: Any) -> None:
-        reply.send(self.shard.hold())
+        reply.send(self.shard.hold(request.joining))
 
     def _snapshot(self, request: Snapshot, reply: Reply, arrays: Any) -> None:
         if request.target is None:

@@ -77,8 +77,8 @@ class Shard:
         # the shard donates its buffers, so it must own them: always copy
         self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in leaves])
         self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
-        # where its parameters live (`device`, else where JAX put them): pushed arrays elsewhere are moved there
-        self._home = next((x.sharding for x in jax.tree.leaves(self._params)), None)
+        # where each parameter lives (`device`, else where JAX put it): a pushed array elsewhere is moved there
+        self._homes = [x.sharding for x in jax.tree.leaves(self._params)]
         if opt_state is None:
             self._opt_state = config.tx.init(self._params)
         else:
@@ -127,11 +127,11 @@ class Shard:
             leaves = self._decoder.decode(leaves)
         if leaves is not None:
             check_leaves(self._row_specs(rows), leaves)
-            grads = self._plan.view(self.index, [self._private(x) for x in leaves])
+            grads = self._plan.view(self.index, [self._private(x, home) for x, home in zip(leaves, self._homes)])
         else:
             grads = None
         if guard is not None:
-            guard = (self._private(guard[0]), guard[1])
+            guard = (self._private(guard[0], self._homes[0]), guard[1])
         with self._lock:
             self._settle_guards(force=False)
             c = Contribution(worker, for_step, grads, based_on, oldest, rows or None, guard)
@@ -235,11 +235,12 @@ class Shard:
             return {"shard": self.index, **self._clock.stats(), **restored}
 
     # -- checkpoints (the cut: `jaxps.consistency`) ---------------------------
-    def hold(self) -> Any:
-        """Stops where it is (pushes beyond wait); returns the mark the driver's cut is made of."""
+    def hold(self, joining: Sequence[int] = ()) -> Any:
+        """Stops where it is (pushes beyond wait); returns the mark the driver's cut is made of, or (sync,
+        `joining` workers) the first step they could all join at here."""
         with self._lock:
             self._clock, mark = self._policy.hold(self._clock)
-            return mark
+            return self._policy.first_step(self._clock, joining) if joining else mark
 
     def cut(self, target: Any, taken: SnapshotTaken) -> None:
         """Goes on to the cut `target`; there, calls `taken(state, info)` with a snapshot (under the lock), then goes on."""
@@ -324,16 +325,19 @@ class Shard:
         for c, done in waiting:
             self._take(c, done)
 
-    def _private(self, x: Any) -> jax.Array:
-        """A pushed array as a jax array of the shard's own: numpy input is copied (its buffer is the
-        client's), through the host so that no program is compiled per shape (row pushes vary)."""
+    def _private(self, x: Any, home: Any) -> jax.Array:
+        """A pushed array as a jax array of the shard's own, placed as `home`: numpy input is copied (its buffer
+        is the client's), through the host so that no program is compiled per shape (row pushes vary)."""
         if not isinstance(x, jax.Array):
-            return jax.device_put(np.array(x, copy=True), self._home)
-        return x if x.sharding == self._home else jax.device_put(x, self._home)  # a worker on another device
+            return jax.device_put(np.array(x, copy=True), home)
+        return x if x.sharding == home else jax.device_put(x, home)  # a worker on another device
 
     def _detach(self, grads: Any) -> Any:
         """Private copies of `grads` through the host (None stays None), where the parameters are."""
-        return None if grads is None else jax.tree.map(lambda x: jax.device_put(np.array(x, copy=True), self._home), grads)
+        if grads is None:
+            return None
+        leaves, treedef = jax.tree.flatten(grads)
+        return jax.tree.unflatten(treedef, [jax.device_put(np.array(x, copy=True), h) for x, h in zip(leaves, self._homes)])
 
     def _own(self, x: Any, copy: bool) -> jax.Array:
         """`x` on the shard's device, copied if asked.

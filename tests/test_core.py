@@ -104,6 +104,7 @@ def test_sync_clock_counts_a_returning_worker_from_the_step_it_joins_at():
     clock, _ = policy.leave(clock, 2)
     for w in (0, 1):
         clock, _, _ = policy.push(clock, Contribution(w, 0, f"g{w}", 0))
+    assert policy.first_step(clock, [2]) == 1
     clock, first = policy.join(clock, 2, at=2)
     assert first == 2 and clock.version == 1 and not policy.pull_ready(clock, 2)
     for w in (0, 1):
@@ -113,12 +114,48 @@ def test_sync_clock_counts_a_returning_worker_from_the_step_it_joins_at():
         clock, steps, _ = policy.push(clock, Contribution(w, 2, f"g{w}", 2))
     assert not steps  # waits for worker 2 now
     clock, steps, _ = policy.push(clock, Contribution(2, 2, "g2", 2))
-    assert [s.workers for s in steps] == [(0, 1, 2)] and clock.left == frozenset() and not clock.returns
-    # a worker that pushed for a step and left comes back after that step, never twice for it
-    clock, _ = policy.leave(clock, 2)
-    clock, _, _ = policy.push(clock, Contribution(2, 3, "g2", 3))
-    clock, first = policy.join(clock, 2, at=3)
-    assert first == 4
+    assert [s.workers for s in steps] == [(0, 1, 2)]
+
+
+def test_sync_clock_a_worker_rejoining_after_its_last_push_joins_the_step_after():
+    policy, clock = Sync(), Clock.start(2)
+    clock, _, _ = policy.push(clock, Contribution(1, 0, "g1", 0))
+    clock, _ = policy.leave(clock, 1)
+    assert policy.first_step(clock, [1]) == 1  # its push for step 0 is in: never twice for a step
+    clock, first = policy.join(clock, 1)
+    assert first == 1
+    # ... and leaving again before step 1 is for good: step 1 and after do not wait for it
+    clock, _ = policy.leave(clock, 1)
+    clock, steps, _ = policy.push(clock, Contribution(0, 0, "g0", 0))
+    assert [s.workers for s in steps] == [(0, 1)]
+    clock, steps, _ = policy.push(clock, Contribution(0, 1, "g0", 1))
+    assert [s.workers for s in steps] == [(0,)]
+
+
+def test_sync_clock_a_worker_joined_for_a_later_step_counts_after_a_rollback_on_every_shard_alike():
+    policy, clock = Sync(), Clock.start(2)
+    clock, _ = policy.leave(clock, 1)
+    clock, _, _ = policy.push(clock, Contribution(0, 0, "g0", 0))
+    clock, _ = policy.join(clock, 1, at=3)
+    clock = clock.restarted(version=0, applied=0)  # every shard rolled back to a checkpoint of step 0
+    assert clock.stats()["workers_left"] == [] and policy.quorum(clock, 0) == 2  # it counts from there
+
+
+def test_sync_shards_agree_on_the_join_step_after_a_push_that_reached_one_of_them():
+    # worker 1 died mid-push: shard A has its push for step 0, shard B not. Both join it at step 1 (the
+    # latest first step of all), so neither waits for a push for step 0 that will never come
+    policy = Sync()
+    a, b = Clock.start(2), Clock.start(2)
+    a, _, _ = policy.push(a, Contribution(1, 0, "g1", 0))
+    a, _ = policy.leave(a, 1)
+    b, _ = policy.leave(b, 1)
+    at = max(policy.first_step(a, [1]), policy.first_step(b, [1]))
+    assert at == 1
+    a, _ = policy.join(a, 1, at)
+    b, _ = policy.join(b, 1, at)
+    for clock in (a, b):
+        clock, steps, _ = policy.push(clock, Contribution(0, 0, "g0", 0))
+        assert clock.version == 1 and policy.quorum(clock, 1) == 2
 
 
 def test_a_sync_step_takes_the_mean_eager_jax_computes():

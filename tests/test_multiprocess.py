@@ -303,7 +303,8 @@ def test_a_killed_worker_process_is_replaced_mid_run_by_a_newcomer(server):
             first.kill()
     ps.client(1).leave()  # the driver's word for a worker process of its own that died
     steps(3)  # step 6 with worker 1's last push, steps 7 and 8 alone
-    newcomer = ctx.Process(target=_sync_steps_in_child, args=(ps.client(1), 3, 2.0))
+    second = ps.client(1)
+    newcomer = ctx.Process(target=_sync_steps_in_child, args=(second, 3, 2.0))
     newcomer.start()
     try:
         steps(3)  # steps 9-11 with the newcomer
@@ -312,8 +313,13 @@ def test_a_killed_worker_process_is_replaced_mid_run_by_a_newcomer(server):
         if newcomer.is_alive():
             newcomer.kill()
     assert newcomer.exitcode == 0 and not _alive(first.pid)
-    assert ps.step == 12 and [s["version"] for s in ps.stats()["shards"]] == [12, 12]
-    moved = 7 * 1.5 + 2 * 1.0 + 3 * 1.5  # the mean of both workers' pushes, or worker 0's alone
+    # the newcomer left in its own process: the driver learns it from the shards, and a third takes the slot
+    third = ps.client(1)
+    assert third is not second
+    futures = [worker0.push(ONES), third.push({k: np.full_like(v, 2.0) for k, v in PARAMS.items()})]
+    assert [f.result(120) for f in futures] == ["applied"] * 2
+    assert ps.step == 13 and [s["version"] for s in ps.stats()["shards"]] == [13, 13]
+    moved = 7 * 1.5 + 2 * 1.0 + 4 * 1.5  # the mean of both workers' pushes, or worker 0's alone
     for k, v in PARAMS.items():
         np.testing.assert_array_equal(np.asarray(ps.params()[k]), v - np.float32(moved), err_msg=k)
 
