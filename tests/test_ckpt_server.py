@@ -150,7 +150,7 @@ def test_save_racing_with_pushes_from_two_threads_is_a_consistent_cut(make_serve
     # the same pushes on every shard has the same value in every leaf (integers: exact, any order)
     params = {"a": jnp.zeros((4,)), "b": {"c": jnp.zeros((3, 2)), "d": jnp.zeros(())}, "e": jnp.zeros((5,))}
     ps = make_server(params, optax.sgd(-1.0), shards=3, mode=mode, workers=2)
-    rounds, stop, errors = 30, threading.Event(), []
+    rounds, errors = 30, []
 
     def work(w):
         client = ps.client(w)
