@@ -268,12 +268,11 @@ class Sync:
         """
         arrived = clock.pending.get(for_step, {})
 
-        def can_arrive(w: int) -> bool:
+        def counts(w: int) -> bool:
             last = clock.last_step[w]
             return w in arrived or (w not in clock.left and (last is None or last < for_step))
 
-        can_arrive = sum(1 for w in range(clock.workers) if can_arrive(w))
-        return max(1, min(clock.workers - self.backup, can_arrive))
+        return max(1, min(clock.workers - self.backup, sum(map(counts, range(clock.workers)))))
 
     def push(self, clock: Clock, c: Contribution) -> tuple[Clock, list[Step], str | None]:
         if clock.rolled_back(c, sync=True):

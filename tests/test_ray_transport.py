@@ -7,6 +7,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 
 import jax.numpy as jnp
 import numpy as np
@@ -210,7 +211,10 @@ def test_killed_shard_raises_shard_died_error(data_path):
         else:
             ray.kill(ps._transport.actors[0])
         thread.join(30)
-        assert not thread.is_alive() and time.monotonic() - t < 20
+        if thread.is_alive():  # say where it waits
+            stack = "".join(traceback.format_stack(sys._current_frames()[thread.ident]))
+            pytest.fail(f"the pull waiting on shard 0 (pid {where.get('pid')}) did not end within 30 s of its death:\n{stack}")
+        assert time.monotonic() - t < 20
         assert isinstance(errors[0], jaxps.ShardDiedError) and "shard 0" in str(errors[0])
         with pytest.raises(jaxps.ShardDiedError, match="shard 0"):
             ps.client(1).push(ONES).result(30)
