@@ -337,7 +337,7 @@ class Shard:
         if grads is None:
             return None
         leaves, treedef = jax.tree.flatten(grads)
-        return jax.tree.unflatten(treedef, [jax.device_put(np.array(x, copy=True), h) for x, h in zip(leaves, self._homes)])
+        return jax.tree.unflatten(treedef, [self._private(np.asarray(x), home) for x, home in zip(leaves, self._homes)])
 
     def _own(self, x: Any, copy: bool) -> jax.Array:
         """`x` on the shard's device, copied if asked.
