@@ -25,11 +25,11 @@ wait for processes that never join it.
 
 `--checkpoint-dir DIR`: the server saves into DIR every `--checkpoint-every`
 steps and at the end, and a later run with the same DIR resumes from its latest
-checkpoint. jaxps writes checkpoints with plain file operations from the driver
-and from each shard actor: DIR must be one filesystem path that the driver and
-every shard's node see (pin the shards to the driver's node with
-`--shard-resource`, or use a shared mount); `gs://` URLs are refused (see
-`check_checkpoint_dir`).
+checkpoint. The driver and each shard actor write into DIR themselves: it is
+a `gs://bucket/path` URL (every node needs `pip install "jaxps[gcs]"` and the
+VMs' own credentials), or one filesystem path that the driver and every
+shard's node see (pin the shards to the driver's node with `--shard-resource`,
+or use a shared mount); other URLs are refused (see `check_checkpoint_dir`).
 """
 
 from __future__ import annotations
@@ -123,13 +123,15 @@ def check_tpu_capacity(workers: int, tpu_per_worker: float, cpus_per_worker: flo
 
 
 def check_checkpoint_dir(directory: str | None) -> None:
-    """Refuses URLs, with advice: jaxps writes checkpoints with file operations (and refuses URLs itself)."""
-    if directory and "://" in str(directory):
-        raise ValueError(
-            f"--checkpoint-dir {directory}: jaxps writes checkpoints to a filesystem path, not a URL; use a "
-            "directory that the driver and every shard's node see (e.g. a local disk of the node the shards are "
-            "pinned to, or a shared mount of the bucket), and copy it to GCS from there"
-        )
+    """Refuses a directory jaxps cannot write checkpoints into (a URL other than gs://, or gs:// without gcsfs), with advice."""
+    if not directory:
+        return
+    try:
+        jaxps.checkpoint.location(directory)
+    except ImportError as e:
+        raise ValueError(f"--checkpoint-dir {directory}: {e} (on the driver and every shard's node)") from None
+    except ValueError as e:
+        raise ValueError(f"--checkpoint-dir {directory}: {e}") from None
 
 
 # -- the model and the data --------------------------------------------------------------

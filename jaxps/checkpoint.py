@@ -25,9 +25,14 @@ On disk::
           index/                   JSON: state path -> [name, shape, dtype]
         jaxps_checkpoint.json    the step's metadata, written last, by the driver
 
+`root` is a local path or a ``gs://bucket/...`` URL (Google Cloud Storage,
+through `etils.epath` and gcsfs for files, TensorStore for arrays).
+
 Atomicity: orbax writes each part into a temporary directory and renames it
-when complete; the driver writes ``jaxps_checkpoint.json`` (temporary file,
-fsync, rename, fsync of the directory) only once every part is in place. A
+when complete (on gs://, it marks it complete with a file instead); the
+driver writes ``jaxps_checkpoint.json`` (locally: temporary file, fsync,
+rename, fsync of the directory; on gs:// one object write, which is atomic)
+only once every part is in place. A
 step is complete if and only if its metadata file exists: readers ignore
 every other step directory, and the driver removes them (a step it is about
 to write again, and those older than a step it commits). Retention removes a
@@ -270,8 +275,11 @@ def _checkpointer():
     return ocp, ocp.Checkpointer(handler)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomically: a temporary file, fsync, rename, fsync of the directory."""
+def _write_json(path: Any, obj: Any) -> None:
+    """Atomically: a temporary file, fsync, rename, fsync of the directory (on gs://: one object write)."""
+    if _remote(path):
+        path.write_text(json.dumps(obj, indent=1))
+        return
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -281,7 +289,9 @@ def _write_json(path: Path, obj: Any) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Any) -> None:
+    if _remote(path):
+        return  # an object store has no directories to make durable
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -289,28 +299,59 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _step_dirs(root: Path) -> dict[int, Path]:
+def _step_dirs(root: Any) -> dict[int, Any]:
     return {int(p.name): p for p in root.iterdir() if p.name.isdigit() and p.is_dir()} if root.is_dir() else {}
 
 
-def local_path(directory: str | os.PathLike) -> Path:
-    """`directory` as a path of the file system (a URL such as gs://... is refused: mount the bucket instead)."""
-    if "://" in str(directory):
+URLS = ("gs://",)  # the URLs a checkpoint directory may be, besides a local path
+
+
+def location(directory: Any) -> Any:
+    """`directory` as a path object: a `pathlib.Path`, or an `etils.epath.Path` for a gs:// URL.
+
+    Other URLs are refused; gs:// needs gcsfs (`pip install "jaxps[gcs]"`).
+    """
+    text = os.fspath(directory) if isinstance(directory, os.PathLike) else str(directory)
+    if "://" not in text:
+        return Path(text)
+    if not text.startswith(URLS):
         raise ValueError(
-            f"checkpoint directory {str(directory)!r}: URLs are not supported yet; give a path that the driver and every "
-            "shard's node see (a shared disk, or the bucket mounted with gcsfuse)"
+            f"checkpoint directory {text!r}: of URLs only {', '.join(URLS)} is supported; or give a path that the "
+            "driver and every shard's node see (a shared disk, a mounted bucket)"
         )
-    return Path(directory)
+    try:
+        import fsspec
+        import gcsfs  # noqa: F401  (etils.epath reaches Google Cloud Storage through it)
+    except ImportError:
+        raise ImportError(f"checkpoint directory {text!r} needs gcsfs: pip install \"jaxps[gcs]\"") from None
+    from etils import epath
+
+    for protocol in ("gs", "gcs"):  # the shards write parts from their own processes: list afresh, never from a cache
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+    return epath.Path(text)
+
+
+def _remote(path: Any) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _rmtree(path: Any) -> None:
+    if _remote(path):
+        if path.exists():
+            path.rmtree(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def steps(directory: str | os.PathLike) -> list[int]:
     """The complete steps in `directory`, oldest first (none for a missing directory)."""
-    return sorted(s for s, p in _step_dirs(Path(directory)).items() if (p / METADATA).is_file())
+    return sorted(s for s, p in _step_dirs(location(directory)).items() if (p / METADATA).is_file())
 
 
-def _remove_step(path: Path) -> None:
+def _remove_step(path: Any) -> None:
     (path / METADATA).unlink(missing_ok=True)  # first: the step is incomplete from here on
-    shutil.rmtree(path, ignore_errors=True)
+    _rmtree(path)
 
 
 def check_directory(directory: str | os.PathLike, plan: Plan) -> bool:
@@ -319,7 +360,7 @@ def check_directory(directory: str | os.PathLike, plan: Plan) -> bool:
     Raises `CheckpointError` if it holds another model's (naming the paths that
     differ) or other files.
     """
-    root = Path(directory)
+    root = location(directory)
     marker = root / MARKER
     if marker.is_file():
         saved = json.loads(marker.read_text())
@@ -340,7 +381,7 @@ def prepare(directory: str | os.PathLike, step: int, plan: Plan, replace: bool =
     and a `step` that is already complete there, unless `replace` (then it is
     removed, metadata first).
     """
-    root = Path(directory)
+    root = location(directory)
     specs = param_specs(plan)
     marker = root / MARKER
     if not check_directory(root, plan):
@@ -351,7 +392,7 @@ def prepare(directory: str | os.PathLike, step: int, plan: Plan, replace: bool =
         raise CheckpointError(f"step {step} already exists in {root} (complete steps: {steps(root)})")
     if path.exists():
         _remove_step(path)  # left by a save that did not finish (or replaced)
-    path.mkdir()
+    path.mkdir(exist_ok=True)  # (on gs://, a directory is there once it holds an object)
 
 
 def write_part(directory: str | os.PathLike, step: int, part: int, state: Mapping[str, np.ndarray]) -> None:
@@ -363,7 +404,7 @@ def write_part(directory: str | os.PathLike, step: int, part: int, state: Mappin
     names = {path: f"a{i}" for i, path in enumerate(sorted(state))}
     arrays = {names[p]: np.asarray(x) for p, x in state.items()}
     index = {p: [names[p], list(np.shape(x)), np.dtype(x.dtype).name] for p, x in state.items()}
-    target = Path(directory) / str(step) / f"part_{part}"
+    target = location(directory) / str(step) / f"part_{part}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with _ORBAX:
         checkpointer.save(target, ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), index=ocp.args.JsonSave(index)))
@@ -392,7 +433,7 @@ def commit(
 
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be a positive int or None, got {keep!r}")
-    root = Path(directory)
+    root = location(directory)
     path = root / str(step)
     missing = [f"part_{k}" for k in range(plan.num_shards) if not (path / f"part_{k}").is_dir()]
     if missing:
@@ -422,7 +463,7 @@ def commit(
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:
     """The metadata of `step` (default: the latest complete step) in `directory`."""
-    root = local_path(directory)
+    root = location(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist")
     complete = steps(root)
@@ -443,7 +484,7 @@ def read_index(directory: str | os.PathLike, metadata: Mapping) -> dict[str, lis
     ocp, checkpointer = _checkpointer()
     where: dict[str, list[tuple[str, str, Spec]]] = {}
     for part in metadata["parts"]:
-        path = Path(directory) / str(metadata["step"]) / part
+        path = location(directory) / str(metadata["step"]) / part
         with _ORBAX:
             index = checkpointer.restore(path, ocp.args.Composite(index=ocp.args.JsonRestore()))["index"]
         for p, (name, shape, dtype) in index.items():
@@ -486,7 +527,7 @@ def read(
     for part, names in per_part.items():
         item = {n: 0 for n in names}
         restore_args = {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}
-        path = Path(directory) / str(metadata["step"]) / part
+        path = location(directory) / str(metadata["step"]) / part
         with _ORBAX:
             arrays[part] = checkpointer.restore(
                 path, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))

@@ -54,7 +54,7 @@ class Checkpointing:
     poll: float = 0.1
 
     def __post_init__(self):
-        checkpoint.local_path(self.directory)
+        checkpoint.location(self.directory)
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"Checkpointing(every=...) must be a positive int, got {self.every!r}")
         if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 1):
@@ -81,7 +81,7 @@ class Saver:
 
     def save(self, directory: str | os.PathLike, keep: int | None = None) -> concurrent.futures.Future:
         """A future of the step saved into `directory`."""
-        return self._executor.submit(self._save, checkpoint.local_path(directory), keep)
+        return self._executor.submit(self._save, checkpoint.location(directory), keep)
 
     def every(self, config: Checkpointing, step_now) -> None:
         """Saves per `config` whenever `step_now()` has gone `config.every` steps beyond the last save."""

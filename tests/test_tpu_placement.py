@@ -210,12 +210,13 @@ def test_a_worker_asking_more_tpu_than_any_node_has_is_refused_at_once(fake_tpu_
 
 
 # -- checkpoints -----------------------------------------------------------------------------
-def test_checkpoint_urls_are_refused_with_advice():
+def test_checkpoint_urls_other_than_gs_are_refused_with_advice():
     tpu_vm.check_checkpoint_dir("/mnt/disks/ckpt/run")
-    with pytest.raises(ValueError, match="filesystem path, not a URL"):
-        tpu_vm.check_checkpoint_dir("gs://bucket/run")
+    tpu_vm.check_checkpoint_dir("gs://bucket/run")  # gcsfs is installed with the test extras
+    with pytest.raises(ValueError, match="of URLs only gs:// is supported"):
+        tpu_vm.check_checkpoint_dir("s3://bucket/run")
     with pytest.raises(SystemExit):
-        tpu_vm.parse_args(["--fake-tpu", "--checkpoint-dir", "gs://bucket/run"])
+        tpu_vm.parse_args(["--fake-tpu", "--checkpoint-dir", "s3://bucket/run"])
 
 
 # -- the script ------------------------------------------------------------------------------
