@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -313,6 +314,8 @@ def location(directory: Any) -> Any:
     """
     text = os.fspath(directory) if isinstance(directory, os.PathLike) else str(directory)
     if "://" not in text:
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):
+            raise ValueError(f"checkpoint directory {text!r} looks like a URL that lost a '/' (a pathlib.Path of a URL?): give it as a string")
         return Path(text)
     if not text.startswith(URLS):
         raise ValueError(
@@ -326,6 +329,7 @@ def location(directory: Any) -> Any:
         raise ImportError(f"checkpoint directory {text!r} needs gcsfs: pip install \"jaxps[gcs]\"") from None
     from etils import epath
 
+    os.environ.setdefault("EPATH_USE_TF", "false")  # gs:// through gcsfs (as tested), not TensorFlow's gfile
     for protocol in ("gs", "gcs"):  # the shards write parts from their own processes: list afresh, never from a cache
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
@@ -334,6 +338,11 @@ def location(directory: Any) -> Any:
 
 def _remote(path: Any) -> bool:
     return "://" in os.fspath(path)
+
+
+def _part_written(path: Any) -> bool:
+    """Whether orbax has finished part `path`: renamed into place, or on gs:// (written in place) marked so."""
+    return (path / "commit_success.txt").is_file() if _remote(path) else path.is_dir()
 
 
 def _rmtree(path: Any) -> None:
@@ -392,13 +401,14 @@ def prepare(directory: str | os.PathLike, step: int, plan: Plan, replace: bool =
         raise CheckpointError(f"step {step} already exists in {root} (complete steps: {steps(root)})")
     if path.exists():
         _remove_step(path)  # left by a save that did not finish (or replaced)
-    path.mkdir(exist_ok=True)  # (on gs://, a directory is there once it holds an object)
+    path.mkdir(exist_ok=_remote(path))  # (on gs://, a directory is there once it holds an object)
 
 
 def write_part(directory: str | os.PathLike, step: int, part: int, state: Mapping[str, np.ndarray]) -> None:
     """Writer `part` (shard `part`), alone: writes its path-keyed `state` as `<directory>/<step>/part_<part>`.
 
-    Atomic by orbax (temporary directory, then rename). The step is not complete until `commit`.
+    Atomic by orbax (temporary directory, then rename; on gs://, a commit file written last). The step is
+    not complete until `commit`.
     """
     ocp, checkpointer = _checkpointer()
     names = {path: f"a{i}" for i, path in enumerate(sorted(state))}
@@ -435,7 +445,7 @@ def commit(
         raise ValueError(f"keep must be a positive int or None, got {keep!r}")
     root = location(directory)
     path = root / str(step)
-    missing = [f"part_{k}" for k in range(plan.num_shards) if not (path / f"part_{k}").is_dir()]
+    missing = [f"part_{k}" for k in range(plan.num_shards) if not _part_written(path / f"part_{k}")]
     if missing:
         raise CheckpointError(f"cannot commit step {step} in {root}: parts {missing} have not been written")
     _fsync_dir(path)  # the parts' renames are durable before the metadata names them

@@ -151,7 +151,7 @@ def _sharded_agrees(tx, plan: Plan, leaves: list) -> jax.Array:
 
 
 def _probe(x: jax.Array, i: int, k: int) -> jax.Array:
-    """Probe gradient `k` for leaf `i`: values spread over [-100, 100) (a multiplicative hash of the
+    """Probe gradient `k` for leaf `i`: values spread over [-100, 100] (a multiplicative hash of the
     position), zeros for integer leaves; made where it is used, nothing moves from the host."""
     jnp = jax.numpy
     if not jnp.issubdtype(x.dtype, jnp.inexact):
@@ -166,7 +166,7 @@ def _close(a: jax.Array, b: jax.Array, rtol: float = 1e-5, atol: float = 1e-6) -
     jnp = jax.numpy
     if not jnp.issubdtype(a.dtype, jnp.inexact):
         return jnp.all(a == b)
-    wide = jnp.promote_types(a.dtype, jnp.float32)
+    wide = a.dtype if jnp.dtype(a.dtype).itemsize >= 4 else jnp.float32  # float8 types do not promote implicitly
     a, b = a.astype(wide), b.astype(wide)
     ok = (jnp.abs(a - b) <= atol + rtol * jnp.abs(b)) | (a == b) | (jnp.isnan(a) & jnp.isnan(b))
     return jnp.all(ok)

@@ -341,6 +341,15 @@ def test_whole_tree_transforms_are_refused_by_name():
         assert_trees_equal(ps.pull(), expected, ulp=ULP)
 
 
+def test_the_probe_takes_every_float_dtype_a_leaf_may_have():
+    # float8 does not promote implicitly: the probe compares it in float32
+    params = {"a": jnp.ones(4, jnp.float8_e4m3fn), "b": jnp.ones(3, jnp.bfloat16), "c": jnp.ones(2, jnp.complex64), "d": jnp.arange(3)}
+    with jaxps.ParameterServer(params, optax.sgd(1.0), shards=2) as ps:
+        assert ps.plan.num_shards == 2
+    with pytest.raises(jaxps.NotShardableError, match="clip_by_global_norm"):
+        jaxps.ParameterServer(params, optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), shards=2)
+
+
 def test_unknown_whole_tree_transforms_are_caught_by_the_probe():
     def scale_by_global_max():  # a user's transform that reduces over all leaves
         def update(updates, state, params=None):
