@@ -329,6 +329,8 @@ def test_a_url_directory_is_refused_not_written_locally(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="of URLs only gs:// is supported"):
         jaxps.Checkpointing("s3://bucket/run", every=2)
+    with pytest.raises(ValueError, match="looks like a URL that lost a '/'"):
+        jaxps.Checkpointing(tmp_path.__class__("gs://bucket/run"), every=2)  # a pathlib.Path of a URL: gs:/bucket/run
     with jaxps.ParameterServer({"w": np.zeros(3, np.float32)}, optax.sgd(1.0)) as ps:
         with pytest.raises(ValueError, match="s3://bucket/run"):
             ps.save("s3://bucket/run")
