@@ -347,8 +347,7 @@ def _part_written(path: Any) -> bool:
 
 def _rmtree(path: Any) -> None:
     if _remote(path):
-        if path.exists():
-            path.rmtree(missing_ok=True)
+        path.rmtree(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -493,8 +492,9 @@ def read_index(directory: str | os.PathLike, metadata: Mapping) -> dict[str, lis
     """`{state path: [(part, array name, spec), ...]}` of a complete step: where each path is stored."""
     ocp, checkpointer = _checkpointer()
     where: dict[str, list[tuple[str, str, Spec]]] = {}
+    step_dir = location(directory) / str(metadata["step"])
     for part in metadata["parts"]:
-        path = location(directory) / str(metadata["step"]) / part
+        path = step_dir / part
         with _ORBAX:
             index = checkpointer.restore(path, ocp.args.Composite(index=ocp.args.JsonRestore()))["index"]
         for p, (name, shape, dtype) in index.items():
@@ -534,10 +534,11 @@ def read(
             per_part.setdefault(part, []).append(name)
     ocp, checkpointer = _checkpointer()
     arrays: dict[str, dict[str, np.ndarray]] = {}
+    step_dir = location(directory) / str(metadata["step"])
     for part, names in per_part.items():
         item = {n: 0 for n in names}
         restore_args = {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}
-        path = location(directory) / str(metadata["step"]) / part
+        path = step_dir / part
         with _ORBAX:
             arrays[part] = checkpointer.restore(
                 path, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
