@@ -13,9 +13,8 @@ Per transport, in one run:
              metadata written), each shard writing its own part from its own process;
 - raw read:  `np.fromfile` of that file, cold;
 - restore:   `ParameterServer.restore(...)`, cold: its wall time, and the shards' reading (each shard
-             reads its own part in its own process and says how long it took: `stats()["shards"][k]
-             ["restored_in_s"]`; in-process the shards read one after another, their sum; otherwise in
-             parallel, their max);
+             reads its own part, in parallel: in-process on threads of this process, otherwise in its own
+             process; each says how long it took, `stats()["shards"][k]["restored_in_s"]`: their max);
 - training:  steps/s of a driver pushing gradients for `--train-seconds`, without checkpoints, then with
              `jaxps.Checkpointing(every=N)`, N chosen from the first rate for a checkpoint every ~30 s.
 
@@ -152,7 +151,7 @@ def server_main(args) -> None:
                     restore = time.perf_counter() - t
                     assert restored.step == step
                     reads = [s["restored_in_s"] for s in restored.stats()["shards"]]
-                    reading = sum(reads) if transport == "inprocess" else max(reads)
+                    reading = max(reads)
                     restored.close()
                     shutil.rmtree(directory)
                     raw.unlink()

@@ -42,14 +42,14 @@ leaves an incomplete step, never a corrupt complete one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -66,9 +66,11 @@ FORMAT = "jaxps-checkpoint/1"
 
 Spec = tuple[tuple[int, ...], str]  # (shape, dtype name)
 
-# orbax's checkpointers are not safe to run in parallel in one process (shared
-# operation ids, temporary directories): one at a time per process.
-_ORBAX = threading.Lock()
+# Parts are written and read in parallel, also in one process (in-process
+# shards; a driver reading several parts). orbax's checkpointers share one
+# process-wide operation id, which only asynchronous directory creation relies
+# on (its "directory created" signals): `_checkpointer` creates directories
+# synchronously, and each thread uses a checkpointer of its own.
 
 
 class CheckpointError(ValueError):
@@ -272,8 +274,26 @@ def _checkpointer():
         # float state hardly compresses: speed first
         arrays=ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry),
         index=ocp.JsonCheckpointHandler(),
+        # synchronous: safe to run alongside another save in this process (see the note at the top)
+        composite_options=ocp.CompositeOptions(async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)),
     )
     return ocp, ocp.Checkpointer(handler)
+
+
+def _per_part(read_part: Callable[[Any, Any, str], Any], parts: Sequence[str]) -> dict[str, Any]:
+    """`{part: read_part(ocp, checkpointer, part)}`, the parts read in parallel, each with a checkpointer of its own."""
+
+    def one(part: str) -> Any:
+        ocp, checkpointer = _checkpointer()
+        try:
+            return read_part(ocp, checkpointer, part)
+        finally:
+            checkpointer.close()
+
+    if len(parts) <= 1:
+        return {part: one(part) for part in parts}
+    with concurrent.futures.ThreadPoolExecutor(min(len(parts), 8), thread_name_prefix="jaxps-checkpoint-read") as pool:
+        return dict(zip(parts, pool.map(one, parts)))
 
 
 def _write_json(path: Any, obj: Any) -> None:
@@ -415,8 +435,9 @@ def write_part(directory: str | os.PathLike, step: int, part: int, state: Mappin
     index = {p: [names[p], list(np.shape(x)), np.dtype(x.dtype).name] for p, x in state.items()}
     target = location(directory) / str(step) / f"part_{part}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _ORBAX:
+    try:
         checkpointer.save(target, ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), index=ocp.args.JsonSave(index)))
+    finally:
         checkpointer.close()
 
 
@@ -490,16 +511,15 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
 
 def read_index(directory: str | os.PathLike, metadata: Mapping) -> dict[str, list[tuple[str, str, Spec]]]:
     """`{state path: [(part, array name, spec), ...]}` of a complete step: where each path is stored."""
-    ocp, checkpointer = _checkpointer()
-    where: dict[str, list[tuple[str, str, Spec]]] = {}
     step_dir = location(directory) / str(metadata["step"])
+    indexes = _per_part(
+        lambda ocp, checkpointer, part: checkpointer.restore(step_dir / part, ocp.args.Composite(index=ocp.args.JsonRestore()))["index"],
+        metadata["parts"],
+    )
+    where: dict[str, list[tuple[str, str, Spec]]] = {}
     for part in metadata["parts"]:
-        path = step_dir / part
-        with _ORBAX:
-            index = checkpointer.restore(path, ocp.args.Composite(index=ocp.args.JsonRestore()))["index"]
-        for p, (name, shape, dtype) in index.items():
+        for p, (name, shape, dtype) in indexes[part].items():
             where.setdefault(p, []).append((part, name, (tuple(shape), dtype)))
-    checkpointer.close()
     lines = [f"{p}: " + ", ".join(f"{part} {describe(s)}" for part, _, s in places) for p, places in where.items() if len({s for _, _, s in places}) > 1]
     _raise(f"step {metadata['step']} in {directory}: parts disagree on", lines)
     return where
@@ -532,18 +552,17 @@ def read(
         where[k] = where[k] if check_replicated else where[k][:1]
         for part, name, _ in where[k]:
             per_part.setdefault(part, []).append(name)
-    ocp, checkpointer = _checkpointer()
-    arrays: dict[str, dict[str, np.ndarray]] = {}
     step_dir = location(directory) / str(metadata["step"])
-    for part, names in per_part.items():
+
+    def read_part(ocp, checkpointer, part: str) -> dict[str, np.ndarray]:
+        names = per_part[part]
         item = {n: 0 for n in names}
         restore_args = {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}
-        path = step_dir / part
-        with _ORBAX:
-            arrays[part] = checkpointer.restore(
-                path, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-            )["arrays"]
-    checkpointer.close()
+        return checkpointer.restore(
+            step_dir / part, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+        )["arrays"]
+
+    arrays = _per_part(read_part, list(per_part))
     found = {}
     for k in needed:
         values = [(part, arrays[part][name]) for part, name, _ in where[k]]
@@ -599,12 +618,13 @@ def save(
     keep: int | None = None,
     extra: Mapping | None = None,
 ) -> dict:
-    """All of a checkpoint from one process: `prepare`, each shard's `write_part`, `commit`."""
+    """All of a checkpoint from one process: `prepare`, each shard's `write_part` (in parallel), `commit`."""
     if len(states) != plan.num_shards:
         raise ValueError(f"one state per shard: the plan has {plan.num_shards} shards, got {len(states)} states")
     prepare(directory, step, plan)
-    for k, state in enumerate(states):
-        write_part(directory, step, k, state)
+    with concurrent.futures.ThreadPoolExecutor(min(len(states), 8), thread_name_prefix="jaxps-checkpoint-write") as pool:
+        for done in [pool.submit(write_part, directory, step, k, state) for k, state in enumerate(states)]:
+            done.result()
     return commit(directory, step, plan, mode=mode, keep=keep, extra=extra)
 
 

@@ -1,5 +1,6 @@
 """The path-keyed checkpoint format: round trips into other plans, errors, retention, atomicity."""
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -170,6 +171,24 @@ def test_read_a_subset_of_paths(tmp_path):
         np.testing.assert_array_equal(state[p], all_state[p])
     with pytest.raises(ck.CheckpointError, match=r"does not hold \[\"params\['nope'\]\"\]"):
         ck.read(tmp_path, paths=["params['nope']"])
+
+
+def test_many_parts_written_and_read_at_once_in_one_process(tmp_path):
+    """Two saves of 4 parts each, from two threads at once (two in-process servers' checkpoints): 8 orbax
+    writes in flight in one process, then both read back, their parts in parallel, bit for bit."""
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": rng.standard_normal(50_000).astype(np.float32) for i in range(8)}
+    plan = make_plan(params, 4)
+    states = [{f"params{plan.leaves[i].path}": params[f"w{i}"] for i in ids} for ids in plan.shard_leaves]
+    for round_ in range(3):
+        dirs = [tmp_path / f"a{round_}", tmp_path / f"b{round_}"]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(ck.save, d, 1, plan, states) for d in dirs]:
+                done.result()
+        for d in dirs:
+            assert sorted(p.name for p in (d / "1").iterdir()) == ["jaxps_checkpoint.json", "part_0", "part_1", "part_2", "part_3"]
+            _, state = ck.read(d)
+            assert_states_equal(state, {k: v for s in states for k, v in s.items()})
 
 
 def test_template_mismatch_names_path_and_both_sides(tmp_path):

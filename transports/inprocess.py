@@ -57,7 +57,10 @@ class InProcessTransport:
         self._device = device
 
     def start(self, configs: Sequence[ShardConfig]) -> list[InProcessChannel]:
-        return [InProcessChannel(ShardService(Shard(config, self._device))) for config in configs]
+        """The shards, built side by side (a restore reads their checkpoint parts in parallel)."""
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(configs), 8)), thread_name_prefix="jaxps-shard-start") as pool:
+            shards = list(pool.map(lambda config: Shard(config, self._device), configs))
+        return [InProcessChannel(ShardService(shard)) for shard in shards]
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any]) -> list:
         """Runs each `fn(client, arg)` in a thread of its own; results in order, the first error raised.
