@@ -55,7 +55,8 @@ class ShardConfig:
 class Shard:
     """One shard's parameters, optimizer state and clock."""
 
-    def __init__(self, config: ShardConfig, device: Any = None):
+    def __init__(self, config: ShardConfig, device: Any = None, read: tuple[dict, float] | None = None):
+        """`read`: `read_checkpoint(config, ...)`'s result, if the caller has read this shard's checkpoint part already."""
         self.index = config.index
         self._plan = config.plan
         self._leaf_specs = config.plan.shard_specs(config.index)
@@ -69,11 +70,8 @@ class Shard:
         leaves, opt_state, version, applied = config.leaves, None, 0, 0
         self._restored_in: float | None = None  # seconds this shard took to read its checkpoint
         if config.restore is not None:
-            import orbax.checkpoint  # noqa: F401  (an import of seconds: not part of the reading timed below)
-
-            started = time.perf_counter()
-            leaves, opt_state, version, applied = _load(config)
-            self._restored_in = time.perf_counter() - started
+            state, self._restored_in = read or read_checkpoint(config)
+            leaves, opt_state, version, applied = _load(config, state)
         # the shard donates its buffers, so it must own them: always copy
         self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in leaves])
         self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
@@ -264,7 +262,8 @@ class Shard:
         Pushes not yet settled answer "rolled_back"; waiting pulls are served
         the restored parameters. Who has left stays left.
         """
-        leaves, opt_state, _, _ = _load(ShardConfig(self.index, self._plan, [], self._tx, restore=(directory, step, version)))
+        config = ShardConfig(self.index, self._plan, [], self._tx, restore=(directory, step, version))
+        leaves, opt_state, _, _ = _load(config, read_checkpoint(config)[0])
         with self._lock:
             self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
@@ -434,12 +433,32 @@ class Shard:
         self._pulls = waiting
 
 
-def _load(config: ShardConfig) -> tuple[list, Any, int, int]:
-    """This shard's (leaves, opt_state, version, applied steps) from the checkpoint in `config.restore`."""
+def checkpoint_paths(config: ShardConfig) -> list[str]:
+    """The state paths this shard reads from a checkpoint (its structure comes from JAX: call it on the thread
+    whose JAX settings, e.g. `jax.enable_x64`, the shard is built under)."""
     from jaxps import checkpoint
 
-    directory, step, version = config.restore
-    paths = checkpoint.expected_state(config.plan, config.tx, config.index)
+    return list(checkpoint.expected_state(config.plan, config.tx, config.index))
+
+
+def read_checkpoint(config: ShardConfig, paths: Sequence[str] | None = None) -> tuple[dict, float]:
+    """This shard's part of the checkpoint in `config.restore`, path-keyed numpy arrays, and the seconds the
+    reading took. Only files and numpy: safe on any thread."""
+    import orbax.checkpoint  # noqa: F401  (an import of seconds: not part of the reading timed below)
+
+    from jaxps import checkpoint
+
+    paths = checkpoint_paths(config) if paths is None else paths
+    directory, step, _ = config.restore
+    started = time.perf_counter()
     _, state = checkpoint.read(directory, step, paths, check_replicated=False)
+    return state, time.perf_counter() - started
+
+
+def _load(config: ShardConfig, state: dict) -> tuple[list, Any, int, int]:
+    """This shard's (leaves, opt_state, version, applied steps) from its state read out of `config.restore`."""
+    from jaxps import checkpoint
+
+    _, step, version = config.restore
     leaves, opt_state = checkpoint.restore_shard(config.plan, config.tx, config.index, state)
     return leaves, opt_state, version, step

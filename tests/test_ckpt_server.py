@@ -233,6 +233,24 @@ def wait_for_save(directory, step, timeout=60.0):
 
 
 # -- errors and crashes (transport-independent) ---------------------------------------
+def test_in_process_restore_keeps_the_callers_jax_settings(tmp_path):
+    """Parts are read on threads of their own, the shards built on the caller's: under `jax.enable_x64`,
+    a float64 Adam server restores as float64 and goes on bit for bit as the one that saved."""
+    params = {"a": np.arange(6, dtype=np.float64) / 7, "b": np.ones((2, 3), np.float64) / 3}
+    grads = jax.tree.map(lambda x: np.full_like(x, 0.1), params)
+    with jax.enable_x64(True):
+        with jaxps.ParameterServer(params, optax.adam(1e-3), shards=2) as ps:
+            ps.push(grads).result()
+            ps.save(tmp_path)
+            ps.push(grads).result()
+            want = ps.pull()
+        with jaxps.ParameterServer.restore(tmp_path, params, optax.adam(1e-3), shards=2) as restored:
+            restored.push(grads).result()
+            got = restored.pull()
+    assert all(x.dtype == np.float64 for x in jax.tree.leaves(got))
+    helpers.assert_trees_equal(got, want)
+
+
 def test_restore_errors_name_the_paths(tmp_path):
     params, tx = helpers.params_tree(), optax.adam(1e-2)
     with jaxps.ParameterServer(params, tx, shards=2) as ps:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 from jaxps.errors import ServerClosedError
+from jaxps.shard import checkpoint_paths, read_checkpoint
 from jaxps.transport import Reply, Shard, ShardChannel, ShardConfig, ShardService, run_worker
 
 
@@ -50,6 +52,19 @@ class InProcessChannel(ShardChannel):
         )
 
 
+def _read_checkpoints(configs: Sequence[ShardConfig]) -> dict[int, tuple[dict, float]]:
+    """`{shard: read_checkpoint(...)}` of the restoring shards, read on threads of their own (files and numpy only)."""
+    restoring = [c for c in configs if c.restore is not None]
+    if len(restoring) < 2:
+        return {}
+    paths = [checkpoint_paths(c) for c in restoring]  # JAX's view of the state: on this thread
+    with concurrent.futures.ThreadPoolExecutor(min(len(restoring), 8), thread_name_prefix="jaxps-shard-read") as pool:
+        return {c.index: read for c, read in zip(restoring, pool.map(read_checkpoint, restoring, paths))}
+
+
+STOP_WAIT_S = 5.0  # how long an interrupted `run_workers` waits for its workers to stop
+
+
 class InProcessTransport:
     """Shards as objects in this process; workers as threads."""
 
@@ -57,16 +72,19 @@ class InProcessTransport:
         self._device = device
 
     def start(self, configs: Sequence[ShardConfig]) -> list[InProcessChannel]:
-        """The shards, built side by side (a restore reads their checkpoint parts in parallel)."""
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(configs), 8)), thread_name_prefix="jaxps-shard-start") as pool:
-            shards = list(pool.map(lambda config: Shard(config, self._device), configs))
-        return [InProcessChannel(ShardService(shard)) for shard in shards]
+        """The shards, built on this thread (under its JAX settings: `jax.default_device`, `jax.enable_x64`);
+        a restore's checkpoint parts are read side by side first."""
+        reads = _read_checkpoints(configs)
+        return [InProcessChannel(ShardService(Shard(config, self._device, reads.get(config.index)))) for config in configs]
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any]) -> list:
         """Runs each `fn(client, arg)` in a thread of its own; results in order, the first error raised.
 
-        The threads are daemons: on Ctrl-C the driver raises at once, each
-        worker stops at its next pull or push, and none holds up the exit.
+        On Ctrl-C each worker stops at its next pull or push, and the driver
+        raises once they have (or after `STOP_WAIT_S`: the threads are daemons,
+        and a worker still computing does not hold up the exit). Waiting for
+        them matters: a thread still in JAX's C++ code while the interpreter
+        shuts down can abort the process ("terminate called ...").
         """
         results: list = [None] * len(clients)
         errors: dict[int, BaseException] = {}
@@ -89,6 +107,9 @@ class InProcessTransport:
         except BaseException:  # KeyboardInterrupt
             for c in clients:
                 c.interrupt()
+            deadline = time.monotonic() + STOP_WAIT_S
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
             raise
         if errors:
             raise errors[min(errors)]

@@ -19,6 +19,7 @@ costs about as much to dispatch.)
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -62,7 +63,7 @@ def layout(specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> tuple[list[int]
 
 def flat_view(buf, dtype: np.dtype, specs) -> np.ndarray:
     """The first elements of `buf` as one 1-d array of `dtype`: every leaf of a `flat_dtype` tree, back to back."""
-    return np.frombuffer(buf, dtype, count=sum(int(np.prod(s, dtype=np.int64)) for s, _ in specs))
+    return np.frombuffer(buf, dtype, count=sum(math.prod(s) for s, _ in specs))  # (math.prod: per push and pull, ~20x np.prod's speed)
 
 
 class Unpacker:
