@@ -11,7 +11,9 @@ per leaf:
 - finite check:    `jaxps.validate.finite_flags(leaves)`, the NaN/Inf flags a push computes on the device;
 - guarded step:    the shard's compiled step that applies a push only if its flags are set;
 - plain step:      the same optax step without the check (`jaxps.update.compile_step`);
-- leaf checks:     `jaxps.validate.check_leaves`, the shapes and dtypes checked in Python.
+- leaf checks:     `jaxps.validate.check_leaves`, the shapes and dtypes checked in Python;
+- two other checks tried (one flag for the whole push): `all(isfinite(concatenate(leaves)))`, and
+  `isfinite(sum of each leaf's sum of x * 0)`.
 """
 
 from __future__ import annotations
@@ -62,12 +64,17 @@ def parts(nbytes: int, leaves: int):
         ps.push(tree).result()
         return ps.pull()
 
+    concat_check = jax.jit(lambda xs: jnp.all(jnp.isfinite(jnp.concatenate([x.ravel() for x in xs]))))
+    sum_check = jax.jit(lambda xs: jnp.isfinite(sum(jnp.sum(x * 0) for x in xs)))
+
     return ps, {
         "round trip": round_trip,
         "finite check": lambda: finite_flags(grads),
         "guarded step": lambda: guarded(xs, state, grads, flags),
         "plain step": lambda: plain(xs, state, grads),
         "leaf checks": lambda: check_leaves(plan.leaves, grads),
+        "concat check": lambda: concat_check(grads),
+        "sum check": lambda: sum_check(grads),
     }
 
 
