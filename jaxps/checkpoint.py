@@ -280,8 +280,18 @@ def _checkpointer():
     return ocp, ocp.Checkpointer(handler)
 
 
+def side_by_side(fn: Callable[..., Any], *args: Sequence[Any]) -> list[Any]:
+    """`[fn(*a) for a in zip(*args)]`, on up to 8 threads (on this one for a single call); the first error, in
+    order, is raised."""
+    calls = list(zip(*args))
+    if len(calls) <= 1:
+        return [fn(*a) for a in calls]
+    with concurrent.futures.ThreadPoolExecutor(min(len(calls), 8), thread_name_prefix="jaxps-checkpoint-io") as pool:
+        return list(pool.map(fn, *args))
+
+
 def _per_part(read_part: Callable[[Any, Any, str], Any], parts: Sequence[str]) -> dict[str, Any]:
-    """`{part: read_part(ocp, checkpointer, part)}`, the parts read in parallel, each with a checkpointer of its own."""
+    """`{part: read_part(ocp, checkpointer, part)}`, the parts read side by side, each with a checkpointer of its own."""
 
     def one(part: str) -> Any:
         ocp, checkpointer = _checkpointer()
@@ -290,10 +300,7 @@ def _per_part(read_part: Callable[[Any, Any, str], Any], parts: Sequence[str]) -
         finally:
             checkpointer.close()
 
-    if len(parts) <= 1:
-        return {part: one(part) for part in parts}
-    with concurrent.futures.ThreadPoolExecutor(min(len(parts), 8), thread_name_prefix="jaxps-checkpoint-read") as pool:
-        return dict(zip(parts, pool.map(one, parts)))
+    return dict(zip(parts, side_by_side(one, parts)))
 
 
 def _write_json(path: Any, obj: Any) -> None:
@@ -622,9 +629,7 @@ def save(
     if len(states) != plan.num_shards:
         raise ValueError(f"one state per shard: the plan has {plan.num_shards} shards, got {len(states)} states")
     prepare(directory, step, plan)
-    with concurrent.futures.ThreadPoolExecutor(min(len(states), 8), thread_name_prefix="jaxps-checkpoint-write") as pool:
-        for done in [pool.submit(write_part, directory, step, k, state) for k, state in enumerate(states)]:
-            done.result()
+    side_by_side(lambda k, state: write_part(directory, step, k, state), range(len(states)), states)
     return commit(directory, step, plan, mode=mode, keep=keep, extra=extra)
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from jaxps.checkpoint import side_by_side
 from jaxps.errors import ServerClosedError
 from jaxps.shard import checkpoint_paths, read_checkpoint
 from jaxps.transport import Reply, Shard, ShardChannel, ShardConfig, ShardService, run_worker
@@ -58,8 +59,7 @@ def _read_checkpoints(configs: Sequence[ShardConfig]) -> dict[int, tuple[dict, f
     if len(restoring) < 2:
         return {}
     paths = [checkpoint_paths(c) for c in restoring]  # JAX's view of the state: on this thread
-    with concurrent.futures.ThreadPoolExecutor(min(len(restoring), 8), thread_name_prefix="jaxps-shard-read") as pool:
-        return {c.index: read for c, read in zip(restoring, pool.map(read_checkpoint, restoring, paths))}
+    return {c.index: read for c, read in zip(restoring, side_by_side(read_checkpoint, restoring, paths))}
 
 
 STOP_WAIT_S = 5.0  # how long an interrupted `run_workers` waits for its workers to stop
