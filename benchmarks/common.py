@@ -180,6 +180,28 @@ def set_worker_path() -> None:
         sys.path.insert(0, REPO)
 
 
+@contextmanager
+def session(script: str, transports: str):
+    """A benchmark's run: prints its command line with the time, sets the workers' import path, starts Ray if
+    one of `transports` (comma-separated) is "ray" (shut down at the end); yields the transports' names."""
+    import datetime
+
+    set_worker_path()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"{now:%Y-%m-%d %H:%M} UTC: python benchmarks/{script} {' '.join(sys.argv[1:])}".rstrip(), flush=True)
+    names = [t.strip() for t in transports.split(",") if t.strip()]
+    ray = None
+    if "ray" in names:
+        import ray
+
+        ray.init(**RAY_INIT, logging_level="warning")
+    try:
+        yield names
+    finally:
+        if ray is not None:
+            ray.shutdown()
+
+
 def error_text(e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}"[:300]

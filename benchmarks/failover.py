@@ -18,7 +18,6 @@ training has gone on past it, the benchmark kills one shard's process
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import signal
 import statistics
@@ -35,7 +34,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxps  # noqa: E402
-from benchmarks.common import RAY_INIT, set_worker_path  # noqa: E402
+from benchmarks.common import session  # noqa: E402
 from jaxps import checkpoint  # noqa: E402
 
 
@@ -100,23 +99,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--transports", default="multiprocessing,ray")
     args = parser.parse_args()
-    set_worker_path()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    print(f"{now:%Y-%m-%d %H:%M} UTC: python benchmarks/failover.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
-    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
-    if "ray" in transports:
-        import ray
-
-        ray.init(**RAY_INIT, logging_level="warning")
     rows = []
-    try:
+    with session("failover.py", args.transports) as transports:
         for transport in transports:
             for n in [int(float(x)) for x in args.params.split(",")]:
                 runs = measure(transport, n, args.shards, args.repeats)
                 rows.append((transport, n, *(statistics.median(r[k] for r in runs) for k in ("recover_s", "next_step_s", "lost"))))
-    finally:
-        if "ray" in transports:
-            ray.shutdown()
     print(f"\n{args.shards} shards, Adam, sync with 2 workers; medians of {args.repeats} kills")
     print("| transport | parameters | detect + recover | kill -> next step | steps lost |")
     print("|---|---|---|---|---|")

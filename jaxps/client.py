@@ -20,7 +20,7 @@ from jaxps import rows as row_ops
 from jaxps.coding import Encoder
 from jaxps.errors import ServerClosedError
 from jaxps.plan import Plan
-from jaxps.service import Leave, Pull, Push
+from jaxps.service import Leave, Moved, Pull, Push, Route
 from jaxps.validate import (
     PushError,
     cast,
@@ -43,6 +43,7 @@ def _to_device(x: Any) -> jax.Array:
 # a push waits for the device checks of this worker's unasked pushes but the newest UNASKED_WAITING (and
 # raises a refused one's error): the host may run that many pushes ahead of the checks
 UNASKED_WAITING = 1
+MOVED_TIMEOUT = 60.0  # seconds a resharded-away shard takes to answer what it holds (it answers at once)
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -71,6 +72,17 @@ class Guard:
         return nonfinite_error(self.plan, bad) if bad else None
 
 
+@dataclasses.dataclass
+class Sent:
+    """What a push sent, kept until every shard has answered it, to send it again if the server was resharded
+    meanwhile (`Client.follow`)."""
+
+    leaves: list | None  # the checked gradients, in plan order (None: a skipped push)
+    for_step: int
+    oldest: int | None
+    guard: tuple | None  # (flags, skip) of a push checked on the device
+
+
 class PushFuture:
     """Completes when every shard has applied (or dropped) the push.
 
@@ -79,20 +91,33 @@ class PushFuture:
     (a shard died and every shard went back to a checkpoint before this push
     was applied, or it was computed on parameters from before that). A push
     checked on the device (`guard`) raises `jaxps.PushError` here if it held
-    NaN or Inf (with `nonfinite='raise'`).
+    NaN or Inf (with `nonfinite='raise'`). A push that reaches a server
+    resharded meanwhile is sent again, to the new shards, and answered by them.
     """
 
-    def __init__(self, parts: Sequence[Any], guard: Guard | None = None):
+    def __init__(self, parts: Sequence[Any], guard: Guard | None = None, client: "Client | None" = None, sent: Sent | None = None):
         self._parts = list(parts)
         self._guard = guard
+        self._client, self.sent = client, sent
         self._outcome: str | None = None
         self._error: PushError | None = None
         self.observed = False  # whether `result()` has been asked
 
+    def moved(self, timeout: float | None = None) -> Moved | None:
+        """The `Moved` among the shards' answers, if one was (waits for them all)."""
+        return next((o for o in gather(self._parts, timeout) if isinstance(o, Moved)), None)
+
     def result(self, timeout: float | None = None) -> str:
         self.observed = True
         if self._outcome is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
             outcomes = gather(self._parts, timeout)
+            while any(isinstance(o, Moved) for o in outcomes):  # resharded: sent again along the route
+                parts = self._parts
+                self._client.follow(next(o for o in outcomes if isinstance(o, Moved)).route)
+                if self._parts is parts:
+                    raise RuntimeError("a push answered 'moved' was not sent again")  # a bug if ever seen
+                outcomes = gather(self._parts, remaining(deadline))
             outcome = next((o for o in ("rolled_back", "dropped", "skipped") if o in outcomes), "applied")
             if outcome == "applied" and self._guard is not None:
                 self._error = self._guard.error()
@@ -147,6 +172,19 @@ class ShardLink:
         return 0 if self.last_step is None else self.last_step + 1
 
 
+class _Moved(Exception):
+    """A shard answered `Moved`: the pull starts again along the route."""
+
+    def __init__(self, route: Route):
+        self.route = route
+
+
+def _check_moved(answers: Sequence[Any]) -> None:
+    moved = next((a for a in answers if isinstance(a, Moved)), None)
+    if moved is not None:
+        raise _Moved(moved.route)
+
+
 class Client:
     """Worker `worker`'s view of the server. Use it from one thread at a time."""
 
@@ -159,12 +197,14 @@ class Client:
         versions: Sequence[int | None] | None = None,
         sync: bool = False,
         encoder: Encoder | None = None,
+        generation: int = 0,
     ):
         """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step.
 
         `sync`: the server is in sync mode, where every shard counts the same
         steps: a pull gets one version from every shard, a push is for one step.
         `encoder`: the server's push filter, with this worker's filter state.
+        `generation`: of the server's plan (`ParameterServer.reshard`).
         """
         self.worker = worker
         self.plan = plan
@@ -179,6 +219,8 @@ class Client:
         self._floats = float_positions(plan.leaves)  # the leaves a NaN/Inf check looks at
         # pushes checked on the device whose result nobody has asked yet, oldest first (see `push`)
         self._unasked: collections.deque[PushFuture] = collections.deque()
+        self._generation = generation  # of the plan this client talks to (`follow`)
+        self._unanswered: collections.deque[PushFuture] = collections.deque()  # pushes not yet answered by every shard
 
     @property
     def channels(self) -> list:
@@ -199,8 +241,13 @@ class Client:
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
-        if rows is not None:
-            return self._pull_rows(rows, deadline)
+        while True:
+            try:
+                return self._pull_all(deadline) if rows is None else self._pull_rows(rows, deadline)
+            except _Moved as moved:  # resharded: again, from the new shards
+                self.follow(moved.route)
+
+    def _pull_all(self, deadline: float | None) -> Any:
         held = [link.holding() for link in self._links]  # held strongly until the answers are in
         replies = self._fetch({s: {"have": v} for s, (v, _) in enumerate(held)}, deadline)
         per_shard = [link.took(version, leaves, h) for link, (version, leaves), (_, h) in zip(self._links, replies.values(), held)]
@@ -210,6 +257,7 @@ class Client:
         """`Pull(self.worker, **asks[s])` of each shard `s`; in sync mode, one version from all of them."""
         waits = [self._links[s].channel.submit(Pull(self.worker, **ask), timeout=remaining(deadline)) for s, ask in asks.items()]
         replies = dict(zip(asks, gather(waits, remaining(deadline))))
+        _check_moved(replies.values())
         while self._sync:
             # a shard is still closing a step the others have closed (backup workers): its next version, please;
             # it may answer a later one still (the others went on meanwhile), so ask until all agree
@@ -221,6 +269,7 @@ class Client:
                 self._links[s].channel.submit(Pull(self.worker, newest, **asks[s]), timeout=remaining(deadline)) for s in behind
             ]
             replies.update(zip(behind, gather(again, remaining(deadline))))
+            _check_moved(replies.values())
         return replies
 
     def _pull_rows(self, rows: dict, deadline: float | None) -> Any:
@@ -284,6 +333,7 @@ class Client:
         """
         self._check_open()
         self._raise_unasked("this push was not sent", waiting=UNASKED_WAITING)
+        self._forget_answered()
         if rows is not None:
             return self._push_rows(grads, rows)
         leaves = check_gradients(self.plan, grads)
@@ -293,11 +343,11 @@ class Client:
             guard = self._device_check(leaves) if check else None
             staged = [link.channel.stage(part, check and guard is None) for link, part in zip(self._links, per_shard)]
             if guard is not None:  # checked in the shards' step: reported through the future
-                future = self._send(staged, False, guard=guard)
+                future = self._send(staged, False, guard=guard, leaves=leaves)
                 self._unasked.append(future)
                 return future
             skipped = check and reject_nonfinite(self.plan, self._nonfinite_paths(per_shard, staged), self._nonfinite)
-            return self._send(staged, skipped)
+            return self._send(staged, skipped, leaves=None if skipped else leaves)
         # filtered: NaN/Inf are looked for in the gradients, before they are encoded
         skipped = check and reject_nonfinite(self.plan, nonfinite_paths(self.plan.leaves, leaves), self._nonfinite)
         if skipped:
@@ -383,22 +433,90 @@ class Client:
             except Exception:
                 pass  # other errors are its future's to tell
 
-    def _send(self, staged: list, skipped: bool, rows: list | None = None, guard: Guard | None = None) -> PushFuture:
+    def _send(
+        self, staged: list, skipped: bool, rows: list | None = None, guard: Guard | None = None, leaves: list | None = None
+    ) -> PushFuture:
         """Submits a push staged on every shard (or skipped) for the next step (`rows[s]`: a row push's ids on shard s;
-        `guard`: its NaN/Inf check, still on the device)."""
+        `guard`: its NaN/Inf check, still on the device; `leaves`: its gradients, kept to send again after a reshard)."""
         parts = []
         same_step = max(link.next_step() for link in self._links) if self._sync else None
         based = [link.based_on for link in self._links]
         oldest = None if None in based else min(based)
+        checked = None if guard is None else (guard.flags, guard.skip)
+        steps = []
         for s, (link, stage) in enumerate(zip(self._links, staged)):
             step = link.next_step() if same_step is None else same_step
-            request = Push(
-                self.worker, step, link.based_on, skipped, oldest, None if rows is None else rows[s],
-                None if guard is None else (guard.flags, guard.skip),
-            )
+            request = Push(self.worker, step, link.based_on, skipped, oldest, None if rows is None else rows[s], checked)
             parts.append(link.channel.submit(request, None if skipped else stage.payload))
             link.last_step, link.pulled = step, None
-        return PushFuture(parts, guard)
+            steps.append(step)
+        sent = None if rows is not None or self._encoder is not None else Sent(leaves, max(steps), oldest, checked)
+        future = PushFuture(parts, guard, self, sent)
+        self._unanswered.append(future)
+        return future
+
+    def _forget_answered(self) -> None:
+        """Drops the gradients kept of the oldest pushes, once every shard has answered them; follows a reshard
+        that one of them was answered with."""
+        while self._unanswered:
+            oldest = self._unanswered[0]
+            if not all(p.done() for p in oldest._parts):
+                return
+            try:
+                moved = oldest.moved()
+            except Exception:  # its own `result()` tells it
+                moved = None
+            if moved is not None:
+                self.follow(moved.route)  # sends it (and any later one answered so) again
+            else:
+                self._unanswered.popleft().sent = None
+
+    def follow(self, route: Route) -> None:
+        """The server was resharded (`ParameterServer.reshard`): from now on this client talks to `route`'s
+        shards, and its pushes that the old shards answered `Moved` are sent to them again, in order.
+
+        The old shards stopped at one cut: each push is applied by all of them or answered `Moved` by all.
+        """
+        if route.generation <= self._generation:
+            return
+        again = []
+        for future in self._unanswered:
+            try:
+                if future.moved(MOVED_TIMEOUT) is not None:
+                    again.append(future)
+            except Exception:  # its own `result()` tells it
+                pass
+        if any(f.sent is None for f in again):
+            raise RuntimeError("a row push or a filtered push was answered 'moved': reshard does not support them")
+        pulled = {link.pulled for link in self._links}
+        based = [link.based_on for link in self._links]
+        lasts = [link.last_step for link in self._links if link.last_step is not None]
+        self.plan, self._generation = route.plan, route.generation
+        self._links = [
+            ShardLink(
+                channel,
+                pulled=pulled.pop() if len(pulled) == 1 else None,
+                based_on=None if None in based else min(based),
+                last_step=max(lasts) if lasts else None,
+            )
+            for channel in route.channels
+        ]
+        self._unanswered = collections.deque()
+        for future in again:
+            future._parts = self._send_again(future.sent)
+            self._unanswered.append(future)
+
+    def _send_again(self, sent: Sent) -> list:
+        """A push answered `Moved`, sent to the new shards: for the same step, based on the same version."""
+        skipped = sent.leaves is None
+        per_shard = [None] * len(self._links) if skipped else self.plan.split(sent.leaves)
+        parts = []
+        for link, leaves in zip(self._links, per_shard):
+            payload = None if skipped else link.channel.stage(leaves, False).payload
+            request = Push(self.worker, sent.for_step, sent.oldest, skipped, sent.oldest, None, sent.guard)
+            parts.append(link.channel.submit(request, payload))
+            link.last_step, link.pulled = sent.for_step, None
+        return parts
 
     def _nonfinite_paths(self, per_shard: list, staged: list) -> list[str]:
         """Paths holding NaN/Inf: as the channels found while staging, else checked here (one device sync)."""
@@ -418,20 +536,26 @@ class Client:
 
     def __getstate__(self) -> dict:
         self.sent_away = True  # a copy of it may leave on its own, in its process: ask the shards
-        return dict(self.__dict__)
+        return {**self.__dict__, "_unanswered": collections.deque()}  # this copy's pushes are its own
 
     def leave(self) -> None:
         """This worker is done: sync steps and ssp pulls stop waiting for it. Idempotent."""
         if self._left:
             return
         self._left = True
-        errors = []
-        for link in self._links:  # every shard is told, even if one of them is gone
+        while True:
+            errors, answers = [], []
+            for link in self._links:  # every shard is told, even if one of them is gone
+                try:
+                    if not link.channel.closed:
+                        answers.append(link.channel.call(Leave(self.worker)))
+                except Exception as e:
+                    errors.append(e)
             try:
-                if not link.channel.closed:
-                    link.channel.call(Leave(self.worker))
-            except Exception as e:
-                errors.append(e)
+                _check_moved(answers)
+                break
+            except _Moved as moved:  # resharded: its unanswered pushes go to the new shards first
+                self.follow(moved.route)
         if errors:
             raise errors[0]
         self._raise_unasked("the worker has left")

@@ -109,6 +109,16 @@ class Clock:
         fresh = Clock.start(self.workers, version, applied)
         return dataclasses.replace(fresh, left=self.left, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back)
 
+    def moved(self) -> "Clock":
+        """This clock as the shards of a new plan start with it (`ps.reshard`): the same workers, counts and
+        epoch, without the pushes not yet applied (their clients send them again, to the new shards)."""
+        pushes, last = list(self.pushes), list(self.last_step)
+        for contributions in self.pending.values():
+            for worker, c in contributions.items():
+                pushes[worker] -= 1
+                last[worker] = c.for_step - 1 if c.for_step > 0 else None
+        return dataclasses.replace(self, pushes=tuple(pushes), last_step=tuple(last), pending={}, decided={}, hold=None)
+
     def not_applied(self, skipped: bool) -> "Clock":
         """This clock once a push it counted as applied turns out non-finite (checked on the device): its step
         changed nothing, so it is not counted as one; it is counted as skipped (`nonfinite="skip"`) or refused."""

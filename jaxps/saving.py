@@ -113,29 +113,47 @@ class Saver:
             self._watcher.join()
         self._executor.shutdown(wait=True)
 
+    def moved_to(self, plan: Plan, channels: Sequence[Any]) -> None:
+        """The server was resharded: later saves are the new shards'."""
+        self._plan, self._channels = plan, list(channels)
+
     def _save(self, root: Path, keep: int | None) -> int:
         with self.holding:
-            try:
-                marks = gather([ch.submit(Hold()) for ch in self._channels])
-                infos = gather([ch.submit(Snapshot(cut_of(marks))) for ch in self._channels])
-            except BaseException:
-                release(self._channels)
-                raise
-        errors = [i["error"] for i in infos if "error" in i]
-        if errors:
-            raise checkpoint.CheckpointError("; ".join(errors))
+            infos = snapshots(self._channels)
         step, version = infos[0]["step"], infos[0]["version"]
-        if any((i["step"], i["version"]) != (step, version) for i in infos):
-            raise checkpoint.CheckpointError(f"the shards' snapshots are not one cut: {infos}")  # a bug if ever seen
         if self._last == (root, step):
             # this server saved this very step there: the same state (steps only grow); drop the snapshots
             gather([ch.submit(WritePart(None, step)) for ch in self._channels])
             return step
+        self.write(root, step, version, keep)
+        self._last = (root, step)
+        return step
+
+    def write(self, root: Path, step: int, version: int, keep: int | None) -> None:
+        """Writes the shards' snapshots of `step` (at `version`) into `root` as one checkpoint."""
         # a complete `step` there is another run's (this server restored an older step): the newest wins
         checkpoint.prepare(root, step, self._plan, replace=True)
         failures = [f for f in gather([ch.submit(WritePart(str(root), step)) for ch in self._channels]) if f]
         if failures:
             raise checkpoint.CheckpointError(f"step {step} in {root} was not saved:\n" + "\n".join(failures))
         checkpoint.commit(root, step, self._plan, mode=self._mode, keep=keep, extra={"version": version})
-        self._last = (root, step)
-        return step
+
+
+def snapshots(channels: Sequence[Any], freeze: bool = False) -> list[dict]:
+    """Every shard's snapshot at their common cut (call with the saver's `holding`); their answers, one
+    `{"step", "version"}` (`freeze`: a reshard's, with the `"clock"`, and the shards stay at the cut)."""
+    try:
+        marks = gather([ch.submit(Hold()) for ch in channels])
+        infos = gather([ch.submit(Snapshot(cut_of(marks), freeze)) for ch in channels])
+    except BaseException:
+        release(channels)
+        raise
+    errors = [i["error"] for i in infos if "error" in i]
+    if errors:
+        release(channels)  # a reshard's shards that reached the cut stay there
+        raise checkpoint.CheckpointError("; ".join(errors))
+    step, version = infos[0]["step"], infos[0]["version"]
+    if any((i["step"], i["version"]) != (step, version) for i in infos):
+        release(channels)
+        raise checkpoint.CheckpointError(f"the shards' snapshots are not one cut: {infos}")  # a bug if ever seen
+    return infos

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -19,8 +21,9 @@ from jaxps.failover import FAILURE_MODES, Supervisor
 from jaxps.filters import PushFilter
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
+from jaxps.resharding import move
 from jaxps.saving import Checkpointing, Saver, release
-from jaxps.service import Hold, Join, Lead, Pull, Stats
+from jaxps.service import Hold, Join, Lead, Moved, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
@@ -121,6 +124,10 @@ class ParameterServer:
         if checkpoint is not None:
             ckpt.check_directory(checkpoint.directory, self._plan)  # another model's directory: refused now
         self._transport = make_transport(transport, transport_options)
+        self._transport_spec = (transport, transport_options)  # a reshard starts another of the same kind
+        self._retired: list[tuple[Any, list]] = []  # (transport, channels) of the plans resharded away from
+        self._generation = 0  # plans resharded to
+        self._switch = threading.Lock()  # `_plan` and `_channels` change together (a reshard)
         if on_shard_failure == "restart":
             if not hasattr(self._transport, "expect_restarts"):
                 raise ValueError(f"on_shard_failure='restart': the {type(self._transport).__name__} cannot restart shards")
@@ -134,15 +141,17 @@ class ParameterServer:
         self._running_lock = threading.Lock()
         self._closed = False
         # backup workers on several shards: shard 0 decides each step's workers, the others follow
-        agree = mode == "sync" and backup_workers > 0 and len(self._plan.shard_leaves) > 1
+        self._backup_workers = backup_workers
+        agree = self._leads(self._plan)
         parts = self._plan.split(leaves)
-        configs = [
-            ShardConfig(
-                s, self._plan, parts[s], tx, mode, workers, backup_workers, max_staleness, restore,
-                agree and s > 0, push_filter, filtered,
-            )
-            for s, ids in enumerate(self._plan.shard_leaves)
-        ]
+
+        def config(s: int, plan: Plan) -> ShardConfig:
+            """Shard `s`'s config under `plan`, without its leaves."""
+            follows = self._leads(plan) and s > 0
+            return ShardConfig(s, plan, [], tx, mode, workers, backup_workers, max_staleness, restore, follows, push_filter, filtered)
+
+        self._config = config
+        configs = [dataclasses.replace(config(s, self._plan), leaves=parts[s]) for s in range(self._plan.num_shards)]
         try:
             self._channels = self._transport.start(configs)
             if agree:
@@ -205,9 +214,14 @@ class ParameterServer:
 
     def params(self, timeout: float | None = None) -> Any:
         """The parameters after every push whose future has completed (never waits on a clock)."""
-        self._check_open()
-        replies = gather([ch.submit(Pull(None), timeout=timeout) for ch in self._channels], timeout)
-        return self._plan.merge([leaves for _, leaves in replies])
+        while True:
+            self._check_open()
+            with self._switch:
+                plan, channels = self._plan, self._channels
+            replies = gather([ch.submit(Pull(None), timeout=timeout) for ch in channels], timeout)
+            if not any(isinstance(r, Moved) for r in replies):
+                return plan.merge([leaves for _, leaves in replies])
+            time.sleep(0.01)  # a reshard in progress: its new shards, once it has switched to them
 
     @property
     def step(self) -> int:
@@ -250,6 +264,67 @@ class ParameterServer:
         future = self._saver.save(directory, keep)
         return future.result() if wait else future
 
+    def reshard(
+        self,
+        shards: int,
+        *,
+        assign: Assign | None = None,
+        directory: str | os.PathLike | None = None,
+        transport_options: dict | None = None,
+    ) -> Plan:
+        """Moves every leaf and its optimizer state onto a new plan of `shards` shards, while the server runs.
+
+        Workers go on by themselves: pushes and pulls pause while the state moves,
+        and those the old shards did not take are sent again to the new ones.
+        Nothing is lost or applied twice, and training goes on as if the server had
+        had the new plan all along (`jaxps.resharding`). Returns the new plan.
+
+        `assign` as for the constructor. The state crosses through a checkpoint
+        in `directory` (default: a temporary directory on this machine, removed
+        afterwards; on a Ray cluster give one every node reads, e.g. `gs://...`).
+        `transport_options`: the new shards' (default: the server's), e.g. Ray
+        `resources` that place them on nodes just added to the cluster.
+        The old shards stay up, holding no arrays, to redirect clients that have
+        not called since, until `close()`.
+        """
+        self._check_open()
+        if self._supervisor is not None:
+            raise ValueError("reshard together with on_shard_failure='restart' is not supported yet")
+        if self._filter is not None or self._plan.row_leaves:
+            raise ValueError("reshard of a server with a push_filter or row leaves (rows=) is not supported yet")
+        if not isinstance(self._transport_spec[0], str):
+            raise ValueError("reshard starts the new shards on a transport of the same kind: give the transport by name")
+        if directory is not None:
+            ckpt.check_directory(ckpt.location(directory), self._plan)  # another model's directory: refused now
+        params = self.params()
+        plan = make_plan(params, shards, assign)
+        leaves = jax.tree_util.tree_leaves(params)
+        check_shardable(self._config(0, plan).tx, plan, leaves)
+        spec = (self._transport_spec[0], self._transport_spec[1] if transport_options is None else transport_options)
+        transport = make_transport(*spec)
+        try:  # while training goes on: the slow part (processes, compiling); their state comes at the cut
+            parts = plan.split(leaves)
+            del params, leaves
+            channels = transport.start([dataclasses.replace(self._config(s, plan), leaves=parts[s], restore=None) for s in range(plan.num_shards)])
+            del parts
+            if self._leads(plan):
+                channels[0].call(Lead(tuple(channels[1:])))
+
+            def moved() -> None:
+                with self._saver.holding:  # no worker joins meanwhile (nor saves: this is the saver's thread)
+                    move(self._saver, self._channels, plan, channels, self._generation + 1, None if directory is None else str(directory))
+                    with self._switch:
+                        self._retired.append((self._transport, self._channels))
+                        self._plan, self._channels, self._transport, self._transport_spec = plan, channels, transport, spec
+                        self._generation += 1
+
+            self._saver.run(moved)
+        except BaseException:
+            if self._transport is not transport:
+                transport.close()
+            raise
+        return plan
+
     def run_workers(self, fn: Callable[[Client, Any], Any], args: Sequence[Any]) -> list:
         """Runs `fn(client_i, args[i])` for each i on the transport's own execution
         units (threads, spawned processes, Ray tasks) and returns their results.
@@ -290,9 +365,11 @@ class ParameterServer:
             if self._supervisor is not None:  # first: the shards' ends are no deaths
                 self._supervisor.close()
             self._saver.close()  # a checkpoint in flight completes first
-            for channel in self._channels:  # clients taken from this server now fail at once
-                channel.close()
-            self._transport.close()
+            retired = [transport for transport, _ in self._retired]
+            for channel in [c for _, channels in self._retired for c in channels] + self._channels:
+                channel.close()  # clients taken from this server now fail at once
+            for transport in retired + [self._transport]:
+                transport.close()
 
     def __enter__(self) -> "ParameterServer":
         return self
@@ -305,6 +382,10 @@ class ParameterServer:
         return f"ParameterServer({self._plan!r}, {state})"
 
     # -- internals ---------------------------------------------------------------
+    def _leads(self, plan: Plan) -> bool:
+        """Backup workers on several shards: shard 0 decides each step's workers, the others follow."""
+        return self._mode == "sync" and self._backup_workers > 0 and plan.num_shards > 1
+
     def _start_supervisor(self, configs: list, checkpoint: Checkpointing, restore, leads: bool) -> None:
         """Fail-over: a first checkpoint now if there is none to go back to, then the watch."""
         try:
@@ -337,17 +418,17 @@ class ParameterServer:
         Joining also restarts ssp's push counts for them together; in sync mode
         every shard counts them from the same step (`join_at_one_step`).
         """
-        if self._mode == "sync":
-            with self._saver.holding:  # not while a save holds the shards for its cut
+        with self._saver.holding:  # not while a save or a reshard holds the shards for its cut
+            if self._mode == "sync":
                 firsts = join_at_one_step(self._channels, workers)
-        else:
-            firsts = gather([ch.submit(Join(tuple(workers))) for ch in self._channels])
+            else:
+                firsts = gather([ch.submit(Join(tuple(workers))) for ch in self._channels])
         versions = [[per_shard[k] for per_shard in firsts] for k in range(len(workers))]
         self._finished.difference_update(workers)
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
         return [
-            Client(w, self._plan, self._channels, self._nonfinite, v, self._mode == "sync", self._encoder())
+            Client(w, self._plan, self._channels, self._nonfinite, v, self._mode == "sync", self._encoder(), self._generation)
             for w, v in zip(workers, versions)
         ]
 

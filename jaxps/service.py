@@ -90,10 +90,13 @@ class Snapshot(NamedTuple):
     """Go on to the cut `target` and snapshot there (kept on the shard for `WritePart`), then go on.
 
     Answers `{"step", "version"}` once the snapshot is taken (`{"error"}` if it
-    failed). `target=None` ends the hold without a snapshot.
+    failed). `target=None` ends the hold without a snapshot (or a reshard's stay
+    at its cut). `freeze` (a reshard): stay at the cut until `Move`; the answer
+    adds the `"clock"` the new shards start with.
     """
 
     target: Any
+    freeze: bool = False
 
 
 class WritePart(NamedTuple):
@@ -116,6 +119,28 @@ class RollBack(NamedTuple):
     directory: str
     step: int
     version: int
+    clock: Any = None  # a reshard's new shard: the clock to go on with (`Clock.moved`), not a rolled-back one
+
+
+class Route(NamedTuple):
+    """Where a resharded server's shards are now: the `generation`-th plan and a channel to each of its shards."""
+
+    generation: int
+    plan: Any
+    channels: tuple
+
+
+class Moved(NamedTuple):
+    """The answer of a shard resharded away to every push, pull and leave: send it again along `route`."""
+
+    route: Route
+
+
+class Move(NamedTuple):
+    """A reshard: the shard, frozen at the cut (`Snapshot(target, freeze=True)`), hands over to `route`'s shards;
+    from now on every request but `Stats` is answered `Moved(route)`. Answers None."""
+
+    route: Route
 
 
 class Lead(NamedTuple):
@@ -136,7 +161,7 @@ class Decide(NamedTuple):
     workers: tuple[int, ...]
 
 
-REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, RollBack, Lead, Decide)
+REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, RollBack, Move, Lead, Decide)
 
 # Fail-over: what a channel sends again to a restarted shard when the dead one took a request with it.
 # A push is never sent again (it answers "rolled_back"); a checkpoint's or fail-over's own requests fail
@@ -198,6 +223,7 @@ class ShardService:
             Snapshot: self._snapshot,
             WritePart: self._write_part,
             RollBack: self._roll_back,
+            Move: self._move,
             Lead: self._lead,
             Decide: self._decide,
         }
@@ -205,12 +231,15 @@ class ShardService:
         self._bytes_lock = threading.Lock()
         self._saved: dict | None = None  # the last snapshot, until written
         self._decisions: queue.SimpleQueue | None = None  # a leader's steps, on their way to the followers
+        self._moved: Moved | None = None  # resharded away: what every request but `Stats` is answered
 
     def handle(self, request: Any, reply: Reply, arrays: Sequence[Any] | None = None) -> None:
         """Carries out `request` (with a push's gradient `arrays`); the answer goes to `reply`, now or later."""
         op = self._ops.get(type(request))
         if op is None:
             raise TypeError(f"shard {self.shard.index}: unknown request {request!r}; known: {[r.__name__ for r in REQUESTS]}")
+        if self._moved is not None and op is not self._stats:
+            return reply.send(self._moved)
         op(request, reply, arrays)
 
     def _push(self, request: Push, reply: Reply, arrays: Sequence[Any] | None) -> None:
@@ -261,7 +290,7 @@ class ShardService:
             reply.pulled(version, leaves)
 
         lend = reply.lend and request.rows is None
-        self.shard.pull(request.worker, ready, lend=lend, at_least=request.at_least)
+        self.shard.pull(request.worker, ready, lend=lend, at_least=request.at_least, moved=reply.send)
 
     def _count(self, what: str, arrays: Sequence[Any]) -> None:
         n = sum(math.prod(x.shape) * x.dtype.itemsize for x in arrays)  # not jax's slower .nbytes, nor np.shape
@@ -269,8 +298,7 @@ class ShardService:
             self._bytes[what] += n
 
     def _leave(self, request: Leave, reply: Reply, arrays: Any) -> None:
-        self.shard.leave(request.worker)
-        reply.send(None)
+        self.shard.leave(request.worker, reply.send)
 
     def _join(self, request: Join, reply: Reply, arrays: Any) -> None:
         reply.send(self.shard.join(request.workers, request.at))
@@ -292,7 +320,7 @@ class ShardService:
             self._saved = state
             reply.send(info)
 
-        self.shard.cut(request.target, taken)
+        self.shard.cut(request.target, taken, request.freeze)
 
     def _write_part(self, request: WritePart, reply: Reply, arrays: Any) -> None:
         state, self._saved = self._saved, None
@@ -323,7 +351,13 @@ class ShardService:
 
     def _roll_back(self, request: RollBack, reply: Reply, arrays: Any) -> None:
         self._saved = None
-        self.shard.roll_back(request.directory, request.step, request.version)
+        self.shard.roll_back(request.directory, request.step, request.version, request.clock)
+        reply.send(None)
+
+    def _move(self, request: Move, reply: Reply, arrays: Any) -> None:
+        self._saved = None
+        self.shard.move(Moved(request.route))
+        self._moved = Moved(request.route)
         reply.send(None)
 
     def _lead(self, request: Lead, reply: Reply, arrays: Any) -> None:

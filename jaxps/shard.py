@@ -25,7 +25,7 @@ from jaxps.plan import Plan
 from jaxps.update import compile_guarded_step, compile_step, mean_gradients
 from jaxps.validate import PushError, check_leaves
 
-PushDone = Callable[[str], None]  # "applied" | "dropped" | "skipped" | "rolled_back"
+PushDone = Callable[[Any], None]  # "applied" | "dropped" | "skipped" | "rolled_back", or a reshard's `Moved`
 PullReady = Callable[[int, list], Any]  # (version, leaves)
 SnapshotTaken = Callable[[dict | None, dict], Any]  # (state by path, {"step", "version"}) or (None, {"error"})
 
@@ -96,9 +96,13 @@ class Shard:
         self._lock = threading.Lock()
         self._lent = False  # params handed to a reader: the next step must not donate them while it holds them
         self._pushes: dict[tuple[int, int], PushDone] = {}
-        self._pulls: list[tuple[int | None, PullReady, bool, int]] = []
+        self._pulls: list[tuple[int | None, PullReady, bool, int, Callable[[Any], None] | None]] = []
         self._waiting: list[tuple[Contribution, PushDone]] = []  # pushes beyond a checkpoint's cut, in arrival order
         self._snapshot_taken: SnapshotTaken | None = None  # a checkpoint's snapshot to take once the cut is reached
+        self._freeze = False  # the snapshot is a reshard's: the shard stays at the cut (`cut`)
+        self._frozen = False  # at a reshard's cut: leaves wait (`_deferred`) until `move` or `release`
+        self._deferred: list[tuple[Callable[[], None], Callable[[Any], None]]] = []  # (carry out, answer)
+        self._moved: Any = None  # resharded away (`move`): every push and pull is answered this `Moved`
         self._spare: dict | None = None  # a written snapshot's arrays, for the next snapshot to copy into
         self.on_step: Callable[[int, tuple[int, ...]], None] | None = None  # a leader: (version, workers) of each step it closes
 
@@ -131,6 +135,8 @@ class Shard:
         if guard is not None:
             guard = (self._private(guard[0], self._homes[0]), guard[1])
         with self._lock:
+            if self._moved is not None:
+                return done(self._moved)
             self._settle_guards(force=False)
             c = Contribution(worker, for_step, grads, based_on, oldest, rows or None, guard)
             if self._policy.admits(self._clock, c):
@@ -139,14 +145,19 @@ class Shard:
             else:  # beyond a checkpoint's cut: waits, in a copy (the caller may reuse its buffers)
                 self._waiting.append((c._replace(grads=self._detach(grads)), done))
 
-    def pull(self, worker: int | None, ready: PullReady, lend: bool = True, at_least: int = 0) -> None:
+    def pull(
+        self, worker: int | None, ready: PullReady, lend: bool = True, at_least: int = 0, moved: Callable[[Any], None] | None = None
+    ) -> None:
         """Calls `ready(version, leaves)` once `worker` may read (at once for `worker=None`) at version `at_least` or later.
 
         `ready` runs under the shard's lock; `lend=False` promises it copies the
         leaves before returning, so the next step may donate their buffers.
+        `moved(Moved)` answers instead if the shard is resharded away first.
         """
         with self._lock:
-            self._pulls.append((worker, ready, lend, at_least))
+            if self._moved is not None:
+                return moved(self._moved)
+            self._pulls.append((worker, ready, lend, at_least, moved))
             self._serve_pulls()
 
     def rows_of(self, leaves: list, rows: dict[int, np.ndarray]) -> list[np.ndarray]:
@@ -176,14 +187,26 @@ class Shard:
             specs[k] = dataclasses.replace(spec, shape=(len(ids), *spec.shape[1:]))
         return tuple(specs)
 
-    def leave(self, worker: int) -> None:
-        """`worker` is done: sync steps and ssp pulls stop waiting for it."""
+    def leave(self, worker: int, answer: Callable[[Any], None]) -> None:
+        """`worker` is done: sync steps and ssp pulls stop waiting for it; then `answer(None)`.
+
+        At a reshard's cut the leave waits: it is the new shards' to take (`answer(Moved)`), or, if the
+        reshard fails, this shard's again.
+        """
         with self._lock:
-            clock, steps = self._policy.leave(self._clock, worker)
-            self._apply(steps)
-            self._clock = clock
-            self._settle(steps)
-            self._maybe_snapshot()
+            if self._moved is not None:
+                return answer(self._moved)
+            if self._frozen:
+                return self._deferred.append((lambda: self._leave(worker), answer))
+            self._leave(worker)
+        answer(None)
+
+    def _leave(self, worker: int) -> None:
+        clock, steps = self._policy.leave(self._clock, worker)
+        self._apply(steps)
+        self._clock = clock
+        self._settle(steps)
+        self._maybe_snapshot()
 
     def decide(self, version: int, workers: Sequence[int]) -> None:
         """A following shard learns which workers the leader's step `version` took."""
@@ -240,9 +263,14 @@ class Shard:
             self._clock, mark = self._policy.hold(self._clock)
             return self._policy.first_step(self._clock, joining) if joining else mark
 
-    def cut(self, target: Any, taken: SnapshotTaken) -> None:
-        """Goes on to the cut `target`; there, calls `taken(state, info)` with a snapshot (under the lock), then goes on."""
+    def cut(self, target: Any, taken: SnapshotTaken, freeze: bool = False) -> None:
+        """Goes on to the cut `target`; there, calls `taken(state, info)` with a snapshot (under the lock), then goes on.
+
+        `freeze` (a reshard): stays at the cut instead, until `move` or `release`; `info["clock"]` is the clock
+        the new shards start with.
+        """
         with self._lock:
+            self._freeze = freeze
             clock, steps = self._policy.cut(self._clock, target)
             self._apply(steps)
             self._clock = clock
@@ -256,11 +284,12 @@ class Shard:
                     self._waiting.append((c, done))
             self._maybe_snapshot()
 
-    def roll_back(self, directory: str, step: int, version: int) -> None:
+    def roll_back(self, directory: str, step: int, version: int, clock: Clock | None = None) -> None:
         """Another shard died: this one goes back to checkpoint `step` in `directory`, going on at `version`.
 
         Pushes not yet settled answer "rolled_back"; waiting pulls are served
-        the restored parameters. Who has left stays left.
+        the restored parameters. Who has left stays left. `clock` (a new shard
+        of a reshard, before any client reaches it): go on with that clock instead.
         """
         config = ShardConfig(self.index, self._plan, [], self._tx, restore=(directory, step, version))
         leaves, opt_state, _, _ = _load(config, read_checkpoint(config)[0])
@@ -271,7 +300,10 @@ class Shard:
             self._unsettled = []  # pushes after the checkpoint: gone with the rollback
             pushes, self._pushes = self._pushes, {}
             waiting, self._waiting = self._waiting, []
-            self._clock = self._clock.restarted(version, step, rolled_back=len(pushes) + len(waiting))
+            if clock is None:
+                self._clock = self._clock.restarted(version, step, rolled_back=len(pushes) + len(waiting))
+            else:
+                self._clock = dataclasses.replace(clock, version=version, applied=step)
             taken, self._snapshot_taken = self._snapshot_taken, None
             for done in [*pushes.values(), *(done for _, done in waiting)]:
                 done("rolled_back")
@@ -284,10 +316,32 @@ class Shard:
         self._spare = snapshot
 
     def release(self) -> None:
-        """Ends a hold without a snapshot (a checkpoint that failed)."""
+        """Ends a hold without a snapshot (a checkpoint that failed), or a reshard's stay at its cut (it failed)."""
         with self._lock:
             self._snapshot_taken = None
+            self._frozen, self._freeze = False, False
+            deferred, self._deferred = self._deferred, []
             self._release()
+            for carry_out, _ in deferred:
+                carry_out()
+        for _, answer in deferred:
+            answer(None)
+
+    def move(self, moved: Any) -> None:
+        """Resharded away (`ps.reshard`), at the cut: the new shards hold this one's state. Every push, pull
+        and leave that waits here, and every later one, is answered `moved` (its client sends it again, to
+        the new shards); the arrays are dropped."""
+        with self._lock:
+            if not self._frozen:
+                raise RuntimeError(f"shard {self.index} is not at a reshard's cut")
+            self._moved = moved
+            self._params = self._opt_state = self._spare = None
+            answers = [*self._pushes.values(), *(done for _, done in self._waiting), *(p[4] for p in self._pulls if p[4])]
+            answers += [answer for _, answer in self._deferred]
+            self._pushes, self._waiting, self._pulls, self._deferred = {}, [], [], []
+            self._clock = dataclasses.replace(self._clock, pending={})  # their gradients
+        for answer in answers:
+            answer(moved)
 
     # -- internals ------------------------------------------------------------
     def _take(self, c: Contribution, done: PushDone) -> None:
@@ -312,7 +366,10 @@ class Shard:
                 state = shard_state(self._plan, self.index, self._params, self._opt_state, self._spare, self._tx)
             except Exception as e:  # answered, never raised into the push that reached the cut
                 state, info = None, {"error": f"shard {self.index}: snapshot failed: {type(e).__name__}: {e}"}
-            self._release()
+            if self._freeze and state is not None:
+                self._frozen, info["clock"] = True, self._clock.moved()
+            else:
+                self._release()
             taken(state, info)
 
     def _release(self) -> None:
@@ -424,7 +481,7 @@ class Shard:
     def _serve_pulls(self) -> None:
         waiting = []
         for pull in self._pulls:
-            worker, ready, lend, at_least = pull
+            worker, ready, lend, at_least, _ = pull
             if (worker is None or self._policy.pull_ready(self._clock, worker)) and self._clock.version >= at_least:
                 ready(self._clock.version, jax.tree_util.tree_leaves(self._params))
                 self._lent = self._lent or lend

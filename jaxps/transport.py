@@ -17,7 +17,9 @@ requests, arrays and answers: subclass `ShardChannel` and implement `submit`;
 `stage` (copy a push's arrays ahead of sending it, checking them on the way)
 and `close` have defaults. Channels must also work inside a shard's own
 process: the leading shard of a sync server with backup workers sends the
-others its steps' decisions through them (`Lead`, `Decide`).
+others its steps' decisions through them (`Lead`, `Decide`). An answer may be
+a `jaxps.service.Moved` (the server was resharded: `ps.reshard`), for a pull
+too: hand it to the client as it is.
 
 A transport that can restart shards (`on_shard_failure="restart"`) also has
 `expect_restarts(timeout)` (called before `start`: its channels then wait for

@@ -2,6 +2,7 @@
 
 import functools
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -125,6 +126,15 @@ def wait_for(predicate, seconds=20.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def run_script(name: str, timeout: float = 600) -> str:

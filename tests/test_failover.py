@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import run_script
+from helpers import gone, run_script, wait_for
 
 import jaxps
 from jaxps.consistency import Clock, Contribution, Sync
@@ -97,14 +97,6 @@ def restarting(request):
     return request.param
 
 
-def _gone(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def test_killed_shards_are_restarted_and_the_run_ends_as_if_none_had_died(tmp_path, restarting):
     rng = random.Random(0)
     ps = _server(tmp_path, restarting)
@@ -135,10 +127,7 @@ def test_killed_shards_are_restarted_and_the_run_ends_as_if_none_had_died(tmp_pa
         assert {o for out in outcomes for o in out} <= {"applied", "rolled_back"}
     finally:
         ps.close()
-    deadline = time.monotonic() + 30
-    while not all(_gone(pid) for pid in killed + pids) and time.monotonic() < deadline:
-        time.sleep(0.1)  # (Ray ends a killed actor's process a moment later)
-    assert all(_gone(pid) for pid in killed + pids)
+    assert wait_for(lambda: all(gone(pid) for pid in killed + pids), 30)  # (Ray ends a killed actor's process a moment later)
     if prefix is not None:
         assert shm.sweep(prefix) == []  # nothing left behind
 

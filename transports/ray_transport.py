@@ -54,7 +54,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, Pull, Push, Reply
+from jaxps.service import RESENT_AFTER_RESTART, Moved, Pull, Push, Reply
 from jaxps.transport import ShardChannel, Staged, leave_quietly
 from jaxps.transports import wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
@@ -226,6 +226,8 @@ class RayFuture:
 def _to_jax(value):
     import jax
 
+    if isinstance(value, Moved):  # resharded away
+        return value
     version, ref = value
     if ref is None:  # the client holds this version's leaves already
         return version, None

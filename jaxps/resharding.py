@@ -1,0 +1,61 @@
+"""Live resharding: `ps.reshard(shards=k)` moves every leaf and its optimizer state onto a new plan while
+the server runs.
+
+The new plan's shards are started first, on a new transport of the same kind,
+while training goes on (a process or actor start, compiling the step: the
+slow part). Then, on the checkpoint thread, with workers' joins held off:
+
+1. every old shard goes to one cut, as for a checkpoint, and stays there
+   (`snapshots(..., freeze=True)`): pushes beyond it wait (sync: no step at or
+   beyond it closes), and so do leaves;
+2. the snapshots are written as a checkpoint (path-keyed: any plan reads it);
+3. each new shard reads its part of it and takes the old shards' clock
+   (`RollBack(..., clock=Clock.moved())`: the same workers, counts and epoch);
+4. `Move(route)` to every old shard: what waits there, and every later push,
+   pull or leave, is answered `Moved(route)`, and its client follows the route
+   (`Client.follow`), sending its pushes that were answered so again, in order.
+
+At the cut a push is applied by every old shard or answered `Moved` by every
+one, so nothing is lost or applied twice. If a step before `Move` fails, the
+old shards go on from where they stopped (and the caller closes the new ones).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxps import checkpoint
+from jaxps.client import gather
+from jaxps.plan import Plan
+from jaxps.saving import Saver, release, snapshots
+from jaxps.service import Move, RollBack, Route
+
+MOVE_TIMEOUT = 60.0  # seconds the old shards take to hand over (they answer at once)
+LOAD_TIMEOUT = 600.0  # seconds the new shards may take to read their parts
+
+
+def move(saver: Saver, channels: Sequence[Any], plan: Plan, new_channels: Sequence[Any], generation: int, directory: str | None = None) -> None:
+    """Moves the state of the shards behind `channels` into the started shards of `plan` behind `new_channels`
+    (see the module's docstring; call with `saver.holding`); returns once every old shard answers `Moved`
+    along `Route(generation, plan, new_channels)`.
+
+    The state crosses through `directory` (default: a temporary directory, removed once read).
+    """
+    infos = snapshots(channels, freeze=True)
+    step, version, clock = infos[0]["step"], infos[0]["version"], infos[0]["clock"]
+    root = None
+    try:
+        root = Path(tempfile.mkdtemp(prefix="jaxps-reshard-")) if directory is None else checkpoint.location(directory)
+        saver.write(root, step, version, keep=None)
+        gather([ch.submit(RollBack(str(root), step, version, clock)) for ch in new_channels], LOAD_TIMEOUT)
+    except BaseException:
+        release(channels)
+        raise
+    finally:
+        if directory is None and root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+    gather([ch.submit(Move(Route(generation, plan, tuple(new_channels)))) for ch in channels], MOVE_TIMEOUT)
+    saver.moved_to(plan, new_channels)
