@@ -118,6 +118,7 @@ class PushFuture:
                 if self._parts is parts:
                     raise RuntimeError("a push answered 'moved' was not sent again")  # a bug if ever seen
                 outcomes = gather(self._parts, remaining(deadline))
+            self.sent = None  # answered: it will not be sent again
             outcome = next((o for o in ("rolled_back", "dropped", "skipped") if o in outcomes), "applied")
             if outcome == "applied" and self._guard is not None:
                 self._error = self._guard.error()
@@ -198,13 +199,15 @@ class Client:
         sync: bool = False,
         encoder: Encoder | None = None,
         generation: int = 0,
+        resend: bool = False,
     ):
         """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step.
 
         `sync`: the server is in sync mode, where every shard counts the same
         steps: a pull gets one version from every shard, a push is for one step.
         `encoder`: the server's push filter, with this worker's filter state.
-        `generation`: of the server's plan (`ParameterServer.reshard`).
+        `generation`: of the server's plan (`ParameterServer.reshard`); `resend`: the
+        server can be resharded, so each push is kept until answered, to be sent again.
         """
         self.worker = worker
         self.plan = plan
@@ -220,6 +223,7 @@ class Client:
         # pushes checked on the device whose result nobody has asked yet, oldest first (see `push`)
         self._unasked: collections.deque[PushFuture] = collections.deque()
         self._generation = generation  # of the plan this client talks to (`follow`)
+        self._resend = resend
         self._unanswered: collections.deque[PushFuture] = collections.deque()  # pushes not yet answered by every shard
 
     @property
@@ -241,6 +245,7 @@ class Client:
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._forget_answered()
         while True:
             try:
                 return self._pull_all(deadline) if rows is None else self._pull_rows(rows, deadline)
@@ -450,8 +455,9 @@ class Client:
             parts.append(link.channel.submit(request, None if skipped else stage.payload))
             link.last_step, link.pulled = step, None
             steps.append(step)
-        sent = None if rows is not None or self._encoder is not None else Sent(leaves, max(steps), oldest, checked)
-        future = PushFuture(parts, guard, self, sent)
+        if not self._resend or rows is not None or self._encoder is not None:
+            return PushFuture(parts, guard)
+        future = PushFuture(parts, guard, self, Sent(leaves, max(steps), oldest, checked))
         self._unanswered.append(future)
         return future
 

@@ -113,10 +113,10 @@ class Clock:
         """This clock as the shards of a new plan start with it (`ps.reshard`): the same workers, counts and
         epoch, without the pushes not yet applied (their clients send them again, to the new shards)."""
         pushes, last = list(self.pushes), list(self.last_step)
-        for contributions in self.pending.values():
-            for worker, c in contributions.items():
+        for for_step in sorted(self.pending, reverse=True):  # a worker's earliest pending step last: it counts from there
+            for worker in self.pending[for_step]:
                 pushes[worker] -= 1
-                last[worker] = c.for_step - 1 if c.for_step > 0 else None
+                last[worker] = for_step - 1 if for_step > 0 else None
         return dataclasses.replace(self, pushes=tuple(pushes), last_step=tuple(last), pending={}, decided={}, hold=None)
 
     def not_applied(self, skipped: bool) -> "Clock":

@@ -97,6 +97,11 @@ class Supervisor:
         self._thread = threading.Thread(target=self._watch, name="jaxps-failover", daemon=True)
         self._thread.start()
 
+    def moved_to(self, transport: Any, channels: Sequence[Any], configs: Sequence[ShardConfig], leads: bool) -> None:
+        """The server was resharded (on the checkpoint thread: no recovery runs meanwhile): watch the new shards."""
+        self._configs = [dataclasses.replace(c, leaves=[]) for c in configs]
+        self._channels, self._leads, self._transport = list(channels), leads, transport
+
     def close(self) -> None:
         """Stops watching (before the shards are stopped, so that their ends are not taken for deaths)."""
         self._stop.set()
@@ -105,7 +110,8 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(self._poll):
-            dead = self._transport.dead()
+            transport = self._transport
+            dead = transport.dead()
             if not dead:
                 continue
             now = time.monotonic()
@@ -118,7 +124,7 @@ class Supervisor:
                 self._give_up(reason)
                 return
             try:
-                self._exclusively(lambda: self._recover(dead))
+                self._exclusively(lambda: self._recover(dead, transport))
             except Exception as e:  # noqa: BLE001
                 self._give_up(f"shard {dead[0]} died and could not be restarted: {type(e).__name__}: {e}")
                 return
@@ -128,7 +134,9 @@ class Supervisor:
         self._log(f"jaxps: {reason}")
         self._transport.give_up(reason)
 
-    def _recover(self, dead: list[int]) -> None:
+    def _recover(self, dead: list[int], transport: Any) -> None:
+        if transport is not self._transport:
+            return  # resharded meanwhile: the new shards are watched from now on
         started = time.monotonic()
         steps = checkpoint.steps(self._directory)
         if not steps:

@@ -7,7 +7,7 @@ slow part). Then, on the checkpoint thread, with workers' joins held off:
 
 1. every old shard goes to one cut, as for a checkpoint, and stays there
    (`snapshots(..., freeze=True)`): pushes beyond it wait (sync: no step at or
-   beyond it closes), and so do leaves;
+   beyond it closes), and so do pulls (a worker computes no more gradients) and leaves;
 2. the snapshots are written as a checkpoint (path-keyed: any plan reads it);
 3. each new shard reads its part of it and takes the old shards' clock
    (`RollBack(..., clock=Clock.moved())`: the same workers, counts and epoch);
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,10 +38,14 @@ MOVE_TIMEOUT = 60.0  # seconds the old shards take to hand over (they answer at 
 LOAD_TIMEOUT = 600.0  # seconds the new shards may take to read their parts
 
 
-def move(saver: Saver, channels: Sequence[Any], plan: Plan, new_channels: Sequence[Any], generation: int, directory: str | None = None) -> None:
+def move(
+    saver: Saver, channels: Sequence[Any], plan: Plan, new_channels: Sequence[Any], generation: int, directory: str | None = None
+) -> list[tuple[int, BaseException | None]]:
     """Moves the state of the shards behind `channels` into the started shards of `plan` behind `new_channels`
-    (see the module's docstring; call with `saver.holding`); returns once every old shard answers `Moved`
-    along `Route(generation, plan, new_channels)`.
+    (see the module's docstring; call with `saver.holding`). Raises, with nothing changed, if that fails;
+    else every old shard has been told `Move(Route(generation, plan, new_channels))`: from then on the new
+    shards are the server's, whatever happens. Returns each old shard's index and error (None: it answers
+    `Moved` now).
 
     The state crosses through `directory` (default: a temporary directory, removed once read).
     """
@@ -57,5 +62,20 @@ def move(saver: Saver, channels: Sequence[Any], plan: Plan, new_channels: Sequen
     finally:
         if directory is None and root is not None:
             shutil.rmtree(root, ignore_errors=True)
-    gather([ch.submit(Move(Route(generation, plan, tuple(new_channels)))) for ch in channels], MOVE_TIMEOUT)
     saver.moved_to(plan, new_channels)
+    route, handing_over = Route(generation, plan, tuple(new_channels)), []
+    for i, ch in enumerate(channels):
+        try:
+            handing_over.append((i, ch.submit(Move(route))))
+        except Exception as e:  # noqa: BLE001  (that shard is gone: its clients hear it from their channels)
+            handing_over.append((i, e))
+    deadline = time.monotonic() + MOVE_TIMEOUT
+    return [(i, w if isinstance(w, BaseException) else _error_of(w, deadline)) for i, w in handing_over]
+
+
+def _error_of(wait: Any, deadline: float) -> BaseException | None:
+    try:
+        wait.result(max(0.0, deadline - time.monotonic()))
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None

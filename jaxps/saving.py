@@ -77,7 +77,11 @@ class Saver:
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` on the saver's thread, between saves; its result."""
-        return self._executor.submit(fn).result()
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Runs `fn` on the saver's thread, between saves; a future of its result."""
+        return self._executor.submit(fn)
 
     def save(self, directory: str | os.PathLike, keep: int | None = None) -> concurrent.futures.Future:
         """A future of the step saved into `directory`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import threading
@@ -14,7 +15,7 @@ import optax
 from jaxps import checkpoint as ckpt
 from jaxps import coding
 from jaxps import rows as rows_lib
-from jaxps.client import Client, gather
+from jaxps.client import Client, gather, remaining
 from jaxps.consistency import make_policy
 from jaxps.errors import ServerClosedError
 from jaxps.failover import FAILURE_MODES, Supervisor
@@ -214,13 +215,16 @@ class ParameterServer:
 
     def params(self, timeout: float | None = None) -> Any:
         """The parameters after every push whose future has completed (never waits on a clock)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._check_open()
             with self._switch:
                 plan, channels = self._plan, self._channels
-            replies = gather([ch.submit(Pull(None), timeout=timeout) for ch in channels], timeout)
+            replies = gather([ch.submit(Pull(None), timeout=remaining(deadline)) for ch in channels], remaining(deadline))
             if not any(isinstance(r, Moved) for r in replies):
                 return plan.merge([leaves for _, leaves in replies])
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the parameters were not read within {timeout} s (a reshard was under way)")
             time.sleep(0.01)  # a reshard in progress: its new shards, once it has switched to them
 
     @property
@@ -288,11 +292,9 @@ class ParameterServer:
         not called since, until `close()`.
         """
         self._check_open()
-        if self._supervisor is not None:
-            raise ValueError("reshard together with on_shard_failure='restart' is not supported yet")
         if self._filter is not None or self._plan.row_leaves:
             raise ValueError("reshard of a server with a push_filter or row leaves (rows=) is not supported yet")
-        if not isinstance(self._transport_spec[0], str):
+        if not self._can_reshard():
             raise ValueError("reshard starts the new shards on a transport of the same kind: give the transport by name")
         if directory is not None:
             ckpt.check_directory(ckpt.location(directory), self._plan)  # another model's directory: refused now
@@ -303,6 +305,8 @@ class ParameterServer:
         spec = (self._transport_spec[0], self._transport_spec[1] if transport_options is None else transport_options)
         transport = make_transport(*spec)
         try:  # while training goes on: the slow part (processes, compiling); their state comes at the cut
+            if self._supervisor is not None:
+                transport.expect_restarts(RECOVERY_TIMEOUT)
             parts = plan.split(leaves)
             del params, leaves
             channels = transport.start([dataclasses.replace(self._config(s, plan), leaves=parts[s], restore=None) for s in range(plan.num_shards)])
@@ -310,19 +314,31 @@ class ParameterServer:
             if self._leads(plan):
                 channels[0].call(Lead(tuple(channels[1:])))
 
-            def moved() -> None:
+            def moved() -> list:
                 with self._saver.holding:  # no worker joins meanwhile (nor saves: this is the saver's thread)
-                    move(self._saver, self._channels, plan, channels, self._generation + 1, None if directory is None else str(directory))
-                    with self._switch:
+                    handing_over = move(self._saver, self._channels, plan, channels, self._generation + 1, None if directory is None else str(directory))
+                    with self._switch:  # the old shards send clients here now, come what may
                         self._retired.append((self._transport, self._channels))
                         self._plan, self._channels, self._transport, self._transport_spec = plan, channels, transport, spec
                         self._generation += 1
+                    if self._supervisor is not None:  # watches the new shards from now on
+                        configs = [self._config(s, plan) for s in range(plan.num_shards)]
+                        self._supervisor.moved_to(transport, channels, configs, self._leads(plan))
+                return handing_over
 
-            self._saver.run(moved)
+            job = self._saver.submit(moved)
+            try:
+                handing_over = job.result()
+            except BaseException:
+                concurrent.futures.wait([job])  # (Ctrl-C) the new shards are closed only if it did not switch to them
+                raise
         except BaseException:
             if self._transport is not transport:
                 transport.close()
             raise
+        failed = [f"shard {i}: {type(e).__name__}: {e}" for i, e in handing_over if e is not None]
+        if failed:
+            raise RuntimeError(f"resharded to {plan}, but old shards did not hand over (their clients fail): {'; '.join(failed)}")
         return plan
 
     def run_workers(self, fn: Callable[[Client, Any], Any], args: Sequence[Any]) -> list:
@@ -382,6 +398,10 @@ class ParameterServer:
         return f"ParameterServer({self._plan!r}, {state})"
 
     # -- internals ---------------------------------------------------------------
+    def _can_reshard(self) -> bool:
+        """Whether `reshard` can move this server (its clients then keep each push until it is answered)."""
+        return self._filter is None and not self._plan.row_leaves and isinstance(self._transport_spec[0], str)
+
     def _leads(self, plan: Plan) -> bool:
         """Backup workers on several shards: shard 0 decides each step's workers, the others follow."""
         return self._mode == "sync" and self._backup_workers > 0 and plan.num_shards > 1
@@ -418,17 +438,18 @@ class ParameterServer:
         Joining also restarts ssp's push counts for them together; in sync mode
         every shard counts them from the same step (`join_at_one_step`).
         """
-        with self._saver.holding:  # not while a save or a reshard holds the shards for its cut
+        with self._saver.holding:  # not while a save or a reshard holds the shards for its cut (nor switches them)
+            plan, channels, generation = self._plan, self._channels, self._generation
             if self._mode == "sync":
-                firsts = join_at_one_step(self._channels, workers)
+                firsts = join_at_one_step(channels, workers)
             else:
-                firsts = gather([ch.submit(Join(tuple(workers))) for ch in self._channels])
+                firsts = gather([ch.submit(Join(tuple(workers))) for ch in channels])
         versions = [[per_shard[k] for per_shard in firsts] for k in range(len(workers))]
         self._finished.difference_update(workers)
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
         return [
-            Client(w, self._plan, self._channels, self._nonfinite, v, self._mode == "sync", self._encoder(), self._generation)
+            Client(w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._can_reshard())
             for w, v in zip(workers, versions)
         ]
 

@@ -100,7 +100,7 @@ class Shard:
         self._waiting: list[tuple[Contribution, PushDone]] = []  # pushes beyond a checkpoint's cut, in arrival order
         self._snapshot_taken: SnapshotTaken | None = None  # a checkpoint's snapshot to take once the cut is reached
         self._freeze = False  # the snapshot is a reshard's: the shard stays at the cut (`cut`)
-        self._frozen = False  # at a reshard's cut: leaves wait (`_deferred`) until `move` or `release`
+        self._frozen = False  # at a reshard's cut: pulls and leaves wait until `move` or `release`
         self._deferred: list[tuple[Callable[[], None], Callable[[Any], None]]] = []  # (carry out, answer)
         self._moved: Any = None  # resharded away (`move`): every push and pull is answered this `Moved`
         self._spare: dict | None = None  # a written snapshot's arrays, for the next snapshot to copy into
@@ -479,6 +479,8 @@ class Shard:
         self._serve_pulls()
 
     def _serve_pulls(self) -> None:
+        if self._frozen:  # a reshard's cut: pulls wait for the new shards, so a worker computes no more pushes
+            return
         waiting = []
         for pull in self._pulls:
             worker, ready, lend, at_least, _ = pull

@@ -7,6 +7,7 @@ shards must end bit for bit where a plain loop of the same number of steps
 ends: a step lost silently, or applied twice, would show.
 """
 
+import functools
 import os
 import random
 import signal
@@ -231,3 +232,35 @@ def test_async_after_a_rollback_every_shard_holds_the_same_pushes_as_the_server_
 def test_a_ray_node_lost_mid_run_its_shard_comes_back_on_another_node():
     """A 4-node `ray.cluster_utils.Cluster` in a process of its own (the tests' Ray session is another)."""
     assert "equal to the plain loop" in run_script("failover_node_script.py")
+
+
+def test_a_shard_of_a_resharded_server_that_dies_is_restarted(tmp_path, restarting):
+    """Fail-over after `ps.reshard`: a shard of the new plan is killed, restarted from a checkpoint (written
+    by either plan), and the run ends as if nothing had happened."""
+    ps = _server(tmp_path, restarting)
+    killed = []
+
+    def reshard_then_kill():
+        while ps.step < 5:
+            time.sleep(0.02)
+        ps.reshard(3)
+        resharded_at = ps.step
+        while ps.step < resharded_at + 6:
+            time.sleep(0.02)
+        killed.append(_kill(ps, 2))  # a shard the first plan did not have
+        wait_for(lambda: ps.stats()["restarts"] == 1, 60)
+
+    thread = threading.Thread(target=reshard_then_kill)
+    try:
+        thread.start()
+        outcomes = ps.run_workers(functools.partial(_train, pause=0.15), range(WORKERS))
+        thread.join(120)
+        stats = ps.stats()
+        assert ps.plan.num_shards == 3 and len(killed) == 1
+        assert stats["restarts"] == 1 and stats["steps"] == STEPS, stats
+        final = ps.params()
+        for key, want in _oracle(STEPS).items():
+            np.testing.assert_array_equal(np.asarray(final[key]), np.asarray(want), err_msg=key)
+        assert {o for out in outcomes for o in out} <= {"applied", "rolled_back"}
+    finally:
+        ps.close()

@@ -11,6 +11,7 @@ import pytest
 
 import jaxps
 from helpers import ULP, assert_trees_equal, gone, mean, optax_oracle, params_tree, run_script, wait_for
+from jaxps.consistency import Clock, Contribution, Sync
 from jaxps.transports import shm
 
 RESHARD_AT = (10, 26)  # grow to 3 shards at the first step, shrink to 1 at the second
@@ -196,3 +197,13 @@ def test_old_shards_are_gone_after_close(ray_session):
 def test_scaling_out_onto_a_node_that_joined_a_ray_cluster_mid_run():
     """A `ray.cluster_utils.Cluster` in a process of its own (the tests' Ray session is another)."""
     assert "equal to the plain loop" in run_script("reshard_cluster_script.py")
+
+
+def test_the_new_shards_count_a_sync_worker_from_its_earliest_push_sent_again():
+    """`Clock.moved`: a worker with pushes pending for steps 0 and 1 at the cut counts for step 0 on the new shards."""
+    policy, clock = Sync(), Clock.start(2)
+    for step in (0, 1):
+        clock, _, _ = policy.push(clock, Contribution(0, step, "gradients", None))
+    moved = clock.moved()
+    assert moved.pending == {} and moved.pushes == (0, 0) and moved.last_step == (None, None)
+    assert policy.quorum(moved, 0) == 2  # step 0 waits for worker 0's push, sent again, and worker 1's
