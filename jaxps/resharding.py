@@ -55,7 +55,14 @@ def move(
     try:
         root = Path(tempfile.mkdtemp(prefix="jaxps-reshard-")) if directory is None else checkpoint.location(directory)
         saver.write(root, step, version, keep=None)
-        gather([ch.submit(RollBack(str(root), step, version, clock)) for ch in new_channels], LOAD_TIMEOUT)
+        try:
+            gather([ch.submit(RollBack(str(root), step, version, clock)) for ch in new_channels], LOAD_TIMEOUT)
+        except Exception as e:
+            where = "a temporary directory on the driver's machine" if directory is None else str(root)
+            raise RuntimeError(
+                f"the new shards could not read the state written to {where} ({type(e).__name__}: {e}); "
+                "shards on other machines need reshard(directory=...) that every node reads"
+            ) from e
     except BaseException:
         release(channels)
         raise

@@ -207,3 +207,22 @@ def test_the_new_shards_count_a_sync_worker_from_its_earliest_push_sent_again():
     moved = clock.moved()
     assert moved.pending == {} and moved.pushes == (0, 0) and moved.last_step == (None, None)
     assert policy.quorum(moved, 0) == 2  # step 0 waits for worker 0's push, sent again, and worker 1's
+
+
+def test_new_shards_that_cannot_read_the_state_leave_the_server_as_it_was(monkeypatch):
+    """As when the new shards are on machines that do not see the directory: a clear error, nothing changed."""
+    params = params_tree()
+    with jaxps.ParameterServer(params, optax.sgd(1.0), shards=2) as ps:
+        ps.push(_push_value(0)).result()
+        plan = ps.plan
+
+        def unreadable(*args, **kwargs):
+            raise FileNotFoundError("no such directory on this node")
+
+        monkeypatch.setattr(jaxps.shard, "read_checkpoint", unreadable)
+        with pytest.raises(RuntimeError, match="every node reads"):
+            ps.reshard(3)
+        monkeypatch.undo()
+        assert ps.plan is plan and ps.step == 1
+        assert ps.push(_push_value(1)).result() == "applied"
+        assert_trees_equal(ps.params(), jax.tree.map(lambda x: x - 1.0 - 2.0, params))
