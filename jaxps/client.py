@@ -46,6 +46,11 @@ UNASKED_WAITING = 1
 MOVED_TIMEOUT = 60.0  # seconds a resharded-away shard takes to answer what it holds (it answers at once)
 
 
+def moved_in(answers: Sequence[Any]) -> Moved | None:
+    """The `Moved` among shards' answers (the server was resharded), if there is one."""
+    return next((a for a in answers if isinstance(a, Moved)), None)
+
+
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until `deadline` (a `time.monotonic()` value; None: no limit)."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -105,16 +110,16 @@ class PushFuture:
 
     def moved(self, timeout: float | None = None) -> Moved | None:
         """The `Moved` among the shards' answers, if one was (waits for them all)."""
-        return next((o for o in gather(self._parts, timeout) if isinstance(o, Moved)), None)
+        return moved_in(gather(self._parts, timeout))
 
     def result(self, timeout: float | None = None) -> str:
         self.observed = True
         if self._outcome is None:
             deadline = None if timeout is None else time.monotonic() + timeout
             outcomes = gather(self._parts, timeout)
-            while any(isinstance(o, Moved) for o in outcomes):  # resharded: sent again along the route
+            while (moved := moved_in(outcomes)) is not None:  # resharded: sent again along the route
                 parts = self._parts
-                self._client.follow(next(o for o in outcomes if isinstance(o, Moved)).route)
+                self._client.follow(moved.route)
                 if self._parts is parts:
                     raise RuntimeError("a push answered 'moved' was not sent again")  # a bug if ever seen
                 outcomes = gather(self._parts, remaining(deadline))
@@ -181,7 +186,7 @@ class _Moved(Exception):
 
 
 def _check_moved(answers: Sequence[Any]) -> None:
-    moved = next((a for a in answers if isinstance(a, Moved)), None)
+    moved = moved_in(answers)
     if moved is not None:
         raise _Moved(moved.route)
 

@@ -15,7 +15,7 @@ import optax
 from jaxps import checkpoint as ckpt
 from jaxps import coding
 from jaxps import rows as rows_lib
-from jaxps.client import Client, gather, remaining
+from jaxps.client import Client, gather, moved_in, remaining
 from jaxps.consistency import make_policy
 from jaxps.errors import ServerClosedError
 from jaxps.failover import FAILURE_MODES, Supervisor
@@ -24,7 +24,7 @@ from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
 from jaxps.resharding import move
 from jaxps.saving import Checkpointing, Saver, release
-from jaxps.service import Hold, Join, Lead, Moved, Pull, Stats
+from jaxps.service import Hold, Join, Lead, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
@@ -221,7 +221,7 @@ class ParameterServer:
             with self._switch:
                 plan, channels = self._plan, self._channels
             replies = gather([ch.submit(Pull(None), timeout=remaining(deadline)) for ch in channels], remaining(deadline))
-            if not any(isinstance(r, Moved) for r in replies):
+            if moved_in(replies) is None:
                 return plan.merge([leaves for _, leaves in replies])
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the parameters were not read within {timeout} s (a reshard was under way)")
@@ -292,10 +292,9 @@ class ParameterServer:
         not called since, until `close()`.
         """
         self._check_open()
-        if self._filter is not None or self._plan.row_leaves:
-            raise ValueError("reshard of a server with a push_filter or row leaves (rows=) is not supported yet")
-        if not self._can_reshard():
-            raise ValueError("reshard starts the new shards on a transport of the same kind: give the transport by name")
+        refusal = self._reshard_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
         if directory is not None:
             ckpt.check_directory(ckpt.location(directory), self._plan)  # another model's directory: refused now
         params = self.params()
@@ -398,9 +397,13 @@ class ParameterServer:
         return f"ParameterServer({self._plan!r}, {state})"
 
     # -- internals ---------------------------------------------------------------
-    def _can_reshard(self) -> bool:
-        """Whether `reshard` can move this server (its clients then keep each push until it is answered)."""
-        return self._filter is None and not self._plan.row_leaves and isinstance(self._transport_spec[0], str)
+    def _reshard_refusal(self) -> str | None:
+        """Why `reshard` cannot move this server (None: it can, and its clients keep each push until answered)."""
+        if self._filter is not None or self._plan.row_leaves:
+            return "reshard of a server with a push_filter or row leaves (rows=) is not supported yet"
+        if not isinstance(self._transport_spec[0], str):
+            return "reshard starts the new shards on a transport of the same kind: give the transport by name"
+        return None
 
     def _leads(self, plan: Plan) -> bool:
         """Backup workers on several shards: shard 0 decides each step's workers, the others follow."""
@@ -449,7 +452,7 @@ class ParameterServer:
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
         return [
-            Client(w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._can_reshard())
+            Client(w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._reshard_refusal() is None)
             for w, v in zip(workers, versions)
         ]
 

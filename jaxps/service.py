@@ -356,8 +356,9 @@ class ShardService:
 
     def _move(self, request: Move, reply: Reply, arrays: Any) -> None:
         self._saved = None
-        self.shard.move(Moved(request.route))
-        self._moved = Moved(request.route)
+        moved = Moved(request.route)
+        self.shard.move(moved)
+        self._moved = moved
         reply.send(None)
 
     def _lead(self, request: Lead, reply: Reply, arrays: Any) -> None:

@@ -1,5 +1,6 @@
 """Small trees, gradients and oracles shared by the tests."""
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -135,6 +136,26 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+@contextlib.contextmanager
+def ray_cluster(*nodes: dict):
+    """A `ray.cluster_utils.Cluster` on this machine, for a script of its own: a head of 2 CPUs and a node per
+    entry of `nodes` (`add_node`'s keyword arguments); this process joined to it, the tests' folder on its
+    workers' path. Yields `(cluster, [node, ...])`; all of it is shut down at the end."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        added = [cluster.add_node(**options) for options in nodes]
+        cluster.wait_for_nodes()
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+        ray.init(address=cluster.address, logging_level="warning")
+        yield cluster, added
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def run_script(name: str, timeout: float = 600) -> str:

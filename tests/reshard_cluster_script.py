@@ -13,20 +13,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import optax  # noqa: E402
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 import jaxps  # noqa: E402
-from helpers import assert_trees_equal, mean, optax_oracle, params_tree  # noqa: E402
+from helpers import assert_trees_equal, mean, optax_oracle, params_tree, ray_cluster  # noqa: E402
 from test_reshard import MORE, _gradient, _total, _train_sync  # noqa: E402
 
 
 def main() -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    first = cluster.add_node(num_cpus=0, resources={"first": 2})
-    cluster.wait_for_nodes()
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])
-    ray.init(address=cluster.address, logging_level="warning")
+    with ray_cluster({"num_cpus": 0, "resources": {"first": 2}}) as (cluster, (first,)):
+        run(cluster, first)
+
+
+def run(cluster, first) -> None:
     tx = optax.sgd(0.05, momentum=0.9)
     ps = jaxps.ParameterServer(
         params_tree(), tx, shards=2, transport="ray", mode="sync", workers=2, transport_options={"resources": {"first": 1}}
@@ -62,8 +60,6 @@ def main() -> None:
         print("equal to the plain loop", flush=True)
     finally:
         ps.close()
-        ray.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

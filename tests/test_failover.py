@@ -78,6 +78,14 @@ def _server(tmp_path, transport="multiprocessing", **kw):
     )
 
 
+def _assert_as_if_nothing_died(ps, outcomes=()):
+    """The server's parameters are the plain loop's after STEPS steps; each push was applied or rolled back."""
+    final = ps.params()
+    for key, want in _oracle(STEPS).items():
+        np.testing.assert_array_equal(np.asarray(final[key]), np.asarray(want), err_msg=key)
+    assert {o for out in outcomes for o in out} <= {"applied", "rolled_back"}
+
+
 def _kill(ps, shard, how="sigkill"):
     """Kills shard `shard`, found from the server's stats: its process (SIGKILL) or, on Ray, its actor (`ray.kill`)."""
     pid = ps.stats()["shards"][shard]["where"]["pid"]
@@ -122,10 +130,7 @@ def test_killed_shards_are_restarted_and_the_run_ends_as_if_none_had_died(tmp_pa
         assert any(step > 0 for step in stats["rolled_back_to"]), stats  # not only to the first checkpoint
         pids = [s["where"]["pid"] for s in stats["shards"]]
         assert not set(pids) & set(killed)
-        final = ps.params()
-        for key, want in _oracle(STEPS).items():
-            np.testing.assert_array_equal(np.asarray(final[key]), np.asarray(want), err_msg=key)
-        assert {o for out in outcomes for o in out} <= {"applied", "rolled_back"}
+        _assert_as_if_nothing_died(ps, outcomes)
     finally:
         ps.close()
     assert wait_for(lambda: all(gone(pid) for pid in killed + pids), 30)  # (Ray ends a killed actor's process a moment later)
@@ -258,9 +263,6 @@ def test_a_shard_of_a_resharded_server_that_dies_is_restarted(tmp_path, restarti
         stats = ps.stats()
         assert ps.plan.num_shards == 3 and len(killed) == 1
         assert stats["restarts"] == 1 and stats["steps"] == STEPS, stats
-        final = ps.params()
-        for key, want in _oracle(STEPS).items():
-            np.testing.assert_array_equal(np.asarray(final[key]), np.asarray(want), err_msg=key)
-        assert {o for out in outcomes for o in out} <= {"applied", "rolled_back"}
+        _assert_as_if_nothing_died(ps, outcomes)
     finally:
         ps.close()
