@@ -12,6 +12,7 @@ goes on.
     python examples/mnist.py --transport multiprocessing      # or ray: the same code
     python examples/mnist.py --checkpoint-dir ckpt             # saves as it trains; run again to resume
     python examples/mnist.py --transport multiprocessing --kill-shard-at 300   # loses a shard, goes on
+    python examples/mnist.py --transport multiprocessing --replicas 1 --kill-shard-at 300   # its standby takes over
 
 `--steps` is the number of gradients each worker computes, so sync and async see
 the same data: sync applies one update per round of N gradients (their mean),
@@ -25,7 +26,9 @@ With `--kill-shard-at STEP` (multiprocessing) the driver kills shard 0's process
 with SIGKILL once the server has applied STEP updates. The server runs with
 `on_shard_failure="restart"`: it restarts the shard, rolls every shard back to
 the latest checkpoint, and training goes on; the run trains until the server
-has applied all its updates, the lost ones again.
+has applied all its updates, the lost ones again. With `--replicas 1` every
+shard has a hot standby: the killed shard's standby takes over, no update is
+lost, and no checkpoint is needed.
 """
 
 from __future__ import annotations
@@ -179,8 +182,10 @@ def train(args, data, mode, log):
     resume = args.checkpoint_dir and jaxps.checkpoint.steps(args.checkpoint_dir)
     if args.checkpoint_dir:
         options["checkpoint"] = jaxps.Checkpointing(args.checkpoint_dir, every=args.checkpoint_every, keep=3)
-    if args.kill_shard_at is not None:
+    if args.kill_shard_at is not None and not args.replicas:
         options["on_shard_failure"] = "restart"
+    if args.replicas:
+        options["replicas"] = args.replicas
     if args.push_filter is not None:
         options["push_filter"] = jaxps.filters.from_spec(args.push_filter)
     if resume:
@@ -294,8 +299,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--kill-shard-at", type=int, default=None, metavar="STEP",
         help="multiprocessing: SIGKILL shard 0 at update STEP; it is restarted from the latest checkpoint (in a temporary "
-        "--checkpoint-dir if none is given) and training goes on",
+        "--checkpoint-dir if none is given), or taken over by its standby (--replicas 1), and training goes on",
     )
+    p.add_argument("--replicas", type=int, default=0, choices=[0, 1], help="1: a hot standby of every shard (multiprocessing, ray)")
     p.add_argument(
         "--push-filter", default=None, metavar="SPEC",
         help="what of each gradient crosses to the shards: bf16, fp16, topk:FRACTION, sig:THRESHOLD, or several "
@@ -311,6 +317,8 @@ def parse_args(argv=None):
         p.error("--workers, --shards, --steps and --batch-size must be positive")
     if args.checkpoint_every < 1:
         p.error("--checkpoint-every must be positive")
+    if args.replicas and args.transport == "inprocess":
+        p.error("--replicas 1 keeps standbys in processes of their own: use it with --transport multiprocessing or ray")
     if args.checkpoint_dir and args.compare:
         p.error("--checkpoint-dir saves one run: use it with --mode, not --compare")
     if args.kill_shard_at is not None:
@@ -318,7 +326,7 @@ def parse_args(argv=None):
             p.error("--kill-shard-at kills a shard process: use it with --transport multiprocessing")
         if args.compare:
             p.error("--kill-shard-at: use it with --mode, not --compare")
-        if not args.checkpoint_dir:
+        if not args.checkpoint_dir and not args.replicas:
             args.checkpoint_dir = args.temporary_checkpoints = tempfile.mkdtemp(prefix="jaxps_mnist_")
     return args
 

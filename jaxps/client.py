@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+import uuid
 import weakref
 from typing import Any, Sequence
 
@@ -20,7 +21,7 @@ from jaxps import rows as row_ops
 from jaxps.coding import Encoder
 from jaxps.errors import ServerClosedError
 from jaxps.plan import Plan
-from jaxps.service import Leave, Moved, Pull, Push, Route
+from jaxps.service import SEND_AGAIN, Leave, Moved, Pull, Push, Route
 from jaxps.validate import (
     PushError,
     cast,
@@ -80,12 +81,21 @@ class Guard:
 @dataclasses.dataclass
 class Sent:
     """What a push sent, kept until every shard has answered it, to send it again if the server was resharded
-    meanwhile (`Client.follow`)."""
+    meanwhile (`Client.follow`) or a shard's standby took over (`Client.send_again`)."""
 
     leaves: list | None  # the checked gradients, in plan order (None: a skipped push)
     for_step: int
     oldest: int | None
     guard: tuple | None  # (flags, skip) of a push checked on the device
+    requests: list  # the `Push` each shard was sent
+
+
+def answer_of(part: Any) -> Any:
+    """A shard's answer to a push, if it is in (None if not, or if it is an error: the push's `result()` raises it)."""
+    try:
+        return part.result(0) if part.done() else None
+    except Exception:
+        return None
 
 
 class PushFuture:
@@ -117,11 +127,14 @@ class PushFuture:
         if self._outcome is None:
             deadline = None if timeout is None else time.monotonic() + timeout
             outcomes = gather(self._parts, timeout)
-            while (moved := moved_in(outcomes)) is not None:  # resharded: sent again along the route
-                parts = self._parts
-                self._client.follow(moved.route)
-                if self._parts is parts:
-                    raise RuntimeError("a push answered 'moved' was not sent again")  # a bug if ever seen
+            while (moved := moved_in(outcomes)) is not None or SEND_AGAIN in outcomes:
+                parts = list(self._parts)
+                if moved is not None:  # resharded: sent again along the route
+                    self._client.follow(moved.route)
+                else:  # a shard died with it and its standby took over: sent again to that one
+                    self._client.send_again()
+                if self._parts == parts:
+                    raise RuntimeError(f"a push answered {outcomes} was not sent again")  # a bug if ever seen
                 outcomes = gather(self._parts, remaining(deadline))
             self.sent = None  # answered: it will not be sent again
             outcome = next((o for o in ("rolled_back", "dropped", "skipped") if o in outcomes), "applied")
@@ -185,10 +198,16 @@ class _Moved(Exception):
         self.route = route
 
 
+class _SendAgain(Exception):
+    """A shard died with the pull, and its standby took over: the client's lost pushes go first, then the pull again."""
+
+
 def _check_moved(answers: Sequence[Any]) -> None:
     moved = moved_in(answers)
     if moved is not None:
         raise _Moved(moved.route)
+    if any(isinstance(a, str) and a == SEND_AGAIN for a in answers):
+        raise _SendAgain()
 
 
 class Client:
@@ -230,6 +249,7 @@ class Client:
         self._generation = generation  # of the plan this client talks to (`follow`)
         self._resend = resend
         self._unanswered: collections.deque[PushFuture] = collections.deque()  # pushes not yet answered by every shard
+        self._key, self._pushes = uuid.uuid4().hex, 0  # each push's key: (this client, its number)
 
     @property
     def channels(self) -> list:
@@ -256,6 +276,8 @@ class Client:
                 return self._pull_all(deadline) if rows is None else self._pull_rows(rows, deadline)
             except _Moved as moved:  # resharded: again, from the new shards
                 self.follow(moved.route)
+            except _SendAgain:  # a standby took over: the pushes it lost, then the pull again
+                self.send_again()
 
     def _pull_all(self, deadline: float | None) -> Any:
         held = [link.holding() for link in self._links]  # held strongly until the answers are in
@@ -453,16 +475,18 @@ class Client:
         based = [link.based_on for link in self._links]
         oldest = None if None in based else min(based)
         checked = None if guard is None else (guard.flags, guard.skip)
-        steps = []
+        steps, requests = [], []
+        key, self._pushes = (self._key, self._pushes), self._pushes + 1
         for s, (link, stage) in enumerate(zip(self._links, staged)):
             step = link.next_step() if same_step is None else same_step
-            request = Push(self.worker, step, link.based_on, skipped, oldest, None if rows is None else rows[s], checked)
+            request = Push(self.worker, step, link.based_on, skipped, oldest, None if rows is None else rows[s], checked, key)
             parts.append(link.channel.submit(request, None if skipped else stage.payload))
             link.last_step, link.pulled = step, None
             steps.append(step)
+            requests.append(request)
         if not self._resend or rows is not None or self._encoder is not None:
             return PushFuture(parts, guard)
-        future = PushFuture(parts, guard, self, Sent(leaves, max(steps), oldest, checked))
+        future = PushFuture(parts, guard, self, Sent(leaves, max(steps), oldest, checked, requests))
         self._unanswered.append(future)
         return future
 
@@ -479,8 +503,22 @@ class Client:
                 moved = None
             if moved is not None:
                 self.follow(moved.route)  # sends it (and any later one answered so) again
+            elif any(answer_of(p) == SEND_AGAIN for p in oldest._parts):
+                self.send_again()
             else:
                 self._unanswered.popleft().sent = None
+
+    def send_again(self) -> None:
+        """Sends each part of this client's pushes that a dying shard answered `SEND_AGAIN` to the shard's
+        standby, now serving in its place: the same request, oldest push first (one the standby had applied
+        already is answered as before)."""
+        for future in self._unanswered:
+            for s, part in enumerate(future._parts):
+                if answer_of(part) != SEND_AGAIN:
+                    continue
+                sent, channel = future.sent, self._links[s].channel
+                payload = None if sent.leaves is None else channel.stage(self.plan.split(sent.leaves)[s], False).payload
+                future._parts[s] = channel.submit(sent.requests[s], payload)
 
     def follow(self, route: Route) -> None:
         """The server was resharded (`ParameterServer.reshard`): from now on this client talks to `route`'s
@@ -521,12 +559,14 @@ class Client:
         """A push answered `Moved`, sent to the new shards: for the same step, based on the same version."""
         skipped = sent.leaves is None
         per_shard = [None] * len(self._links) if skipped else self.plan.split(sent.leaves)
-        parts = []
+        parts, requests = [], []
         for link, leaves in zip(self._links, per_shard):
             payload = None if skipped else link.channel.stage(leaves, False).payload
-            request = Push(self.worker, sent.for_step, sent.oldest, skipped, sent.oldest, None, sent.guard)
+            request = Push(self.worker, sent.for_step, sent.oldest, skipped, sent.oldest, None, sent.guard, sent.requests[0].key)
             parts.append(link.channel.submit(request, payload))
             link.last_step, link.pulled = sent.for_step, None
+            requests.append(request)
+        sent.requests = requests
         return parts
 
     def _nonfinite_paths(self, per_shard: list, staged: list) -> list[str]:
@@ -547,7 +587,8 @@ class Client:
 
     def __getstate__(self) -> dict:
         self.sent_away = True  # a copy of it may leave on its own, in its process: ask the shards
-        return {**self.__dict__, "_unanswered": collections.deque()}  # this copy's pushes are its own
+        # this copy's pushes are its own, and keyed as its own
+        return {**self.__dict__, "_unanswered": collections.deque(), "_key": uuid.uuid4().hex, "_pushes": 0}
 
     def leave(self) -> None:
         """This worker is done: sync steps and ssp pulls stop waiting for it. Idempotent."""
@@ -567,6 +608,8 @@ class Client:
                 break
             except _Moved as moved:  # resharded: its unanswered pushes go to the new shards first
                 self.follow(moved.route)
+            except _SendAgain:  # a standby took over: the pushes it lost first (leaving twice changes nothing)
+                self.send_again()
         if errors:
             raise errors[0]
         self._raise_unasked("the worker has left")

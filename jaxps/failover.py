@@ -17,6 +17,11 @@ version any client has seen is older, so a push computed before the rollback
 is rolled back on every shard alike (`jaxps.consistency.Clock.rolled_back`).
 A shard that dies `max_restarts` times within `window` seconds is not restarted
 again: the transport's clients then raise `ShardDiedError` saying so.
+
+With hot standbys (`replicas=1`, `jaxps.replication`) a dead shard's standby
+takes over instead, with no step lost and no rollback, and a new standby
+starts behind it; a dead standby is replaced. Only a shard that dies with no
+live standby goes back to the checkpoint (without `checkpoint`: the run ends).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any, Callable, Sequence
 from jaxps import checkpoint
 from jaxps.client import gather
 from jaxps.errors import ShardDiedError
-from jaxps.service import Lead, Leave, RollBack, Stats
+from jaxps.service import Lead, Leave, Replicate, RollBack, Stats
 from jaxps.shard import ShardConfig
 
 EPOCH = 1 << 32  # versions of one epoch; a rollback starts the next
@@ -47,6 +52,7 @@ class Recoveries:
     """What fail-over has done, for `ps.stats()`."""
 
     restarts: int = 0
+    takeovers: int = 0  # by a standby (`replicas=1`), with no step lost
     steps_lost: int = 0
     rolled_back_to: list = dataclasses.field(default_factory=list)  # the checkpoint step of each rollback
     last_recovery_s: float | None = None
@@ -60,6 +66,7 @@ class Recoveries:
     def stats(self) -> dict:
         return {
             "restarts": self.restarts,
+            "takeovers": self.takeovers,
             "steps_lost": self.steps_lost,
             "rolled_back_to": list(self.rolled_back_to),
             "last_recovery_s": self.last_recovery_s,
@@ -74,10 +81,11 @@ class Supervisor:
         transport: Any,
         channels: Sequence[Any],
         configs: Sequence[ShardConfig],
-        directory: str,
+        directory: str | None,
         run_exclusively: Callable[[Callable[[], Any]], Any],
         version: int,
         leads: bool,
+        replicas: int = 0,
         max_restarts: int = 3,
         window: float = 60.0,
         poll: float = 0.1,
@@ -89,6 +97,7 @@ class Supervisor:
         self._exclusively = run_exclusively  # runs a function on the checkpoint thread, returns its result
         self._version = version  # the epoch's first version (the server's start)
         self._leads = leads
+        self._replicas = replicas
         self._max_restarts, self._window, self._poll = max_restarts, window, poll
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.recoveries = Recoveries()
@@ -112,22 +121,61 @@ class Supervisor:
         while not self._stop.wait(self._poll):
             transport = self._transport
             dead = transport.dead()
-            if not dead:
+            lost = transport.dead_standbys() if self._replicas else []
+            if not dead and not lost:
                 continue
             now = time.monotonic()
-            self.recoveries.deaths = [t for t in self.recoveries.deaths if now - t < self._window] + [now] * len(dead)
+            self.recoveries.deaths = [t for t in self.recoveries.deaths if now - t < self._window] + [now] * len(dead + lost)
             if len(self.recoveries.deaths) >= self._max_restarts:
+                who = f"shard {dead[0]}" if dead else f"shard {lost[0]}'s standby"
                 reason = (
-                    f"shard {dead[0]} died: {len(self.recoveries.deaths)} shard deaths within {self._window:.0f} s, "
-                    f"so it is not restarted again (on_shard_failure='restart' gives up at {self._max_restarts})"
+                    f"{who} died: {len(self.recoveries.deaths)} shard deaths within {self._window:.0f} s, "
+                    f"so it is not restarted again (fail-over gives up at {self._max_restarts})"
                 )
                 self._give_up(reason)
                 return
             try:
-                self._exclusively(lambda: self._recover(dead, transport))
+                self._exclusively(lambda: self._fail_over(dead, lost, transport))
             except Exception as e:  # noqa: BLE001
-                self._give_up(f"shard {dead[0]} died and could not be restarted: {type(e).__name__}: {e}")
+                self._give_up(f"shard {(dead or lost)[0]} died and could not be restarted: {type(e).__name__}: {e}")
                 return
+
+    def _fail_over(self, dead: list[int], lost: list[int], transport: Any) -> None:
+        """Dead primaries: their standbys take over (the rest roll back to the checkpoint); dead standbys are replaced."""
+        if transport is not self._transport:
+            return  # resharded meanwhile: the new shards are watched from now on
+        standbys = transport.standbys if self._replicas else {}
+        for i in set(lost) & set(standbys):
+            transport.drop_standby(i)
+        taken = [i for i in dead if i in standbys and i not in lost]
+        for i in taken:
+            started = time.monotonic()
+            transport.promote(i)
+            took = time.monotonic() - started
+            self.recoveries.takeovers += 1
+            self.recoveries.last_recovery_s = took
+            self._log(f"jaxps: shard {i} died; its standby took over in {took:.2f} s, no step lost")
+        rest = [i for i in dead if i not in taken]
+        if rest:
+            if self._directory is None:
+                raise RuntimeError(f"shard {', '.join(map(str, rest))} died with no standby to take over, and there is no checkpoint to restart from")
+            self._recover(rest, transport)
+            replace = range(len(self._channels))  # every shard rolled back: each standby starts over from its primary
+        else:
+            replace = sorted(set(taken) | set(lost))
+        for i in replace if self._replicas else ():
+            self.start_standby(i)
+
+    def start_standby(self, i: int, quiet: bool = False) -> None:
+        """A (new) standby for shard `i`, fed by its primary from now on, starting with its whole state."""
+        if i in self._transport.standbys:  # after a rollback: it starts over
+            self._channels[i].call(Replicate(self._transport.standbys[i]), timeout=600)
+            return
+        started = time.monotonic()
+        channel = self._transport.start_standby(self._configs[i])
+        self._channels[i].call(Replicate(channel), timeout=600)
+        if not quiet:
+            self._log(f"jaxps: shard {i} has a new standby ({time.monotonic() - started:.1f} s)")
 
     def _give_up(self, reason: str) -> None:
         self.failure = ShardDiedError(reason)
@@ -135,8 +183,6 @@ class Supervisor:
         self._transport.give_up(reason)
 
     def _recover(self, dead: list[int], transport: Any) -> None:
-        if transport is not self._transport:
-            return  # resharded meanwhile: the new shards are watched from now on
         started = time.monotonic()
         steps = checkpoint.steps(self._directory)
         if not steps:

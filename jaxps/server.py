@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ import optax
 from jaxps import checkpoint as ckpt
 from jaxps import coding
 from jaxps import rows as rows_lib
-from jaxps.client import Client, gather, moved_in, remaining
+from jaxps.client import Client, gather, remaining
 from jaxps.consistency import make_policy
 from jaxps.errors import ServerClosedError
 from jaxps.failover import FAILURE_MODES, Supervisor
@@ -24,7 +25,7 @@ from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
 from jaxps.resharding import move
 from jaxps.saving import Checkpointing, Saver, release
-from jaxps.service import Hold, Join, Lead, Pull, Stats
+from jaxps.service import Hold, Join, Lead, Moved, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
 from jaxps.validate import NONFINITE
@@ -61,6 +62,10 @@ class ParameterServer:
       on_shard_failure: "raise" (default): a dead shard ends the run with
         `ShardDiedError`; "restart" (needs `checkpoint`): it is restarted and
         every shard rolls back to the latest checkpoint (`jaxps.failover`).
+      replicas: 1 keeps a hot standby of every shard (multiprocessing, Ray),
+        fed the primary's every step: a shard that dies is taken over by its
+        standby with no step lost, and a new standby starts behind it
+        (`jaxps.replication`). 0 (default): none.
       rows: leaves to split by rows (axis 0) over all shards, as tree paths
         (or path prefixes; a bare name is a top-level key) or `fn(path, leaf)
         -> bool`: embedding tables. `client.pull(rows=...)` and
@@ -96,6 +101,7 @@ class ParameterServer:
         on_shard_failure: str = "raise",
         push_filter: PushFilter | None = None,
         rows: Any = None,
+        replicas: int = 0,
         _restore: tuple[str, dict] | None = None,  # (directory, metadata): from `ParameterServer.restore`
     ):
         make_policy(mode, workers, backup_workers, max_staleness)  # checks the arguments
@@ -105,6 +111,8 @@ class ParameterServer:
             raise ValueError("on_shard_failure='restart' restarts shards from checkpoints: give checkpoint=jaxps.Checkpointing(...)")
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite={nonfinite!r}; valid: {', '.join(NONFINITE)}")
+        if replicas not in (0, 1):
+            raise ValueError(f"replicas={replicas!r}: 0 (no standby) or 1 (a hot standby of every shard)")
         tx = with_values(tx, values, params, mode, workers)
         self._plan = make_plan(params, shards, assign, rows)
         leaves = jax.tree_util.tree_leaves(params)
@@ -121,6 +129,11 @@ class ParameterServer:
             filtered = tuple(not is_value(spec.path, leaf) for spec, leaf in zip(self._plan.leaves, leaves))
             coding.check(push_filter, self._plan, filtered)
         self._filter = None if push_filter is None else (push_filter, filtered)
+        self._replicas = replicas
+        if replicas:
+            refusal = self._replicas_refusal(transport, mode, backup_workers)
+            if refusal is not None:
+                raise ValueError(refusal)
         restore = None if _restore is None else _check_restore(*_restore, self._plan, tx)
         if checkpoint is not None:
             ckpt.check_directory(checkpoint.directory, self._plan)  # another model's directory: refused now
@@ -129,10 +142,12 @@ class ParameterServer:
         self._retired: list[tuple[Any, list]] = []  # (transport, channels) of the plans resharded away from
         self._generation = 0  # plans resharded to
         self._switch = threading.Lock()  # `_plan` and `_channels` change together (a reshard)
-        if on_shard_failure == "restart":
+        if on_shard_failure == "restart" or replicas:
             if not hasattr(self._transport, "expect_restarts"):
                 raise ValueError(f"on_shard_failure='restart': the {type(self._transport).__name__} cannot restart shards")
-            self._transport.expect_restarts(RECOVERY_TIMEOUT)
+            if replicas and not hasattr(self._transport, "start_standby"):
+                raise ValueError(f"replicas=1: the {type(self._transport).__name__} cannot start standbys (multiprocessing and ray can)")
+            self._transport.expect_restarts(RECOVERY_TIMEOUT, **({"standby": True} if replicas else {}))
         self._workers = workers
         self._mode = mode
         self._nonfinite = nonfinite
@@ -162,8 +177,8 @@ class ParameterServer:
             raise
         self._saver = Saver(self._plan, self._channels, mode, 0 if restore is None else restore[1])
         self._supervisor: Supervisor | None = None
-        if on_shard_failure == "restart":
-            self._start_supervisor(configs, checkpoint, restore, agree)
+        if on_shard_failure == "restart" or replicas:
+            self._start_supervisor(configs, checkpoint if on_shard_failure == "restart" else None, restore, agree)
         if checkpoint is not None:
             self._saver.every(checkpoint, lambda: self.step)
 
@@ -221,11 +236,11 @@ class ParameterServer:
             with self._switch:
                 plan, channels = self._plan, self._channels
             replies = gather([ch.submit(Pull(None), timeout=remaining(deadline)) for ch in channels], remaining(deadline))
-            if moved_in(replies) is None:
+            if not any(isinstance(r, (Moved, str)) for r in replies):
                 return plan.merge([leaves for _, leaves in replies])
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"the parameters were not read within {timeout} s (a reshard was under way)")
-            time.sleep(0.01)  # a reshard in progress: its new shards, once it has switched to them
+                raise TimeoutError(f"the parameters were not read within {timeout} s (a reshard or a take-over was under way)")
+            time.sleep(0.01)  # a reshard in progress (its new shards, once it has switched to them), or a standby taking over
 
     @property
     def step(self) -> int:
@@ -235,6 +250,11 @@ class ParameterServer:
     def stats(self) -> dict:
         """Steps, pushes applied/dropped/skipped, gradient staleness and bytes moved, in total and per shard."""
         shards = self._shard_stats()
+        for i, channel in (self._transport.standbys if self._replicas else {}).items():
+            try:  # where it lives, for operators (and tests) to find it
+                shards[i]["standby"] = channel.call(Stats(), timeout=60)["where"]
+            except Exception:  # noqa: BLE001  (gone: the supervisor replaces it)
+                shards[i]["standby"] = None
         count = sum(s["staleness_count"] for s in shards)
         recoveries = {} if self._supervisor is None else self._supervisor.recoveries.stats()
         return {
@@ -397,27 +417,47 @@ class ParameterServer:
         return f"ParameterServer({self._plan!r}, {state})"
 
     # -- internals ---------------------------------------------------------------
+    def _replicas_refusal(self, transport: Any, mode: str, backup_workers: int) -> str | None:
+        """Why this server cannot keep standbys (None: it can)."""
+        if self._filter is not None or self._plan.row_leaves:
+            return "replicas=1 with a push_filter or row leaves (rows=) is not supported yet"
+        if self._leads(self._plan, mode, backup_workers):
+            return "replicas=1 with backup workers on several shards is not supported yet"
+        if transport in ("inprocess", "inproc"):
+            return "replicas=1: in-process shards live and die with this process; use transport='multiprocessing' or 'ray'"
+        return None
+
     def _reshard_refusal(self) -> str | None:
-        """Why `reshard` cannot move this server (None: it can, and its clients keep each push until answered)."""
+        """Why `reshard` cannot move this server (None: it can)."""
+        if self._replicas:
+            return "reshard of a server with replicas=1 is not supported yet"
         if self._filter is not None or self._plan.row_leaves:
             return "reshard of a server with a push_filter or row leaves (rows=) is not supported yet"
         if not isinstance(self._transport_spec[0], str):
             return "reshard starts the new shards on a transport of the same kind: give the transport by name"
         return None
 
-    def _leads(self, plan: Plan) -> bool:
-        """Backup workers on several shards: shard 0 decides each step's workers, the others follow."""
-        return self._mode == "sync" and self._backup_workers > 0 and plan.num_shards > 1
+    def _keeps_pushes(self) -> bool:
+        """Whether clients keep each push until answered, to send it again (after a reshard or a standby's take-over)."""
+        return self._filter is None and not self._plan.row_leaves and (self._replicas > 0 or self._reshard_refusal() is None)
 
-    def _start_supervisor(self, configs: list, checkpoint: Checkpointing, restore, leads: bool) -> None:
-        """Fail-over: a first checkpoint now if there is none to go back to, then the watch."""
+    def _leads(self, plan: Plan, mode: str | None = None, backup_workers: int | None = None) -> bool:
+        """Backup workers on several shards: shard 0 decides each step's workers, the others follow."""
+        mode = self._mode if mode is None else mode
+        backup_workers = self._backup_workers if backup_workers is None else backup_workers
+        return mode == "sync" and backup_workers > 0 and plan.num_shards > 1
+
+    def _start_supervisor(self, configs: list, checkpoint: Checkpointing | None, restore, leads: bool) -> None:
+        """Fail-over: a first checkpoint now if there is none to go back to, the standbys, then the watch."""
         try:
-            if not ckpt.steps(checkpoint.directory):
+            if checkpoint is not None and not ckpt.steps(checkpoint.directory):
                 self.save(checkpoint.directory, keep=checkpoint.keep)
             self._supervisor = Supervisor(
-                self._transport, self._channels, configs, str(checkpoint.directory), self._saver.run,
-                version=0 if restore is None else restore[2], leads=leads,
+                self._transport, self._channels, configs, None if checkpoint is None else str(checkpoint.directory), self._saver.run,
+                version=0 if restore is None else restore[2], leads=leads, replicas=self._replicas,
             )
+            for s in range(len(configs)) if self._replicas else ():
+                self._saver.run(functools.partial(self._supervisor.start_standby, s, quiet=True))
             self._saver.restart_from = lambda: self._supervisor.recoveries.last_rollback
         except BaseException:
             self.close()
@@ -452,7 +492,7 @@ class ParameterServer:
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
         return [
-            Client(w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._reshard_refusal() is None)
+            Client(w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._keeps_pushes())
             for w, v in zip(workers, versions)
         ]
 

@@ -1,8 +1,9 @@
 """The shard service: what a shard does with each request, whatever carried it.
 
 A request is a small typed value (`Push`, `Pull`, `Leave`, `Join`, `Stats`,
-a checkpoint's `Hold`, `Snapshot`, `WritePart`, fail-over's `RollBack`, and
-backup workers' `Lead`, `Decide`);
+a checkpoint's `Hold`, `Snapshot`, `WritePart`, fail-over's `RollBack`, a
+reshard's `Move`, backup workers' `Lead`, `Decide`, and hot standby's
+`Replicate`, `Mirror`, `TakeOver`);
 arrays travel beside it (a push's gradients) and answers go back through a
 `Reply` that the transport supplies. A transport decodes a request from its
 wire, calls `ShardService.handle`, and ships what the reply is given: that is
@@ -19,7 +20,7 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -42,6 +43,7 @@ class Push(NamedTuple):
     oldest: int | None = None  # the oldest version of the worker's last pull, over all shards
     rows: tuple | None = None  # a row push: ((position among the shard's leaves, local row ids), ...)
     guard: Any = None  # in-process only: (finite flags on the device, skip) of a push checked there (`Shard.push`)
+    key: tuple | None = None  # (client id, push number): a push sent again to a standby that took over is applied once
 
 
 class Pull(NamedTuple):
@@ -161,12 +163,51 @@ class Decide(NamedTuple):
     workers: tuple[int, ...]
 
 
-REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, RollBack, Move, Lead, Decide)
+SEND_AGAIN = "send_again"  # a push's answer from a channel whose shard died with it, where a standby takes over
+
+
+class Replicate(NamedTuple):
+    """Hot standby: stream every change of this shard to `channel`'s standby (`Mirror`), starting with its whole
+    state; answers None. Sent again (a new standby, or after a rollback) it starts over there."""
+
+    channel: Any
+
+
+class Mirror(NamedTuple):
+    """A primary's changes, in order, to its standby: `state` (the first: the primary's whole state, path-keyed),
+    then the mean gradients of each step it applied (host arrays, per step), the clock after them, and the
+    pushes answered meanwhile as `(key, outcome)`; answers None once carried out."""
+
+    steps: tuple
+    clock: Any
+    answered: tuple
+    state: dict | None = None
+
+
+class TakeOver(NamedTuple):
+    """The primary died: this standby becomes the shard, where the primary was reached; answers None."""
+
+
+REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, RollBack, Move, Lead, Decide, Replicate, Mirror, TakeOver)
 
 # Fail-over: what a channel sends again to a restarted shard when the dead one took a request with it.
 # A push is never sent again (it answers "rolled_back"); a checkpoint's or fail-over's own requests fail
 # (the driver starts them over).
-RESENT_AFTER_RESTART = (Pull, Join, Leave, Stats, Decide)
+RESENT_AFTER_RESTART = (Pull, Join, Leave, Stats, Decide, Replicate)
+
+
+def lost_answer(request: Any, standby: bool) -> Any:
+    """A request's answer when its shard died with it, where shards are restarted (None: sent again to the new one).
+
+    From a checkpoint, a push is "rolled_back". Where a standby takes over, a client's push, pull and leave
+    answer `SEND_AGAIN`: the client sends its lost pushes again first, in order, then the rest
+    (`Client.send_again`), so that no step waits for a push that died with the shard.
+    """
+    if isinstance(request, Push):
+        return SEND_AGAIN if standby else "rolled_back"
+    if standby and isinstance(request, (Pull, Leave)):
+        return SEND_AGAIN
+    return None
 
 
 class Reply:
@@ -226,12 +267,17 @@ class ShardService:
             Move: self._move,
             Lead: self._lead,
             Decide: self._decide,
+            Replicate: self._replicate,
+            Mirror: self._mirror,
+            TakeOver: self._take_over,
         }
         self._bytes = {"bytes_pushed": 0, "bytes_pulled": 0}  # array bytes that crossed to and from clients
         self._bytes_lock = threading.Lock()
         self._saved: dict | None = None  # the last snapshot, until written
         self._decisions: queue.SimpleQueue | None = None  # a leader's steps, on their way to the followers
         self._moved: Moved | None = None  # resharded away: what every request but `Stats` is answered
+        self._stream: Any = None  # hot standby: the `jaxps.replication.Stream` to this shard's standby
+        self.on_take_over: Callable[[], None] | None = None  # a standby's transport: serve where the primary was
 
     def handle(self, request: Any, reply: Reply, arrays: Sequence[Any] | None = None) -> None:
         """Carries out `request` (with a push's gradient `arrays`); the answer goes to `reply`, now or later."""
@@ -240,7 +286,17 @@ class ShardService:
             raise TypeError(f"shard {self.shard.index}: unknown request {request!r}; known: {[r.__name__ for r in REQUESTS]}")
         if self._moved is not None and op is not self._stats:
             return reply.send(self._moved)
+        if self._stream is not None and not isinstance(request, UNMIRRORED):  # answered once the standby has the change
+            reply = _AfterStandby(self, reply, getattr(request, "key", None))
         op(request, reply, arrays)
+
+    def after_standby(self, answer: Callable[[], None], answered: tuple = ()) -> None:
+        """Calls `answer` once the standby has every change made so far (at once without one)."""
+        with self.shard._lock:
+            stream = self._stream
+            if stream is not None and stream.after(answer, answered):
+                return
+        answer()
 
     def _push(self, request: Push, reply: Reply, arrays: Sequence[Any] | None) -> None:
         # Keep or borrow: a shard that keeps gradients past the call (sync mode) copies
@@ -248,6 +304,10 @@ class ShardService:
         # back (so may reuse its buffer) only once the step has run.
         if not request.skipped and arrays is None:
             raise ValueError(f"shard {self.shard.index}: a push without gradients")
+        if request.key is not None:  # sent again after a take-over: this standby may have applied it already
+            outcome = self.shard.answered(request.key)
+            if outcome is not None:
+                return reply.send(outcome)
         if request.skipped:
             grads = None
         elif reply.borrowed:
@@ -361,6 +421,27 @@ class ShardService:
         self._moved = moved
         reply.send(None)
 
+    def _replicate(self, request: Replicate, reply: Reply, arrays: Any) -> None:
+        from jaxps.replication import Stream
+
+        with self.shard._lock:  # from this change on, every one goes to the new standby
+            previous, self._stream = self._stream, None
+            if previous is not None:
+                previous.stop()
+            if request.channel is not None:
+                self._stream = Stream(self.shard, request.channel, after=previous)
+        reply.send(None)
+
+    def _mirror(self, request: Mirror, reply: Reply, arrays: Any) -> None:
+        self.shard.mirror(request.steps, request.clock, request.answered, request.state)
+        reply.send(None)
+
+    def _take_over(self, request: TakeOver, reply: Reply, arrays: Any) -> None:
+        self.shard.take_over()
+        if self.on_take_over is not None:
+            self.on_take_over()
+        reply.send(None)
+
     def _lead(self, request: Lead, reply: Reply, arrays: Any) -> None:
         if self._decisions is not None:
             raise RuntimeError(f"shard {self.shard.index} already leads")
@@ -377,6 +458,28 @@ class ShardService:
     def _decide(self, request: Decide, reply: Reply, arrays: Any) -> None:
         self.shard.decide(request.version, request.workers)
         reply.send(None)
+
+
+# requests answered at once even while a standby is fed: they change nothing it must have
+UNMIRRORED = (Pull, Stats, WritePart, Replicate, Mirror, TakeOver)
+
+
+class _AfterStandby(Reply):
+    """A reply of a shard with a standby: each answer waits until the standby has every change made before it."""
+
+    def __init__(self, service: ShardService, reply: Reply, key: tuple | None):
+        self._service, self._reply, self._key = service, reply, key
+        self.borrowed, self.lend = reply.borrowed, reply.lend
+
+    def send(self, value: Any) -> None:
+        answered = ((self._key, value),) if self._key is not None and isinstance(value, str) else ()
+        self._service.after_standby(lambda: self._reply.send(value), answered)
+
+    def taken(self) -> None:
+        self._reply.taken()
+
+    def pulled(self, version: int, leaves: list) -> None:
+        self._reply.pulled(version, leaves)
 
 
 def _send_decisions(index: int, decisions: queue.SimpleQueue, followers: list) -> None:

@@ -8,6 +8,7 @@ blocks the shard.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 import threading
@@ -25,6 +26,7 @@ from jaxps.plan import Plan
 from jaxps.update import compile_guarded_step, compile_step, mean_gradients
 from jaxps.validate import PushError, check_leaves
 
+ANSWERS_KEPT = 1 << 16  # a standby remembers this many pushes' outcomes, to answer those sent again after a take-over
 PushDone = Callable[[Any], None]  # "applied" | "dropped" | "skipped" | "rolled_back", or a reshard's `Moved`
 PullReady = Callable[[int, list], Any]  # (version, leaves)
 SnapshotTaken = Callable[[dict | None, dict], Any]  # (state by path, {"step", "version"}) or (None, {"error"})
@@ -68,6 +70,8 @@ class Shard:
             mask = [config.filtered[i] for i in config.plan.shard_leaves[config.index]]
             self._decoder = Decoder(config.push_filter, self._leaf_specs, mask)
         leaves, opt_state, version, applied = config.leaves, None, 0, 0
+        if leaves is None:  # a standby: its state comes from its primary (`mirror`)
+            leaves = [np.zeros(spec.shape, spec.dtype) for spec in self._leaf_specs]
         self._restored_in: float | None = None  # seconds this shard took to read its checkpoint
         if config.restore is not None:
             state, self._restored_in = read or read_checkpoint(config)
@@ -93,7 +97,7 @@ class Shard:
         self._mean = jax.jit(mean_gradients)
         self._policy = make_policy(config.mode, config.workers, config.backup_workers, config.max_staleness, config.follows)
         self._clock = Clock.start(config.workers, version, applied)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: answers given under it are logged for a standby (`logged`)
         self._lent = False  # params handed to a reader: the next step must not donate them while it holds them
         self._pushes: dict[tuple[int, int], PushDone] = {}
         self._pulls: list[tuple[int | None, PullReady, bool, int, Callable[[Any], None] | None]] = []
@@ -105,6 +109,9 @@ class Shard:
         self._moved: Any = None  # resharded away (`move`): every push and pull is answered this `Moved`
         self._spare: dict | None = None  # a written snapshot's arrays, for the next snapshot to copy into
         self.on_step: Callable[[int, tuple[int, ...]], None] | None = None  # a leader: (version, workers) of each step it closes
+        self._log: list | None = None  # hot standby: each step's mean gradients since the last `Mirror` (host copies)
+        self._answered: collections.OrderedDict = collections.OrderedDict()  # a standby: the latest pushes' outcomes, by key
+        self._took_over = False  # a standby that took over: a `Mirror` its dead primary sent last is not carried out
 
     # -- requests -------------------------------------------------------------
     def push(
@@ -343,6 +350,63 @@ class Shard:
         for answer in answers:
             answer(moved)
 
+    # -- hot standby (`jaxps.replication`) -------------------------------------
+    def start_log(self, into: Callable[[dict, Clock], None]) -> None:
+        """A primary: `into(state, clock)` with this shard's whole state (under the lock), then log every step."""
+        from jaxps.checkpoint import shard_state
+
+        with self._lock:
+            self._log = []
+            into(shard_state(self._plan, self.index, self._params, self._opt_state, None, self._tx), self._sent_clock())
+
+    def logged(self, into: Callable[[tuple, Clock], None]) -> None:
+        """A primary: `into(steps, clock)` with the steps logged since the last call and the clock now (under the lock)."""
+        with self._lock:
+            steps, self._log = tuple(self._log or ()), ([] if self._log is not None else None)
+            into(steps, self._sent_clock())
+
+    def stop_log(self) -> None:
+        with self._lock:
+            self._log = None
+
+    def _sent_clock(self) -> Clock:
+        """The clock without its pending pushes' gradients (a standby that takes over gets those pushes again)."""
+        pending = {t: {w: c._replace(grads=None, guard=None) for w, c in by.items()} for t, by in self._clock.pending.items()}
+        return dataclasses.replace(self._clock, pending=pending)
+
+    def mirror(self, steps: Sequence[list], clock: Clock, answered: Sequence[tuple], state: dict | None = None) -> None:
+        """A standby: its primary's `state` (if given), then the same steps with the same mean gradients, so the
+        same parameters and optimizer state bit for bit; its clock is the primary's; `answered` pushes are known."""
+        from jaxps.checkpoint import restore_shard
+
+        with self._lock:
+            if self._took_over:  # (its primary never heard back: the clients send those pushes again)
+                return
+            if state is not None:
+                leaves, opt_state = restore_shard(self._plan, self._tx, self.index, state)
+                self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
+                self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
+            for mean in steps:
+                grads = self._plan.view(self.index, [jax.device_put(x, home) for x, home in zip(mean, self._homes)])
+                self._params, self._opt_state = self._step_donating(self._params, self._opt_state, grads)
+            self._clock = clock
+            for key, outcome in answered:
+                self._answered[key] = outcome
+            while len(self._answered) > ANSWERS_KEPT:
+                self._answered.popitem(last=False)
+
+    def answered(self, key: tuple) -> str | None:
+        """How a push was answered, if this shard (a standby that took over) applied it from its primary's stream."""
+        with self._lock:
+            return self._answered.get(key)
+
+    def take_over(self) -> None:
+        """A standby becomes the shard: pushes its primary held unsettled come again from their clients."""
+        with self._lock:
+            self._took_over = True
+            self._clock = self._clock.moved()
+            self._serve_pulls()
+
     # -- internals ------------------------------------------------------------
     def _take(self, c: Contribution, done: PushDone) -> None:
         clock, steps, outcome = self._policy.push(self._clock, c)
@@ -410,12 +474,16 @@ class Shard:
             if not grads:
                 continue
             lent = self._lent and self._refcount() > self._own_refs
+            if self._log is not None and (step.contributions[0].guard is not None or any(c.rows for c in step.contributions)):
+                raise RuntimeError(f"shard {self.index}: a row push or a push checked on the device cannot be sent to a standby")
             if any(c.rows for c in step.contributions if c.grads is not None):
                 self._apply_rows([c for c in step.contributions if c.grads is not None], lent)
             elif step.contributions[0].guard is not None:
                 self._apply_guarded(step, lent)
             else:
                 mean = grads[0] if len(grads) == 1 else self._mean(grads, np.int32(len(grads)))
+                if self._log is not None:  # a copy: a push's own arrays may be the client's buffer
+                    self._log.append([np.array(x, copy=True) for x in jax.tree.leaves(mean)])
                 update = self._step_lent if lent else self._step_donating
                 self._params, self._opt_state = update(self._params, self._opt_state, mean)
             self._lent = False

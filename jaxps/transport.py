@@ -26,8 +26,15 @@ A transport that can restart shards (`on_shard_failure="restart"`) also has
 a dead shard instead of failing), `dead() -> [shard index]`,
 `restart(config)` (a new shard from `config.restore`, reached through the
 same channel) and `give_up(reason)` (waiting clients raise `ShardDiedError`);
-see `jaxps.failover` and the multiprocessing transport. `jaxps.transports.inprocess` is the smallest
-complete example.
+see `jaxps.failover` and the multiprocessing transport. One that keeps hot
+standbys (`replicas=1`, `jaxps.replication`) also has `start_standby(config)
+-> channel` (a standby of shard `config.index`, its state to come from its
+primary through that channel), `standbys` (shard index -> channel),
+`dead_standbys()`, `drop_standby(i)`, and `promote(i)` (the standby takes
+over: clients' channels reach it from then on); its `expect_restarts` takes
+`standby=True`, and its channels then answer a client's push, pull or leave
+lost with a dead shard `SEND_AGAIN` (`jaxps.service.lost_answer`).
+`jaxps.transports.inprocess` is the smallest complete example.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import cloudpickle
 
 from jaxps.errors import ShardDiedError
+from jaxps.service import TakeOver
 from jaxps.transport import ShardConfig, leave_quietly, run_worker
 from jaxps.transports import shm, wire
 from jaxps.transports.endpoint import POOL  # noqa: F401  (re-exported: the pull-buffer pool size)
@@ -42,10 +43,15 @@ def shard_died(index: int, pid: int) -> ShardDiedError:
     return ShardDiedError(f"shard {index} (pid {pid}) has died; its parameters and optimizer state are lost")
 
 
-def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None) -> None:
+def standby_died(index: int, pid: int) -> ShardDiedError:
+    return ShardDiedError(f"shard {index}'s standby (pid {pid}) has died")
+
+
+def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None, primary: tuple | None = None) -> None:
     """A shard process: reports its endpoint (or its traceback), serves, exits on 'stop' or its parent's end.
 
     A restarted shard gets its predecessor's `authkey` (and `prefix`): it serves at the same endpoint.
+    A standby gets its primary's `(prefix, authkey)`: once it takes over, it serves there too.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; it stops us
     try:
@@ -54,18 +60,23 @@ def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None)
         from jaxps.transports.endpoint import serve
 
         config = cloudpickle.loads(payload)
-        if config.restore is None:
+        if config.restore is None and config.leaves is not None:
             config = dataclasses.replace(config, leaves=config.leaves.load())
-        server = serve(ShardService(Shard(config)), config.plan.layout(config.index), prefix=prefix, authkey=authkey)
+        service = ShardService(Shard(config))
+        servers = [serve(service, config.plan.layout(config.index), prefix=prefix, authkey=authkey)]
+        if primary is not None:
+            layout = config.plan.layout(config.index)
+            service.on_take_over = lambda: servers.append(serve(service, layout, prefix=primary[0], authkey=primary[1]))
     except BaseException:
         ctrl.send(wire.Refused(traceback.format_exc()))
         return
-    ctrl.send(wire.Serving(server.endpoint))
+    ctrl.send(wire.Serving(servers[0].endpoint))
     try:
         ctrl.recv()  # Stop, or EOF once the parent is gone
     except (EOFError, OSError):
         pass
-    server.stop()
+    for server in servers:
+        server.stop()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # serving threads may be inside JAX; do not wait for them
@@ -82,7 +93,10 @@ def _worker_main(out, payload: bytes) -> None:
     out.close()
 
 
-def _shutdown(procs, ctrls, channels, prefix: str) -> None:
+def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict) -> None:
+    procs = [*procs, *(p for p, _, _ in standbys.values())]
+    ctrls = [*ctrls, *(ctrl for _, ctrl, _ in standbys.values())]
+    channels = [*channels, *(channel for _, _, channel in standbys.values())]
     for ch in channels:
         ch.close()
     for ctrl in ctrls:
@@ -121,6 +135,8 @@ class MultiprocessingTransport:
         self._channels: list[SharedMemoryChannel] = []
         self._endpoints: list[wire.Endpoint] = []
         self._recovery: Recovery | None = None
+        self._standbys: dict[int, tuple] = {}  # shard index -> (process, control pipe, channel) of its standby
+        self._standbys_started = 0
         self._finalizer: weakref.finalize | None = None
         self.shm_prefix: str | None = None  # every segment of this server is named with it
 
@@ -135,7 +151,7 @@ class MultiprocessingTransport:
         prefix = self.shm_prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
         if self._recovery is not None:
             self._recovery = self._recovery._replace(given_up=f"{prefix}given_up")
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._ctrls, self._channels, prefix)
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._ctrls, self._channels, prefix, self._standbys)
         inits = []
         try:
             for config in configs:
@@ -160,7 +176,7 @@ class MultiprocessingTransport:
         )
         return list(self._channels)
 
-    def _spawn(self, config: ShardConfig, authkey: bytes | None = None):
+    def _spawn(self, config: ShardConfig, authkey: bytes | None = None, prefix: str | None = None, primary: tuple | None = None):
         """Starts shard `config.index`'s process; (process, control pipe)."""
         try:
             payload = cloudpickle.dumps(config)
@@ -168,7 +184,10 @@ class MultiprocessingTransport:
             raise TypeError(f"cannot send shard {config.index}'s config (the optimizer) to its process: {e}") from e
         ours, theirs = self._ctx.Pipe()
         p = self._ctx.Process(
-            target=_shard_main, args=(theirs, payload, self.shm_prefix, authkey), name=f"jaxps-shard-{config.index}", daemon=True
+            target=_shard_main,
+            args=(theirs, payload, prefix or self.shm_prefix, authkey, primary),
+            name=f"jaxps-shard-{config.index}{'-standby' if primary else ''}",
+            daemon=True,
         )
         try:
             p.start()
@@ -180,11 +199,56 @@ class MultiprocessingTransport:
         return p, ours
 
     # -- fail-over (`ParameterServer(on_shard_failure="restart")`) ------------------------
-    def expect_restarts(self, timeout: float) -> None:
-        """Before `start`: clients wait up to `timeout` s for a dead shard to be restarted, instead of failing."""
+    def expect_restarts(self, timeout: float, standby: bool = False) -> None:
+        """Before `start`: clients wait up to `timeout` s for a dead shard to be restarted (or, `standby`, taken
+        over by its standby), instead of failing."""
         if not sys.platform.startswith("linux"):
             raise NotImplementedError("restarting shards needs Linux (a restarted shard serves at its predecessor's socket)")
-        self._recovery = Recovery(timeout, "")  # the segment's name is known once `start` picks the prefix
+        self._recovery = Recovery(timeout, "", standby)  # the segment's name is known once `start` picks the prefix
+
+    # -- hot standby (`ParameterServer(replicas=1)`) ---------------------------------------
+    def start_standby(self, config: ShardConfig) -> SharedMemoryChannel:
+        """Starts a standby of shard `config.index` in a process of its own; returns the channel its primary feeds it through."""
+        i = config.index
+        self._standbys_started += 1
+        prefix = f"{self.shm_prefix}b{self._standbys_started}_"  # swept with the server's segments
+        primary = (self.shm_prefix, self._endpoints[i].authkey)
+        p, ours = self._spawn(dataclasses.replace(config, leaves=None, restore=None), prefix=prefix, primary=primary)
+        try:
+            endpoint = self._await_ready(i, p, ours, time.monotonic() + self.start_timeout)
+        except BaseException:
+            p.kill()
+            p.join()
+            ours.close()
+            raise
+        channel = SharedMemoryChannel(i, endpoint, functools.partial(standby_died, i, endpoint.pid))
+        self._standbys[i] = (p, ours, channel)
+        return channel
+
+    @property
+    def standbys(self) -> dict[int, SharedMemoryChannel]:
+        """A channel to each shard's standby, by shard index."""
+        return {i: channel for i, (_, _, channel) in self._standbys.items()}
+
+    def dead_standbys(self) -> list[int]:
+        """The shards whose standby's process has ended (they go on without one)."""
+        return [i for i, (p, _, _) in self._standbys.items() if not p.is_alive()]
+
+    def drop_standby(self, i: int) -> None:
+        """Forgets shard `i`'s dead standby."""
+        p, ctrl, channel = self._standbys.pop(i)
+        channel.close()
+        p.join(1.0)
+        ctrl.close()
+
+    def promote(self, i: int) -> None:
+        """Shard `i`'s primary died: its standby takes over, serving where clients reached the primary."""
+        p, ctrl, channel = self._standbys.pop(i)
+        channel.call(TakeOver(), timeout=60)
+        channel.close()
+        self._procs[i].join(1.0)
+        self._ctrls[i].close()
+        self._procs[i], self._ctrls[i] = p, ctrl
 
     def dead(self) -> list[int]:
         """The shards whose process has ended."""

@@ -40,6 +40,7 @@ forever); change them with `worker_options`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import os
@@ -54,12 +55,13 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, Moved, Pull, Push, Reply
+from jaxps.service import RESENT_AFTER_RESTART, Moved, Pull, Push, Reply, Stats, TakeOver, lost_answer
 from jaxps.transport import ShardChannel, Staged, leave_quietly
 from jaxps.transports import wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
 
 DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
+STANDBY = "standby"  # a standby actor's `endpoint()`: not the shard (yet)
 DATA_PATHS = ("auto", "shm", "tcp", "object_store")
 
 
@@ -68,7 +70,7 @@ DATA_PATHS = ("auto", "shm", "tcp", "object_store")
 class _ShardActor:
     """One shard's `ShardService`, served on an asyncio event loop (and on a shared-memory endpoint)."""
 
-    def __init__(self, config, data_path: str = "auto"):
+    def __init__(self, config, data_path: str = "auto", standby: bool = False):
         from jaxps.service import ShardService  # here, once Ray has set up this process's devices
         from jaxps.shard import Shard
         from jaxps.transports.endpoint import serve
@@ -78,6 +80,8 @@ class _ShardActor:
         context = ray.get_runtime_context()
         where = {"actor_id": context.get_actor_id(), "node_id": context.get_node_id()}
         self._service = ShardService(Shard(config), where)
+        self._standby = standby  # clients find it (`endpoint`) only once it takes over
+        self._service.on_take_over = self._took_over
         self._published: tuple[int, Any] | None = None  # (version, ObjectRef of its leaves)
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
@@ -94,8 +98,16 @@ class _ShardActor:
         await asyncio.Event().wait()
 
     async def endpoint(self):
-        """Where clients on this node reach the shard through shared memory (None: object store only)."""
+        """Where clients on this node reach the shard through shared memory (None: object store only);
+        `STANDBY` while it is a standby."""
+        return STANDBY if self._standby else self._endpoint
+
+    async def serving(self):
+        """The endpoint, standby or not (its primary feeds it through it)."""
         return self._endpoint
+
+    def _took_over(self) -> None:
+        self._standby = False
 
     async def call(self, caller: str, seq: int, request, payload=None):
         """Carries out `request` (a push's gradients in `payload`) in `caller`'s order; its answer."""
@@ -304,13 +316,16 @@ class RayChannel(ShardChannel):
                 given_up = None
             if given_up is not None:
                 raise ShardDiedError(ray.get(given_up.reason.remote()))
-            try:
-                actor = ray.get_actor(self.recovery.name)
-                if actor._actor_id != dead_actor._actor_id:
-                    self.rebind(actor, ray.get(actor.endpoint.remote(), timeout=60))
-                    return
-            except (ValueError, RayActorError, GetTimeoutError):
-                pass  # not named yet, or not serving yet
+            for name in self.recovery.names:  # the restarted shard, or the standby that took over
+                try:
+                    actor = ray.get_actor(name)
+                    if actor._actor_id != dead_actor._actor_id:
+                        endpoint = ray.get(actor.endpoint.remote(), timeout=60)
+                        if not (isinstance(endpoint, str) and endpoint == STANDBY):
+                            self.rebind(actor, endpoint)
+                            return
+                except (ValueError, RayActorError, GetTimeoutError):
+                    pass  # not named yet, or not serving yet
             if time.monotonic() >= deadline:
                 raise ShardDiedError(f"shard {self.index} died and was not back within {self.recovery.timeout} s")
             time.sleep(0.1)
@@ -397,6 +412,12 @@ class Recovery(NamedTuple):
     timeout: float
     name: str
     given_up: str
+    standby: bool = False  # a standby takes over (`replicas=1`): clients send what was in flight again (`lost_answer`)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names a shard's actor has: a restarted one takes the dead one's; a standby has the other."""
+        return (self.name, f"{self.name}-b") if self.standby else (self.name,)
 
 
 class _Failed:
@@ -425,11 +446,14 @@ class _Recovering:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             return self._future.result(timeout)
-        except ShardDiedError:
+        except (ShardDiedError, ServerClosedError):  # (closed: the route to the dead actor, once the channel rebound)
             if self._channel.closed or not isinstance(self._request, (Push, *RESENT_AFTER_RESTART)):
                 raise
-        if isinstance(self._request, Push):
-            return "rolled_back"
+        answer = lost_answer(self._request, self._channel.recovery.standby)
+        if answer is not None:  # rolled back with the shard, or to be sent again by the client, to the standby
+            if self._channel.recovery.standby:
+                self._channel._find_restarted(self._actor)
+            return answer
         self._channel._find_restarted(self._actor)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self._channel.submit(self._request, timeout=left).result(left)
@@ -511,6 +535,8 @@ class RayTransport:
         self._recovery: Recovery | None = None
         self._watches: list = []  # per shard: a call that fails once its actor is dead
         self._given_up = None
+        self._names: dict[int, str] = {}  # per shard: its actor's name, where it changed (a standby took over)
+        self._standbys: dict[int, tuple] = {}  # per shard: (actor, watch, channel) of its standby
 
     @property
     def actors(self) -> list:
@@ -543,17 +569,83 @@ class RayTransport:
         return list(self._channels)
 
     def _new_actor(self, config):
-        name = {} if self._recovery is None else {"name": self._recovery_of(config.index).name}
+        name = {} if self._recovery is None else {"name": self._names.get(config.index, self._recovery_of(config.index).name)}
         return _ShardActor.options(max_restarts=0, **name, **self._actor_options).remote(config, self._data_path)
 
     def _recovery_of(self, index: int) -> Recovery | None:
         return None if self._recovery is None else self._recovery._replace(name=f"{self._recovery.name}-shard{index}")
 
     # -- fail-over (`ParameterServer(on_shard_failure="restart")`) ------------------------
-    def expect_restarts(self, timeout: float) -> None:
-        """Before `start`: shard actors are named, and clients wait up to `timeout` s for a dead one to be restarted."""
+    def expect_restarts(self, timeout: float, standby: bool = False) -> None:
+        """Before `start`: shard actors are named, and clients wait up to `timeout` s for a dead one to be restarted
+        (or, `standby`, taken over by its standby)."""
         name = f"jaxps-{uuid.uuid4().hex[:16]}"
-        self._recovery = Recovery(timeout, name, f"{name}-given-up")
+        self._recovery = Recovery(timeout, name, f"{name}-given-up", standby)
+
+    # -- hot standby (`ParameterServer(replicas=1)`) ---------------------------------------
+    def start_standby(self, config) -> RayChannel:
+        """A standby actor for shard `config.index`, on another node than its primary where one has the resources
+        it asks for; returns the channel its primary feeds it through."""
+        i = config.index
+        names = self._recovery_of(i).names
+        name = names[1] if self._names.get(i, names[0]) == names[0] else names[0]
+        options = {**self._other_node(self._channels[i].call(Stats(), timeout=60)["where"]["node_id"]), **self._actor_options}
+        actor = _ShardActor.options(max_restarts=0, name=name, **options).remote(
+            dataclasses.replace(config, leaves=None, restore=None), self._data_path, True
+        )
+        try:
+            endpoint = ray.get(actor.serving.remote(), timeout=self._start_timeout)
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
+        channel = RayChannel(actor, i, endpoint, None, self._data_path)
+        self._standbys[i] = (actor, actor.watch.remote(), channel, name)
+        return channel
+
+    def _other_node(self, node_id: str) -> dict:
+        """Ray options placing an actor on a live node other than `node_id` that has what a shard asks for (if any)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        need = self._need()
+        for node in ray.nodes():
+            have = node.get("Resources", {})
+            if node.get("Alive") and node["NodeID"] != node_id and all(have.get(k, 0) >= v for k, v in need.items()):
+                return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)}
+        return {}
+
+    @property
+    def standbys(self) -> dict[int, RayChannel]:
+        """A channel to each shard's standby, by shard index."""
+        return {i: channel for i, (_, _, channel, _) in self._standbys.items()}
+
+    def dead_standbys(self) -> list[int]:
+        """The shards whose standby actor is gone (they go on without one)."""
+        watches = {ref: i for i, (_, ref, _, _) in self._standbys.items()}
+        ended, _ = ray.wait(list(watches), num_returns=len(watches), timeout=0) if watches else ([], [])
+        return sorted(watches[ref] for ref in ended)
+
+    def drop_standby(self, i: int) -> None:
+        """Forgets shard `i`'s dead standby."""
+        actor, _, channel, _ = self._standbys.pop(i)
+        channel.close()
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+    def promote(self, i: int) -> None:
+        """Shard `i`'s primary died: its standby takes over; clients find it by its name (`Recovery.names`)."""
+        actor, watch, channel, name = self._standbys.pop(i)
+        try:
+            ray.kill(self._actors[i], no_restart=True)
+        except Exception:  # already gone
+            pass
+        _await_death([self._actors[i]], timeout=10.0)
+        channel.call(TakeOver(), timeout=60)
+        channel.close()
+        endpoint = ray.get(actor.endpoint.remote(), timeout=60)
+        self._actors[i], self._watches[i], self._names[i] = actor, watch, name
+        self._channels[i].rebind(actor, endpoint)
 
     def dead(self) -> list[int]:
         """The shards whose actor is gone (killed, crashed, its node lost)."""
@@ -615,6 +707,10 @@ class RayTransport:
         actors, self._actors = self._actors, []
         channels, self._channels = self._channels, []
         self._watches = []
+        standbys, self._standbys = self._standbys, {}
+        for actor, _, channel, _ in standbys.values():
+            actors.append(actor)
+            channels.append(channel)
         if self._given_up is not None:
             actors.append(self._given_up)
             self._given_up = None

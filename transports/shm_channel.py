@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, Pull, Push
+from jaxps.service import RESENT_AFTER_RESTART, Pull, Push, lost_answer
 from jaxps.transport import ShardChannel, Staged, own_copy
 from jaxps.transports import packed, shm, wire
 from jaxps.transports.endpoint import POOL
@@ -330,8 +330,9 @@ class _Conn:
         self._dead = True
         recovering = error is None and self.channel.recovery is not None and not self.channel.closed
         for pending in list(self._pending.values()):
-            if recovering and isinstance(pending._request, Push):
-                pending._set("rolled_back")  # the shard went back to a checkpoint: whatever it did with it is gone
+            answer = lost_answer(pending._request, self.channel.recovery.standby) if recovering else None
+            if answer is not None:  # rolled back with the shard, or to be sent again by the client
+                pending._set(answer)
             elif recovering and isinstance(pending._request, RESENT_AFTER_RESTART):
                 pending._set(error=_Lost())
             else:
@@ -366,6 +367,7 @@ class Recovery(NamedTuple):
 
     timeout: float
     given_up: str  # a shared-memory segment the driver creates, holding the reason, once it stops restarting
+    standby: bool = False  # a standby takes over (`replicas=1`): clients send what was in flight again (`lost_answer`)
 
 
 class SharedMemoryChannel(ShardChannel):
@@ -449,9 +451,10 @@ class SharedMemoryChannel(ShardChannel):
         except ShardDiedError:
             if self.recovery is None or self.closed or not conn.dead:
                 raise
-            if isinstance(request, Push):  # staged on the connection that died: rolled back with it
+            answer = lost_answer(request, self.recovery.standby)
+            if answer is not None:  # (a push: staged on the connection that died) rolled back, or sent again by the client
                 done = _Pending(conn, request)
-                done._set("rolled_back")
+                done._set(answer)
                 return done
             if not isinstance(request, RESENT_AFTER_RESTART):
                 raise
