@@ -21,7 +21,7 @@ from jaxps import rows as row_ops
 from jaxps.coding import Encoder
 from jaxps.errors import ServerClosedError
 from jaxps.plan import Plan
-from jaxps.service import SEND_AGAIN, Leave, Moved, Pull, Push, Route
+from jaxps.service import SEND_AGAIN, Leave, LostWithShard, Moved, Pull, Push, Route
 from jaxps.validate import (
     PushError,
     cast,
@@ -224,6 +224,7 @@ class Client:
         encoder: Encoder | None = None,
         generation: int = 0,
         resend: bool = False,
+        standby: bool = False,
     ):
         """`versions`: each shard's version when the worker (re)joined; a push before any pull is for that step.
 
@@ -232,6 +233,8 @@ class Client:
         `encoder`: the server's push filter, with this worker's filter state.
         `generation`: of the server's plan (`ParameterServer.reshard`); `resend`: the
         server can be resharded, so each push is kept until answered, to be sent again.
+        `standby`: the server keeps standbys (`replicas=1`): pushes lost with a shard are sent again before
+        anything else.
         """
         self.worker = worker
         self.plan = plan
@@ -248,6 +251,7 @@ class Client:
         self._unasked: collections.deque[PushFuture] = collections.deque()
         self._generation = generation  # of the plan this client talks to (`follow`)
         self._resend = resend
+        self._standby = standby
         self._unanswered: collections.deque[PushFuture] = collections.deque()  # pushes not yet answered by every shard
         self._key, self._pushes = uuid.uuid4().hex, 0  # each push's key: (this client, its number)
 
@@ -273,6 +277,8 @@ class Client:
         self._forget_answered()
         while True:
             try:
+                if self._standby:
+                    self.send_again()
                 return self._pull_all(deadline) if rows is None else self._pull_rows(rows, deadline)
             except _Moved as moved:  # resharded: again, from the new shards
                 self.follow(moved.route)
@@ -365,7 +371,14 @@ class Client:
         """
         self._check_open()
         self._raise_unasked("this push was not sent", waiting=UNASKED_WAITING)
-        self._forget_answered()
+        while True:
+            self._forget_answered()  # (with standbys: the pushes lost with a shard are sent again first)
+            try:
+                return self._push(grads, rows)
+            except LostWithShard:  # found while staging this one: those first, then this one again
+                continue
+
+    def _push(self, grads: Any, rows: dict | None) -> PushFuture:
         if rows is not None:
             return self._push_rows(grads, rows)
         leaves = check_gradients(self.plan, grads)
@@ -492,7 +505,9 @@ class Client:
 
     def _forget_answered(self) -> None:
         """Drops the gradients kept of the oldest pushes, once every shard has answered them; follows a reshard
-        that one of them was answered with."""
+        that one of them was answered with; sends those lost with a shard again."""
+        if self._standby:
+            self.send_again()
         while self._unanswered:
             oldest = self._unanswered[0]
             if not all(p.done() for p in oldest._parts):
@@ -503,7 +518,7 @@ class Client:
                 moved = None
             if moved is not None:
                 self.follow(moved.route)  # sends it (and any later one answered so) again
-            elif any(answer_of(p) == SEND_AGAIN for p in oldest._parts):
+            elif self._standby and any(answer_of(p) == SEND_AGAIN for p in oldest._parts):
                 self.send_again()
             else:
                 self._unanswered.popleft().sent = None
@@ -512,13 +527,18 @@ class Client:
         """Sends each part of this client's pushes that a dying shard answered `SEND_AGAIN` to the shard's
         standby, now serving in its place: the same request, oldest push first (one the standby had applied
         already is answered as before)."""
-        for future in self._unanswered:
-            for s, part in enumerate(future._parts):
-                if answer_of(part) != SEND_AGAIN:
-                    continue
-                sent, channel = future.sent, self._links[s].channel
-                payload = None if sent.leaves is None else channel.stage(self.plan.split(sent.leaves)[s], False).payload
-                future._parts[s] = channel.submit(sent.requests[s], payload)
+        while True:
+            try:
+                for future in self._unanswered:
+                    for s, part in enumerate(future._parts):
+                        if answer_of(part) != SEND_AGAIN:
+                            continue
+                        sent, channel = future.sent, self._links[s].channel
+                        payload = None if sent.leaves is None else channel.stage(self.plan.split(sent.leaves)[s], False).payload
+                        future._parts[s] = channel.submit(sent.requests[s], payload)
+                return
+            except LostWithShard:  # another shard died meanwhile: from the oldest again
+                continue
 
     def follow(self, route: Route) -> None:
         """The server was resharded (`ParameterServer.reshard`): from now on this client talks to `route`'s
@@ -596,6 +616,8 @@ class Client:
             return
         self._left = True
         while True:
+            if self._standby:  # its pushes lost with a shard count before it leaves
+                self.send_again()
             errors, answers = [], []
             for link in self._links:  # every shard is told, even if one of them is gone
                 try:

@@ -48,6 +48,7 @@ class Contribution(NamedTuple):
     oldest: int | None = None
     rows: Any = None  # a row push: {position among the shard's leaves: local row ids}
     guard: Any = None  # checked on the device: (per-leaf finite flags, skip) (`Guard`); applied only if all are finite
+    key: Any = None  # the push's (client, number): a standby learns how it was answered (`jaxps.replication`)
 
 
 class Step(NamedTuple):

@@ -38,6 +38,7 @@ from jaxps.errors import ShardDiedError
 from jaxps.service import Lead, Leave, Replicate, RollBack, Stats
 from jaxps.shard import ShardConfig
 
+STANDBY_RETRY = 10.0  # seconds before a standby that could not start is tried again
 EPOCH = 1 << 32  # versions of one epoch; a rollback starts the next
 FAILURE_MODES = ("raise", "restart")
 
@@ -98,6 +99,7 @@ class Supervisor:
         self._version = version  # the epoch's first version (the server's start)
         self._leads = leads
         self._replicas = replicas
+        self._retry: dict[int, float] = {}  # shards without a standby: when to try starting one again
         self._max_restarts, self._window, self._poll = max_restarts, window, poll
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.recoveries = Recoveries()
@@ -118,62 +120,94 @@ class Supervisor:
             self._thread.join()
 
     def _watch(self) -> None:
+        ticks = 0
         while not self._stop.wait(self._poll):
-            transport = self._transport
+            transport, ticks = self._transport, ticks + 1
             dead = transport.dead()
-            lost = transport.dead_standbys() if self._replicas else []
-            if not dead and not lost:
+            lost, missing = (self._standbys_to_replace(transport, dead, ticks) if self._replicas else ([], []))
+            if not dead and not lost and not missing:
                 continue
-            now = time.monotonic()
-            self.recoveries.deaths = [t for t in self.recoveries.deaths if now - t < self._window] + [now] * len(dead + lost)
+            now = time.monotonic()  # (a standby's death costs no step: it is not counted)
+            self.recoveries.deaths = [t for t in self.recoveries.deaths if now - t < self._window] + [now] * len(dead)
             if len(self.recoveries.deaths) >= self._max_restarts:
-                who = f"shard {dead[0]}" if dead else f"shard {lost[0]}'s standby"
                 reason = (
-                    f"{who} died: {len(self.recoveries.deaths)} shard deaths within {self._window:.0f} s, "
+                    f"shard {dead[0]} died: {len(self.recoveries.deaths)} shard deaths within {self._window:.0f} s, "
                     f"so it is not restarted again (fail-over gives up at {self._max_restarts})"
                 )
                 self._give_up(reason)
                 return
             try:
-                self._exclusively(lambda: self._fail_over(dead, lost, transport))
+                self._exclusively(lambda: self._fail_over(dead, lost, missing, transport))
             except Exception as e:  # noqa: BLE001
-                self._give_up(f"shard {(dead or lost)[0]} died and could not be restarted: {type(e).__name__}: {e}")
+                self._give_up(f"shard {dead[0] if dead else '?'} died and could not be restarted: {type(e).__name__}: {e}")
                 return
 
-    def _fail_over(self, dead: list[int], lost: list[int], transport: Any) -> None:
-        """Dead primaries: their standbys take over (the rest roll back to the checkpoint); dead standbys are replaced."""
+    def _standbys_to_replace(self, transport: Any, dead: list[int], ticks: int) -> tuple[list[int], list[int]]:
+        """Standbys that died or that their primary lost (a `Mirror` failed: looked for once a second), and shards
+        whose standby could not start and are due to try again."""
+        lost = transport.dead_standbys()
+        standbys = transport.standbys
+        if ticks % 10 == 0 and not dead:
+            asked = [(i, self._channels[i].submit(Stats(), timeout=1)) for i in standbys if i not in lost]
+            for i, answer in asked:
+                try:
+                    if "standby_lost" in answer.result(2):
+                        lost.append(i)
+                except Exception:  # noqa: BLE001  (a primary dying: seen as dead at the next look)
+                    pass
+        now = time.monotonic()
+        missing = [i for i, due in list(self._retry.items()) if i not in standbys and i not in dead and now >= due]
+        return lost, missing
+
+    def _fail_over(self, dead: list[int], lost: list[int], missing: list[int], transport: Any) -> None:
+        """Dead primaries: their standbys take over (the rest roll back to the checkpoint); lost standbys are replaced."""
         if transport is not self._transport:
             return  # resharded meanwhile: the new shards are watched from now on
         standbys = transport.standbys if self._replicas else {}
         for i in set(lost) & set(standbys):
-            transport.drop_standby(i)
-        taken = [i for i in dead if i in standbys and i not in lost]
-        for i in taken:
+            transport.drop_standby(i)  # (stopped, if it still runs)
+        rest = []
+        for i in dead:
+            if i not in standbys or i in lost:
+                rest.append(i)
+                continue
             started = time.monotonic()
-            transport.promote(i)
+            try:
+                transport.promote(i)
+            except Exception as e:  # noqa: BLE001  (it died too, or has no state yet)
+                self._log(f"jaxps: shard {i} died and its standby could not take over ({type(e).__name__}: {e})")
+                transport.drop_standby(i)
+                rest.append(i)
+                continue
             took = time.monotonic() - started
             self.recoveries.takeovers += 1
             self.recoveries.last_recovery_s = took
             self._log(f"jaxps: shard {i} died; its standby took over in {took:.2f} s, no step lost")
-        rest = [i for i in dead if i not in taken]
         if rest:
             if self._directory is None:
-                raise RuntimeError(f"shard {', '.join(map(str, rest))} died with no standby to take over, and there is no checkpoint to restart from")
-            self._recover(rest, transport)
-            replace = range(len(self._channels))  # every shard rolled back: each standby starts over from its primary
-        else:
-            replace = sorted(set(taken) | set(lost))
-        for i in replace if self._replicas else ():
-            self.start_standby(i)
+                raise RuntimeError(
+                    f"shard {', '.join(map(str, rest))} died with no standby to take over, and no checkpoint to go back to "
+                    f"(on_shard_failure='restart' with checkpoint= restarts it from the latest one)"
+                )
+            self._recover(rest, transport)  # (the live primaries' standbys start over from their rolled-back state)
+        for i in sorted(set(dead) | set(lost) | set(missing)) if self._replicas else ():
+            if i not in transport.standbys:  # (the server's first ones may have started meanwhile)
+                self.start_standby(i)
 
     def start_standby(self, i: int, quiet: bool = False) -> None:
-        """A (new) standby for shard `i`, fed by its primary from now on, starting with its whole state."""
-        if i in self._transport.standbys:  # after a rollback: it starts over
-            self._channels[i].call(Replicate(self._transport.standbys[i]), timeout=600)
-            return
+        """A new standby for shard `i`, fed by its primary from now on, starting with its whole state; if it
+        cannot start, the shard goes on without one and it is tried again in `STANDBY_RETRY` s."""
         started = time.monotonic()
-        channel = self._transport.start_standby(self._configs[i])
-        self._channels[i].call(Replicate(channel), timeout=600)
+        try:
+            channel = self._transport.start_standby(self._configs[i])
+            self._channels[i].call(Replicate(channel), timeout=600)
+        except Exception as e:  # noqa: BLE001
+            self._retry[i] = time.monotonic() + STANDBY_RETRY
+            if i in self._transport.standbys:
+                self._transport.drop_standby(i)
+            self._log(f"jaxps: shard {i}: a new standby could not start ({type(e).__name__}: {e}); trying again in {STANDBY_RETRY:.0f} s")
+            return
+        self._retry.pop(i, None)
         if not quiet:
             self._log(f"jaxps: shard {i} has a new standby ({time.monotonic() - started:.1f} s)")
 

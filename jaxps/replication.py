@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from jaxps.service import Mirror
 
-MIRROR_TIMEOUT = 600.0  # seconds a standby may take to carry out one `Mirror` before it counts as gone
+MIRROR_TIMEOUT = 60.0  # seconds a standby may take to carry out one `Mirror` before it counts as lost
 
 
 class Stream:
@@ -35,19 +35,21 @@ class Stream:
 
     def __init__(self, shard: Any, channel: Any, after: "Stream | None" = None):
         """`after`: the stream this one replaces; its thread ends before this one sends anything."""
-        self._shard, self._channel = shard, channel
+        self._shard, self.channel = shard, channel
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.stopped = False  # set under the shard's lock; no entry is queued after it
+        self.failed: str | None = None  # why the standby was lost (the supervisor replaces it)
+        self._successor: Stream | None = None  # the stream that replaced this one: answers still queued wait for it
         self._thread = threading.Thread(target=self._run, args=(after,), name=f"jaxps-shard{shard.index}-standby", daemon=True)
         shard.start_log(lambda state, clock: self._queue.put((Mirror((), clock, (), state), None)))
         self._thread.start()
 
-    def after(self, answer: Callable[[], None], answered: tuple = ()) -> bool:
-        """Queues the shard's changes so far, and `answer` to call once the standby has them (`answered`: a push's
-        `(key, outcome)`); False (nothing queued) if this stream has stopped."""
+    def after(self, answer: Callable[[], None]) -> bool:
+        """Queues the shard's changes so far, and `answer` to call once the standby has them; False (nothing
+        queued) if this stream has stopped."""
         queued = []
 
-        def put(steps: tuple, clock: Any) -> None:
+        def put(steps: tuple, clock: Any, answered: tuple) -> None:
             if not self.stopped:
                 self._queue.put((Mirror(steps, clock, answered), answer))
                 queued.append(True)
@@ -55,9 +57,10 @@ class Stream:
         self._shard.logged(put)
         return bool(queued)
 
-    def stop(self) -> None:
-        """No more entries (call under the shard's lock); those queued are answered without being sent."""
-        self.stopped = True
+    def stop(self, successor: "Stream | None" = None) -> None:
+        """No more entries (call under the shard's lock); those queued are not sent: their answers wait for
+        `successor` (whose standby gets the whole state, these changes included), or go out at once."""
+        self.stopped, self._successor = True, successor
         self._queue.put(None)
 
     def _run(self, previous: "Stream | None") -> None:
@@ -74,20 +77,24 @@ class Stream:
             entries = [item for item in batch if item is not None]
             if not self.stopped and entries:
                 try:
-                    self._channel.call(_merged([m for m, _ in entries]), timeout=MIRROR_TIMEOUT)
-                except Exception as e:  # the standby is gone: the primary goes on alone (the supervisor starts another)
+                    self.channel.call(_merged([m for m, _ in entries]), timeout=MIRROR_TIMEOUT)
+                except Exception as e:  # the standby is lost: the primary goes on alone (the supervisor starts another)
                     self._fail(e)
             for _, answer in entries:
-                if answer is not None:
+                if answer is None:
+                    continue
+                if self._successor is None or not self._successor.after(answer):
                     answer()
             if ending or (self.stopped and self._queue.empty()):
+                if self._successor is None or self._successor.channel is not self.channel:
+                    self.channel.close()
                 return
 
     def _fail(self, error: Exception) -> None:
         with self._shard._lock:
             if self.stopped:
                 return
-            self.stopped = True
+            self.stopped, self.failed = True, f"{type(error).__name__}: {error}"
             self._shard.stop_log()
         print(f"jaxps: shard {self._shard.index} lost its standby ({type(error).__name__}: {error}); it goes on alone", file=sys.stderr, flush=True)
 

@@ -144,7 +144,8 @@ class ParameterServer:
         self._switch = threading.Lock()  # `_plan` and `_channels` change together (a reshard)
         if on_shard_failure == "restart" or replicas:
             if not hasattr(self._transport, "expect_restarts"):
-                raise ValueError(f"on_shard_failure='restart': the {type(self._transport).__name__} cannot restart shards")
+                asked = "replicas=1" if replicas else "on_shard_failure='restart'"
+                raise ValueError(f"{asked}: the {type(self._transport).__name__} cannot restart shards")
             if replicas and not hasattr(self._transport, "start_standby"):
                 raise ValueError(f"replicas=1: the {type(self._transport).__name__} cannot start standbys (multiprocessing and ray can)")
             self._transport.expect_restarts(RECOVERY_TIMEOUT, **({"standby": True} if replicas else {}))
@@ -492,7 +493,10 @@ class ParameterServer:
         for w in workers:  # a cached client of theirs would not know about the join
             self._clients.pop(w, None)
         return [
-            Client(w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._keeps_pushes())
+            Client(
+                w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._keeps_pushes(),
+                self._replicas > 0,
+            )
             for w, v in zip(workers, versions)
         ]
 

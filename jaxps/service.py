@@ -166,6 +166,11 @@ class Decide(NamedTuple):
 SEND_AGAIN = "send_again"  # a push's answer from a channel whose shard died with it, where a standby takes over
 
 
+class LostWithShard(Exception):
+    """Raised by a channel's `stage` that finds its shard taken over by a standby: the client sends its lost
+    pushes again first (`Client.send_again`), then this one."""
+
+
 class Replicate(NamedTuple):
     """Hot standby: stream every change of this shard to `channel`'s standby (`Mirror`), starting with its whole
     state; answers None. Sent again (a new standby, or after a rollback) it starts over there."""
@@ -287,14 +292,14 @@ class ShardService:
         if self._moved is not None and op is not self._stats:
             return reply.send(self._moved)
         if self._stream is not None and not isinstance(request, UNMIRRORED):  # answered once the standby has the change
-            reply = _AfterStandby(self, reply, getattr(request, "key", None))
+            reply = _AfterStandby(self, reply)
         op(request, reply, arrays)
 
-    def after_standby(self, answer: Callable[[], None], answered: tuple = ()) -> None:
+    def after_standby(self, answer: Callable[[], None]) -> None:
         """Calls `answer` once the standby has every change made so far (at once without one)."""
         with self.shard._lock:
             stream = self._stream
-            if stream is not None and stream.after(answer, answered):
+            if stream is not None and stream.after(answer):
                 return
         answer()
 
@@ -305,7 +310,7 @@ class ShardService:
         if not request.skipped and arrays is None:
             raise ValueError(f"shard {self.shard.index}: a push without gradients")
         if request.key is not None:  # sent again after a take-over: this standby may have applied it already
-            outcome = self.shard.answered(request.key)
+            outcome = self.shard.answered(request.key)  # (at once, without the lock, on a shard that never took over)
             if outcome is not None:
                 return reply.send(outcome)
         if request.skipped:
@@ -325,7 +330,7 @@ class ShardService:
             reply.send(outcome)
 
         rows = None if request.rows is None else dict(request.rows)
-        self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest, rows, request.guard)
+        self.shard.push(request.worker, request.for_step, request.based_on, grads, done, request.oldest, rows, request.guard, request.key)
         if grads is not None:
             self._count("bytes_pushed", arrays)
         del grads, arrays
@@ -366,7 +371,8 @@ class ShardService:
     def _stats(self, request: Stats, reply: Reply, arrays: Any) -> None:
         with self._bytes_lock:
             counted = dict(self._bytes)
-        reply.send({**self.shard.stats(), **counted, "where": dict(self.where)})
+        lost = {} if self._stream is None or not self._stream.failed else {"standby_lost": self._stream.failed}
+        reply.send({**self.shard.stats(), **counted, **lost, "where": dict(self.where)})
 
     def _hold(self, request: Hold, reply: Reply, arrays: Any) -> None:
         reply.send(self.shard.hold(request.joining))
@@ -411,7 +417,10 @@ class ShardService:
 
     def _roll_back(self, request: RollBack, reply: Reply, arrays: Any) -> None:
         self._saved = None
-        self.shard.roll_back(request.directory, request.step, request.version, request.clock)
+        with self.shard._lock:  # a standby starts over from the rolled-back state
+            self.shard.roll_back(request.directory, request.step, request.version, request.clock)
+            if self._stream is not None and not self._stream.failed:
+                self._restream(self._stream.channel)
         reply.send(None)
 
     def _move(self, request: Move, reply: Reply, arrays: Any) -> None:
@@ -422,15 +431,19 @@ class ShardService:
         reply.send(None)
 
     def _replicate(self, request: Replicate, reply: Reply, arrays: Any) -> None:
-        from jaxps.replication import Stream
 
         with self.shard._lock:  # from this change on, every one goes to the new standby
-            previous, self._stream = self._stream, None
-            if previous is not None:
-                previous.stop()
-            if request.channel is not None:
-                self._stream = Stream(self.shard, request.channel, after=previous)
-        reply.send(None)
+            self._restream(request.channel)
+        self.after_standby(lambda: reply.send(None))  # once the standby has the whole state
+
+    def _restream(self, channel: Any) -> None:
+        """Feeds the standby behind `channel` (None: none) from now on, starting with the whole state (under the lock)."""
+        from jaxps.replication import Stream
+
+        previous = self._stream
+        self._stream = None if channel is None else Stream(self.shard, channel, after=previous)
+        if previous is not None:
+            previous.stop(successor=self._stream)
 
     def _mirror(self, request: Mirror, reply: Reply, arrays: Any) -> None:
         self.shard.mirror(request.steps, request.clock, request.answered, request.state)
@@ -467,13 +480,12 @@ UNMIRRORED = (Pull, Stats, WritePart, Replicate, Mirror, TakeOver)
 class _AfterStandby(Reply):
     """A reply of a shard with a standby: each answer waits until the standby has every change made before it."""
 
-    def __init__(self, service: ShardService, reply: Reply, key: tuple | None):
-        self._service, self._reply, self._key = service, reply, key
+    def __init__(self, service: ShardService, reply: Reply):
+        self._service, self._reply = service, reply
         self.borrowed, self.lend = reply.borrowed, reply.lend
 
     def send(self, value: Any) -> None:
-        answered = ((self._key, value),) if self._key is not None and isinstance(value, str) else ()
-        self._service.after_standby(lambda: self._reply.send(value), answered)
+        self._service.after_standby(lambda: self._reply.send(value))
 
     def taken(self) -> None:
         self._reply.taken()

@@ -99,7 +99,7 @@ class Shard:
         self._clock = Clock.start(config.workers, version, applied)
         self._lock = threading.RLock()  # re-entrant: answers given under it are logged for a standby (`logged`)
         self._lent = False  # params handed to a reader: the next step must not donate them while it holds them
-        self._pushes: dict[tuple[int, int], PushDone] = {}
+        self._pushes: dict[tuple[int, int], tuple[PushDone, tuple | None]] = {}  # unsettled: (done, key)
         self._pulls: list[tuple[int | None, PullReady, bool, int, Callable[[Any], None] | None]] = []
         self._waiting: list[tuple[Contribution, PushDone]] = []  # pushes beyond a checkpoint's cut, in arrival order
         self._snapshot_taken: SnapshotTaken | None = None  # a checkpoint's snapshot to take once the cut is reached
@@ -110,8 +110,10 @@ class Shard:
         self._spare: dict | None = None  # a written snapshot's arrays, for the next snapshot to copy into
         self.on_step: Callable[[int, tuple[int, ...]], None] | None = None  # a leader: (version, workers) of each step it closes
         self._log: list | None = None  # hot standby: each step's mean gradients since the last `Mirror` (host copies)
+        self._log_answers: list = []  # and the pushes answered meanwhile: (key, outcome)
         self._answered: collections.OrderedDict = collections.OrderedDict()  # a standby: the latest pushes' outcomes, by key
         self._took_over = False  # a standby that took over: a `Mirror` its dead primary sent last is not carried out
+        self._mirrored = False  # a standby that has its primary's state
 
     # -- requests -------------------------------------------------------------
     def push(
@@ -124,6 +126,7 @@ class Shard:
         oldest: int | None = None,
         rows: dict[int, np.ndarray] | None = None,
         guard: tuple[jax.Array, bool] | None = None,
+        key: tuple | None = None,
     ) -> None:
         """Offers `worker`'s gradients (None: skipped; a filter's payload with `push_filter`) for step `for_step`;
         `done` fires once it is settled. `rows`: a row push's `{position: local row ids}`, whose leaves hold just those rows.
@@ -145,7 +148,7 @@ class Shard:
             if self._moved is not None:
                 return done(self._moved)
             self._settle_guards(force=False)
-            c = Contribution(worker, for_step, grads, based_on, oldest, rows or None, guard)
+            c = Contribution(worker, for_step, grads, based_on, oldest, rows or None, guard, key)
             if self._policy.admits(self._clock, c):
                 self._take(c, done)
                 self._maybe_snapshot()
@@ -312,7 +315,7 @@ class Shard:
             else:
                 self._clock = dataclasses.replace(clock, version=version, applied=step)
             taken, self._snapshot_taken = self._snapshot_taken, None
-            for done in [*pushes.values(), *(done for _, done in waiting)]:
+            for done in [*(done for done, _ in pushes.values()), *(done for _, done in waiting)]:
                 done("rolled_back")
             if taken is not None:
                 taken(None, {"error": f"shard {self.index}: rolled back to step {step} during the checkpoint"})
@@ -343,7 +346,7 @@ class Shard:
                 raise RuntimeError(f"shard {self.index} is not at a reshard's cut")
             self._moved = moved
             self._params = self._opt_state = self._spare = None
-            answers = [*self._pushes.values(), *(done for _, done in self._waiting), *(p[4] for p in self._pulls if p[4])]
+            answers = [*(done for done, _ in self._pushes.values()), *(done for _, done in self._waiting), *(p[4] for p in self._pulls if p[4])]
             answers += [answer for _, answer in self._deferred]
             self._pushes, self._waiting, self._pulls, self._deferred = {}, [], [], []
             self._clock = dataclasses.replace(self._clock, pending={})  # their gradients
@@ -356,18 +359,20 @@ class Shard:
         from jaxps.checkpoint import shard_state
 
         with self._lock:
-            self._log = []
+            self._log, self._log_answers = [], []
             into(shard_state(self._plan, self.index, self._params, self._opt_state, None, self._tx), self._sent_clock())
 
-    def logged(self, into: Callable[[tuple, Clock], None]) -> None:
-        """A primary: `into(steps, clock)` with the steps logged since the last call and the clock now (under the lock)."""
+    def logged(self, into: Callable[[tuple, Clock, tuple], None]) -> None:
+        """A primary: `into(steps, clock, answered)` with the steps logged since the last call, the clock now and the
+        pushes answered meanwhile (under the lock)."""
         with self._lock:
             steps, self._log = tuple(self._log or ()), ([] if self._log is not None else None)
-            into(steps, self._sent_clock())
+            answered, self._log_answers = tuple(self._log_answers), []
+            into(steps, self._sent_clock(), answered)
 
     def stop_log(self) -> None:
         with self._lock:
-            self._log = None
+            self._log, self._log_answers = None, []
 
     def _sent_clock(self) -> Clock:
         """The clock without its pending pushes' gradients (a standby that takes over gets those pushes again)."""
@@ -386,6 +391,7 @@ class Shard:
                 leaves, opt_state = restore_shard(self._plan, self._tx, self.index, state)
                 self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
                 self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
+                self._mirrored = True
             for mean in steps:
                 grads = self._plan.view(self.index, [jax.device_put(x, home) for x, home in zip(mean, self._homes)])
                 self._params, self._opt_state = self._step_donating(self._params, self._opt_state, grads)
@@ -397,12 +403,16 @@ class Shard:
 
     def answered(self, key: tuple) -> str | None:
         """How a push was answered, if this shard (a standby that took over) applied it from its primary's stream."""
+        if not self._took_over:  # (no lock: a primary from the start never looks)
+            return None
         with self._lock:
             return self._answered.get(key)
 
     def take_over(self) -> None:
         """A standby becomes the shard: pushes its primary held unsettled come again from their clients."""
         with self._lock:
+            if not self._mirrored:
+                raise RuntimeError(f"shard {self.index}'s standby cannot take over: it has no state from its primary yet")
             self._took_over = True
             self._clock = self._clock.moved()
             self._serve_pulls()
@@ -413,10 +423,16 @@ class Shard:
         self._apply(steps)
         self._clock = clock
         if outcome is None:
-            self._pushes[(c.worker, c.for_step)] = done
+            self._pushes[(c.worker, c.for_step)] = (done, c.key)
         else:
-            done(outcome)
+            self._answer(done, c.key, outcome)
         self._settle(steps)
+
+    def _answer(self, done: PushDone, key: tuple | None, outcome: str) -> None:
+        """Settles a push (under the lock); a standby learns how, with the step that settled it."""
+        if self._log is not None and key is not None:
+            self._log_answers.append((key, outcome))
+        done(outcome)
 
     def _maybe_snapshot(self) -> None:
         """At the cut: the snapshot (numpy copies of params and optax state), then the hold ends."""
@@ -541,9 +557,9 @@ class Shard:
                 self.on_step(step.version, step.workers)
             outcomes = [(c, "applied" if c.grads is not None else "skipped") for c in step.contributions]
             for c, outcome in outcomes + [(c, "dropped") for c in step.dropped]:
-                done = self._pushes.pop((c.worker, c.for_step), None)
-                if done is not None:
-                    done(outcome)
+                pending = self._pushes.pop((c.worker, c.for_step), None)
+                if pending is not None:
+                    self._answer(*pending, outcome)
         self._serve_pulls()
 
     def _serve_pulls(self) -> None:

@@ -25,7 +25,7 @@ import jaxps
 from jaxps.filters import precision
 from jaxps.transports import shm
 
-STEPS, WORKERS = 40, 2
+STEPS, WORKERS = 60, 2
 
 
 def _params():
@@ -147,6 +147,32 @@ def test_a_push_in_flight_when_its_shard_dies_is_applied_by_the_standby(replicat
         assert not np.array_equal(np.asarray(after["count"]), np.asarray(start["count"]))  # the step reached the new primary
         stats = ps.stats()
         assert (stats["steps"], stats["takeovers"], stats["pushes_applied"], stats["pushes_rolled_back"]) == (1, 1, 2, 0)
+    finally:
+        ps.close()
+
+
+@pytest.mark.parametrize("then", ["pull", "leave"])
+def test_a_client_sends_its_lost_push_again_before_its_next_pull_or_leave(then):
+    """Worker 0's push is open on both shards (worker 1 is slow) when shard 0 dies; its pull (or leave) must not
+    reach the standby ahead of that push: the step takes both workers' pushes, and the pull sees it."""
+    ps = _server("multiprocessing", replicas=1)
+    try:
+        a, b = ps.client(0), ps.client(1)
+        start = a.pull()
+        b.pull()
+        pending = a.push(_grads(start, 0))
+        _kill(ps, 0, "sigkill")
+        assert wait_for(lambda: ps.stats()["takeovers"] == 1, 60)
+        with concurrent.futures.ThreadPoolExecutor(1) as worker_0:
+            next_call = worker_0.submit(a.pull if then == "pull" else a.leave, *([120] if then == "pull" else []))
+            time.sleep(0.5)
+            assert b.push(_grads(start, 1)).result(timeout=120) == "applied"
+            seen = next_call.result(timeout=120)
+        assert pending.result(timeout=120) == "applied"
+        stats = ps.stats()
+        assert (stats["steps"], stats["pushes_applied"]) == (1, 2)
+        if then == "pull":
+            np.testing.assert_array_equal(np.asarray(seen["a"]), np.asarray(ps.params()["a"]))
     finally:
         ps.close()
 

@@ -228,23 +228,26 @@ class MultiprocessingTransport:
     @property
     def standbys(self) -> dict[int, SharedMemoryChannel]:
         """A channel to each shard's standby, by shard index."""
-        return {i: channel for i, (_, _, channel) in self._standbys.items()}
+        return {i: channel for i, (_, _, channel) in list(self._standbys.items())}
 
     def dead_standbys(self) -> list[int]:
         """The shards whose standby's process has ended (they go on without one)."""
-        return [i for i, (p, _, _) in self._standbys.items() if not p.is_alive()]
+        return [i for i, (p, _, _) in list(self._standbys.items()) if not p.is_alive()]
 
     def drop_standby(self, i: int) -> None:
-        """Forgets shard `i`'s dead standby."""
+        """Stops (if it still runs) and forgets shard `i`'s standby."""
         p, ctrl, channel = self._standbys.pop(i)
         channel.close()
-        p.join(1.0)
+        if p.is_alive():
+            p.kill()
+        p.join(5.0)
         ctrl.close()
 
     def promote(self, i: int) -> None:
         """Shard `i`'s primary died: its standby takes over, serving where clients reached the primary."""
-        p, ctrl, channel = self._standbys.pop(i)
+        p, ctrl, channel = self._standbys[i]
         channel.call(TakeOver(), timeout=60)
+        del self._standbys[i]
         channel.close()
         self._procs[i].join(1.0)
         self._ctrls[i].close()

@@ -55,7 +55,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, Moved, Pull, Push, Reply, Stats, TakeOver, lost_answer
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, lost_answer
 from jaxps.transport import ShardChannel, Staged, leave_quietly
 from jaxps.transports import wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
@@ -334,7 +334,8 @@ class RayChannel(ShardChannel):
         if self.closed:
             return ServerClosedError("the ParameterServer is closed")
         if self.recovery is not None:
-            return ShardDiedError(f"shard {self.index} died during this request; it is being restarted from the latest checkpoint")
+            how = "taken over by its standby" if self.recovery.standby else "restarted from the latest checkpoint"
+            return ShardDiedError(f"shard {self.index} died during this request; it is being {how}")
         return shard_died(self.index, self.actor, why)
 
     @property
@@ -371,6 +372,8 @@ class RayChannel(ShardChannel):
             if self.recovery is None or self.closed:
                 raise
             self._find_restarted(actor)
+            if self.recovery.standby:  # the pushes lost with it go first
+                raise LostWithShard() from None
             return self.stage(leaves, check)
         return Staged(ray.put([np.asarray(x) for x in leaves]), None)  # every leaf converted before any shard sees one
 
@@ -616,16 +619,16 @@ class RayTransport:
     @property
     def standbys(self) -> dict[int, RayChannel]:
         """A channel to each shard's standby, by shard index."""
-        return {i: channel for i, (_, _, channel, _) in self._standbys.items()}
+        return {i: channel for i, (_, _, channel, _) in list(self._standbys.items())}
 
     def dead_standbys(self) -> list[int]:
         """The shards whose standby actor is gone (they go on without one)."""
-        watches = {ref: i for i, (_, ref, _, _) in self._standbys.items()}
+        watches = {ref: i for i, (_, ref, _, _) in list(self._standbys.items())}
         ended, _ = ray.wait(list(watches), num_returns=len(watches), timeout=0) if watches else ([], [])
         return sorted(watches[ref] for ref in ended)
 
     def drop_standby(self, i: int) -> None:
-        """Forgets shard `i`'s dead standby."""
+        """Stops (if it still runs) and forgets shard `i`'s standby."""
         actor, _, channel, _ = self._standbys.pop(i)
         channel.close()
         try:
@@ -635,13 +638,14 @@ class RayTransport:
 
     def promote(self, i: int) -> None:
         """Shard `i`'s primary died: its standby takes over; clients find it by its name (`Recovery.names`)."""
-        actor, watch, channel, name = self._standbys.pop(i)
+        actor, watch, channel, name = self._standbys[i]
         try:
             ray.kill(self._actors[i], no_restart=True)
         except Exception:  # already gone
             pass
         _await_death([self._actors[i]], timeout=10.0)
         channel.call(TakeOver(), timeout=60)
+        del self._standbys[i]
         channel.close()
         endpoint = ray.get(actor.endpoint.remote(), timeout=60)
         self._actors[i], self._watches[i], self._names[i] = actor, watch, name

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, Pull, Push, lost_answer
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Pull, Push, lost_answer
 from jaxps.transport import ShardChannel, Staged, own_copy
 from jaxps.transports import packed, shm, wire
 from jaxps.transports.endpoint import POOL
@@ -398,7 +398,8 @@ class SharedMemoryChannel(ShardChannel):
         if self.closed:
             return ServerClosedError("the ParameterServer is closed")
         if self.recovery is not None:
-            return ShardDiedError(f"shard {self.index} died during this request; it is being restarted from the latest checkpoint")
+            how = "taken over by its standby" if self.recovery.standby else "restarted from the latest checkpoint"
+            return ShardDiedError(f"shard {self.index} died during this request; it is being {how}")
         return self.died()
 
     def conn(self, timeout: float | None = None, wait: bool = True) -> _Conn:
@@ -440,6 +441,8 @@ class SharedMemoryChannel(ShardChannel):
         except ShardDiedError:
             if self.recovery is None or self.closed or not conn.dead:
                 raise
+            if self.recovery.standby:  # the pushes lost with it go first
+                raise LostWithShard() from None
             return self.conn().stage(leaves, check)  # on the restarted shard
 
     def submit(self, request, payload=None, timeout=None) -> _Pending:
