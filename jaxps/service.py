@@ -431,7 +431,6 @@ class ShardService:
         reply.send(None)
 
     def _replicate(self, request: Replicate, reply: Reply, arrays: Any) -> None:
-
         with self.shard._lock:  # from this change on, every one goes to the new standby
             self._restream(request.channel)
         self.after_standby(lambda: reply.send(None))  # once the standby has the whole state

@@ -151,7 +151,7 @@ def test_a_push_in_flight_when_its_shard_dies_is_applied_by_the_standby(replicat
         ps.close()
 
 
-@pytest.mark.parametrize("then", ["pull", "leave"])
+@pytest.mark.parametrize("then", ["pull", pytest.param("leave", marks=pytest.mark.slow)])
 def test_a_client_sends_its_lost_push_again_before_its_next_pull_or_leave(then):
     """Worker 0's push is open on both shards (worker 1 is slow) when shard 0 dies; its pull (or leave) must not
     reach the standby ahead of that push: the step takes both workers' pushes, and the pull sees it."""

@@ -57,7 +57,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, lost_answer
 from jaxps.transport import ShardChannel, Staged, leave_quietly
-from jaxps.transports import wire
+from jaxps.transports import shm, wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
 
 DEFAULT_WORKER_OPTIONS = {"num_cpus": 0.01, "max_retries": 0}
@@ -465,6 +465,15 @@ class _Recovering:
         return self._future.done()
 
 
+def _sweep(endpoint: wire.Endpoint | None) -> None:
+    """Unlinks a dead shard actor's shared-memory segments on this machine: those of a connection it was
+    still setting up when it died (it unlinks each once its client has mapped it). Their names hold its
+    endpoint's prefix and its pid, so nothing else matches."""
+    address = None if endpoint is None else endpoint.address
+    if isinstance(address, str) and address.startswith("\0"):  # (Linux: an abstract socket named by the prefix)
+        shm.sweep(f"{address[1:]}p{endpoint.pid}c", tracked=False)
+
+
 def _await_death(actors: list, timeout: float) -> None:
     """Waits until the killed `actors` answer no more calls (`ray.kill` only asks)."""
     deadline = time.monotonic() + timeout
@@ -644,6 +653,7 @@ class RayTransport:
         except Exception:  # already gone
             pass
         _await_death([self._actors[i]], timeout=10.0)
+        _sweep(self._channels[i].endpoint)
         channel.call(TakeOver(), timeout=60)
         del self._standbys[i]
         channel.close()
@@ -666,6 +676,7 @@ class RayTransport:
         except Exception:  # already gone
             pass
         _await_death([self._actors[i]], timeout=10.0)
+        _sweep(self._channels[i].endpoint)
         actor = self._new_actor(config)
         endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
         self._actors[i], self._watches[i] = actor, actor.watch.remote()
@@ -727,6 +738,8 @@ class RayTransport:
                 except Exception:  # already gone
                     pass
             _await_death(actors, timeout=10.0)
+            for channel in channels:
+                _sweep(channel.endpoint)
         session, self._session = self._session, None
         with _own_session_lock:
             if session is not None and session == _own_session["gcs"]:

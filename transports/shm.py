@@ -56,23 +56,25 @@ def attach(name: str) -> mmap.mmap:
         os.close(fd)
 
 
-def unlink(name: str) -> None:
-    """Removes the name (mappings stay valid); a no-op if it is already gone."""
+def unlink(name: str, tracked: bool = True) -> None:
+    """Removes the name (mappings stay valid); a no-op if it is already gone. `tracked=False`: a segment made
+    by a process outside this one's resource tracker (a Ray actor's)."""
     try:
         _posixshmem.shm_unlink("/" + name)
     except FileNotFoundError:
         return
-    resource_tracker.unregister("/" + name, "shared_memory")
+    if tracked:
+        resource_tracker.unregister("/" + name, "shared_memory")
 
 
-def sweep(prefix: str) -> list[str]:
+def sweep(prefix: str, tracked: bool = True) -> list[str]:
     """Unlinks every segment whose name starts with `prefix`; returns their names."""
     try:
         names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
     except OSError:
         return []
     for name in names:
-        unlink(name)
+        unlink(name, tracked)
     return names
 
 
