@@ -106,6 +106,8 @@ SLOW_VARIANTS = (
     # variants of these stay in the default set, the Ray ones run with the slow set
     "test_failover.py::test_killed_shards_are_restarted_and_the_run_ends_as_if_none_had_died[ray]",
     "test_failover.py::test_a_shard_of_a_resharded_server_that_dies_is_restarted[ray]",
+    # the standby's chaos run (60 steps, two kills): the quicker take-over tests stay in the default set
+    "test_standby.py::test_killed_shards_are_taken_over_with_no_step_lost_bit_for_bit[multiprocessing]",
     "test_reshard.py::test_sync_training_resharded_twice_mid_run_ends_bit_identical_to_one_optax_run[ray]",
     "test_hardening.py::test_non_numeric_leaves_are_push_errors_naming_the_path[ray-leaf0",
     "test_hardening.py::test_non_numeric_leaves_are_push_errors_naming_the_path[ray-text",

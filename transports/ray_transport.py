@@ -648,12 +648,7 @@ class RayTransport:
     def promote(self, i: int) -> None:
         """Shard `i`'s primary died: its standby takes over; clients find it by its name (`Recovery.names`)."""
         actor, watch, channel, name = self._standbys[i]
-        try:
-            ray.kill(self._actors[i], no_restart=True)
-        except Exception:  # already gone
-            pass
-        _await_death([self._actors[i]], timeout=10.0)
-        _sweep(self._channels[i].endpoint)
+        self._bury(i)
         channel.call(TakeOver(), timeout=60)
         del self._standbys[i]
         channel.close()
@@ -671,16 +666,20 @@ class RayTransport:
     def restart(self, config) -> None:
         """A new actor for shard `config.index` (from `config.restore`), wherever its resources fit, under the dead one's name."""
         i = config.index
+        self._bury(i)
+        actor = self._new_actor(config)
+        endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
+        self._actors[i], self._watches[i] = actor, actor.watch.remote()
+        self._channels[i].rebind(actor, endpoint)
+
+    def _bury(self, i: int) -> None:
+        """Makes sure shard `i`'s (dead) actor is gone for good, and leaves none of its shared memory behind."""
         try:
             ray.kill(self._actors[i], no_restart=True)
         except Exception:  # already gone
             pass
         _await_death([self._actors[i]], timeout=10.0)
         _sweep(self._channels[i].endpoint)
-        actor = self._new_actor(config)
-        endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
-        self._actors[i], self._watches[i] = actor, actor.watch.remote()
-        self._channels[i].rebind(actor, endpoint)
 
     def give_up(self, reason: str) -> None:
         """Dead shards stay dead: clients waiting for one raise `ShardDiedError(reason)`."""
