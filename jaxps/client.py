@@ -277,8 +277,6 @@ class Client:
         self._forget_answered()
         while True:
             try:
-                if self._standby:
-                    self.send_again()
                 return self._pull_all(deadline) if rows is None else self._pull_rows(rows, deadline)
             except _Moved as moved:  # resharded: again, from the new shards
                 self.follow(moved.route)
@@ -630,8 +628,8 @@ class Client:
                 break
             except _Moved as moved:  # resharded: its unanswered pushes go to the new shards first
                 self.follow(moved.route)
-            except _SendAgain:  # a standby took over: the pushes it lost first (leaving twice changes nothing)
-                self.send_again()
+            except _SendAgain:  # a standby took over: the pushes it lost go first, at the top (leaving twice changes nothing)
+                continue
         if errors:
             raise errors[0]
         self._raise_unasked("the worker has left")

@@ -130,8 +130,11 @@ class ParameterServer:
             coding.check(push_filter, self._plan, filtered)
         self._filter = None if push_filter is None else (push_filter, filtered)
         self._replicas = replicas
+        self._mode = mode
+        # backup workers on several shards: shard 0 decides each step's workers, the others follow
+        self._backup_workers = backup_workers
         if replicas:
-            refusal = self._replicas_refusal(transport, mode, backup_workers)
+            refusal = self._replicas_refusal(transport)
             if refusal is not None:
                 raise ValueError(refusal)
         restore = None if _restore is None else _check_restore(*_restore, self._plan, tx)
@@ -150,15 +153,12 @@ class ParameterServer:
                 raise ValueError(f"replicas=1: the {type(self._transport).__name__} cannot start standbys (multiprocessing and ray can)")
             self._transport.expect_restarts(RECOVERY_TIMEOUT, **({"standby": True} if replicas else {}))
         self._workers = workers
-        self._mode = mode
         self._nonfinite = nonfinite
         self._clients: dict[int, Client] = {}
         self._finished: set[int] = set()  # workers an earlier `run_workers` let leave
         self._running: set[int] = set()  # workers a `run_workers` call is running now
         self._running_lock = threading.Lock()
         self._closed = False
-        # backup workers on several shards: shard 0 decides each step's workers, the others follow
-        self._backup_workers = backup_workers
         agree = self._leads(self._plan)
         parts = self._plan.split(leaves)
 
@@ -418,11 +418,11 @@ class ParameterServer:
         return f"ParameterServer({self._plan!r}, {state})"
 
     # -- internals ---------------------------------------------------------------
-    def _replicas_refusal(self, transport: Any, mode: str, backup_workers: int) -> str | None:
+    def _replicas_refusal(self, transport: Any) -> str | None:
         """Why this server cannot keep standbys (None: it can)."""
         if self._filter is not None or self._plan.row_leaves:
             return "replicas=1 with a push_filter or row leaves (rows=) is not supported yet"
-        if self._leads(self._plan, mode, backup_workers):
+        if self._leads(self._plan):
             return "replicas=1 with backup workers on several shards is not supported yet"
         if transport in ("inprocess", "inproc"):
             return "replicas=1: in-process shards live and die with this process; use transport='multiprocessing' or 'ray'"
@@ -442,11 +442,9 @@ class ParameterServer:
         """Whether clients keep each push until answered, to send it again (after a reshard or a standby's take-over)."""
         return self._filter is None and not self._plan.row_leaves and (self._replicas > 0 or self._reshard_refusal() is None)
 
-    def _leads(self, plan: Plan, mode: str | None = None, backup_workers: int | None = None) -> bool:
+    def _leads(self, plan: Plan) -> bool:
         """Backup workers on several shards: shard 0 decides each step's workers, the others follow."""
-        mode = self._mode if mode is None else mode
-        backup_workers = self._backup_workers if backup_workers is None else backup_workers
-        return mode == "sync" and backup_workers > 0 and plan.num_shards > 1
+        return self._mode == "sync" and self._backup_workers > 0 and plan.num_shards > 1
 
     def _start_supervisor(self, configs: list, checkpoint: Checkpointing | None, restore, leads: bool) -> None:
         """Fail-over: a first checkpoint now if there is none to go back to, the standbys, then the watch."""
