@@ -24,6 +24,8 @@ import sys
 import threading
 from typing import Any, Callable
 
+import numpy as np
+
 from jaxps.service import Mirror
 
 MIRROR_TIMEOUT = 60.0  # seconds a standby may take to carry out one `Mirror` before it counts as lost
@@ -102,6 +104,6 @@ class Stream:
 def _merged(entries: list[Mirror]) -> Mirror:
     """One `Mirror` doing what `entries` do, in order."""
     state = next((m.state for m in entries if m.state is not None), None)
-    steps = tuple(step for m in entries for step in m.steps)
+    steps = tuple([np.asarray(x) for x in step] for m in entries for step in m.steps)  # (no copy on CPU: sent from there)
     answered = tuple(a for m in entries for a in m.answered)
     return Mirror(steps, entries[-1].clock, answered, state)

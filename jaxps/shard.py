@@ -498,8 +498,8 @@ class Shard:
                 self._apply_guarded(step, lent)
             else:
                 mean = grads[0] if len(grads) == 1 else self._mean(grads, np.int32(len(grads)))
-                if self._log is not None:  # a copy: a push's own arrays may be the client's buffer
-                    self._log.append([np.array(x, copy=True) for x in jax.tree.leaves(mean)])
+                if self._log is not None:  # an async push's arrays may be the client's buffer: copied; sync ones are kept
+                    self._log.append(jax.tree.leaves(mean) if self.keeps_gradients else [np.array(x, copy=True) for x in jax.tree.leaves(mean)])
                 update = self._step_lent if lent else self._step_donating
                 self._params, self._opt_state = update(self._params, self._opt_state, mean)
             self._lent = False

@@ -277,6 +277,24 @@ def test_copy_checked_copies_and_finds_nan_in_any_chunk(dtype, bad_at):
     assert finite == (where is None or dtype == np.int32)
 
 
+@pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf", "nan+1j", "huge"])
+def test_finite_flags_are_numpy_isfinite_per_leaf(bad):
+    """The device check's flags against numpy, over many leaves of several dtypes: one bad element in one leaf
+    flags that leaf only; finite leaves whose sum overflows ("huge") are finite."""
+    from jaxps.validate import finite_flags
+
+    rng = np.random.default_rng(0)
+    leaves = [rng.normal(size=(i % 7) * 5 + 1).astype(d) for i, d in enumerate([np.float32, jnp.bfloat16, np.float16, np.complex64] * 5)]
+    if bad == "huge":  # finite, but the leaf's sum overflows
+        leaves[13] = np.full(9, np.finfo(np.float32).max, np.float32)
+    elif bad is not None:  # leaf 15 is complex64, leaf 13 bfloat16
+        at = 15 if bad == "nan+1j" else 13
+        leaves[at][0] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "nan+1j": complex(1, np.nan)}[bad]
+    flags = np.asarray(finite_flags([jnp.asarray(x) for x in leaves]))
+    assert flags.tolist() == [bool(np.isfinite(np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)).all()) for x in leaves]
+    assert flags.all() == (bad in (None, "huge"))
+
+
 def test_unknown_transport_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown transport 'rey'; valid transports: .*inprocess.*multiprocessing.*ray.*Did you mean 'ray'"):
         jaxps.ParameterServer(params_tree(), optax.sgd(0.1), transport="rey")

@@ -151,6 +151,25 @@ def test_a_push_in_flight_when_its_shard_dies_is_applied_by_the_standby(replicat
         ps.close()
 
 
+def test_a_request_with_a_timeout_does_not_wait_out_a_recovery(replicated):
+    """The supervisor asks the primaries for their stats once a second, with a timeout, and runs the take-overs:
+    a primary that dies while it asks must not hold it for the recovery's whole patience (300 s). With nobody
+    to take over, a request with a timeout to the dead shard raises TimeoutError within its timeout."""
+    from jaxps.service import Stats
+
+    ps = _server(replicated, replicas=1)
+    try:
+        ps._supervisor.close()  # nobody takes over
+        pid = _kill(ps, 0, "sigkill")
+        wait_for(lambda: gone(pid), 30)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"shard 0 died and was not back within [0-9.]+ s \(it is being recovered\)"):
+            ps._channels[0].submit(Stats(), timeout=1).result(2)
+        assert time.monotonic() - started < 10
+    finally:
+        ps.close()
+
+
 @pytest.mark.parametrize("then", ["pull", pytest.param("leave", marks=pytest.mark.slow)])
 def test_a_client_sends_its_lost_push_again_before_its_next_pull_or_leave(then):
     """Worker 0's push is open on both shards (worker 1 is slow) when shard 0 dies; its pull (or leave) must not

@@ -235,7 +235,7 @@ class _Connection:
         try:
             while True:
                 try:
-                    call = self._conn.recv()
+                    call = wire.recv(self._conn)
                     arrays = self._receive(call) if self._streamed else None
                 except (EOFError, OSError):
                     return
@@ -306,7 +306,7 @@ class _Connection:
     def _send_locked(self, message) -> None:
         if not self._closed:
             try:
-                self._conn.send(message)
+                wire.send(self._conn, message)
             except OSError:  # the client is gone; `run` sees EOF next
                 pass
 

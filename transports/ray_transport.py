@@ -302,9 +302,11 @@ class RayChannel(ShardChannel):
         if local is not None and local is not _UNDECIDED:
             local.close()
 
-    def _find_restarted(self, dead_actor) -> None:
-        """Waits until the shard's actor is another than `dead_actor` (restarted under its name), and rebinds to it."""
-        deadline = time.monotonic() + self.recovery.timeout
+    def _find_restarted(self, dead_actor, timeout: float | None = None) -> None:
+        """Waits until the shard's actor is another than `dead_actor` (restarted under its name), and rebinds to it;
+        for at most `timeout` seconds if given (the supervisor's own requests must not wait for the recovery it runs)."""
+        patience = self.recovery.timeout if timeout is None else min(timeout, self.recovery.timeout)
+        deadline = time.monotonic() + patience
         while True:
             if self.closed:
                 raise self.gone("closed")
@@ -327,7 +329,9 @@ class RayChannel(ShardChannel):
                 except (ValueError, RayActorError, GetTimeoutError):
                     pass  # not named yet, or not serving yet
             if time.monotonic() >= deadline:
-                raise ShardDiedError(f"shard {self.index} died and was not back within {self.recovery.timeout} s")
+                if patience < self.recovery.timeout:  # the caller's time is up, not the recovery's
+                    raise TimeoutError(f"shard {self.index} died and was not back within {timeout:.3g} s (it is being recovered)")
+                raise ShardDiedError(f"shard {self.index} died and was not back within {patience:g} s")
             time.sleep(0.1)
 
     def gone(self, why: str) -> Exception:
@@ -453,11 +457,12 @@ class _Recovering:
             if self._channel.closed or not isinstance(self._request, (Push, *RESENT_AFTER_RESTART)):
                 raise
         answer = lost_answer(self._request, self._channel.recovery.standby)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if answer is not None:  # rolled back with the shard, or to be sent again by the client, to the standby
             if self._channel.recovery.standby:
-                self._channel._find_restarted(self._actor)
+                self._channel._find_restarted(self._actor, left)
             return answer
-        self._channel._find_restarted(self._actor)
+        self._channel._find_restarted(self._actor, left)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self._channel.submit(self._request, timeout=left).result(left)
 

@@ -248,7 +248,7 @@ class _Conn:
         rid, pending = next(self._ids), _Pending(self, request)
         self._pending[rid] = pending
         try:
-            self._c.send(wire.Call(rid, request, buffer, layout))
+            wire.send(self._c, wire.Call(rid, request, buffer, layout))
             if self._streamed and wire.carries_arrays(request):  # the staged arrays follow their call
                 wire.send_arrays(self._c, self._staged_views(layout))
         except (OSError, EOFError, ValueError):
@@ -276,7 +276,7 @@ class _Conn:
             if self._lock.acquire(timeout=step):
                 try:
                     if not ready() and not self._dead and self._c.poll(step):
-                        self._handle(self._c.recv())
+                        self._handle(wire.recv(self._c))
                 except (OSError, EOFError, ValueError):
                     self._die()
                 except BaseException:
@@ -417,10 +417,12 @@ class SharedMemoryChannel(ShardChannel):
         return conn
 
     def _connect(self, timeout: float | None, wait: bool) -> _Conn:
-        """A new connection; with `recovery` (and `wait`), retried while the shard is being restarted."""
+        """A new connection; with `recovery` (and `wait`), retried while the shard is being restarted, for at most
+        `timeout` seconds if given (the supervisor's own requests must not wait for the recovery it runs)."""
         if self.recovery is None or not wait:
             return _Conn(self, timeout)
-        deadline = time.monotonic() + self.recovery.timeout
+        patience = self.recovery.timeout if timeout is None else min(timeout, self.recovery.timeout)
+        deadline = time.monotonic() + patience
         while True:
             try:
                 return _Conn(self, timeout)
@@ -431,7 +433,9 @@ class SharedMemoryChannel(ShardChannel):
                 if self.closed:
                     raise self.gone() from None
                 if time.monotonic() >= deadline:
-                    raise ShardDiedError(f"shard {self.index} died and was not back within {self.recovery.timeout} s") from None
+                    if patience < self.recovery.timeout:  # the caller's time is up, not the recovery's
+                        raise TimeoutError(f"shard {self.index} died and was not back within {timeout:.3g} s (it is being recovered)") from None
+                    raise ShardDiedError(f"shard {self.index} died and was not back within {patience:g} s") from None
                 time.sleep(0.05)
 
     def stage(self, leaves, check: bool) -> Staged:

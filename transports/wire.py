@@ -3,7 +3,10 @@
 A client reaches a shard's endpoint over a Unix socket (control messages,
 pickled by `multiprocessing.connection` only after both sides proved they hold
 the endpoint's secret key) and moves arrays through `/dev/shm` buffers made
-per connection. Every message is one of the typed values below.
+per connection. Every message is one of the typed values below. A message
+that carries large arrays of its own (a standby's `Mirror`, a shard's state)
+is pickled without their bytes, which follow it straight from their memory
+(`send`, `recv`: pickle protocol 5's out-of-band buffers).
 
 Across machines the same connection runs over TCP (`Endpoint.tcp`): the same
 messages, and the arrays stream over the socket right behind the message that
@@ -24,6 +27,7 @@ size) and the client answers `Attached` once it has made its own buffers.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import socket
 import struct
@@ -172,6 +176,39 @@ def unpack_error(packed: bytes | None, tb: str, where: str) -> BaseException:
         e = RuntimeError(f"{where} failed:\n{tb}")
     e.__cause__ = RemoteTraceback(f"\n\nin {where}'s process:\n{strip_ansi(tb)}")
     return e
+
+
+# -- messages with large arrays ------------------------------------------------------------
+OUT_OF_BAND_BYTES = 1 << 16  # a message's buffers at least this large travel beside its pickle, not in it
+
+
+class OutOfBand(NamedTuple):
+    """A message pickled with its large buffers left out (pickle protocol 5); their bytes follow it, `sizes`."""
+
+    head: bytes
+    sizes: tuple
+
+
+def send(conn: connection.Connection, message: Any) -> None:
+    """Sends a message (after the handshake). Its large buffers (a `Mirror`'s gradients, a state's arrays) are
+    written straight from their memory behind it, not copied into the pickle and out again on the other side."""
+    buffers: list = []
+    head = pickle.dumps(message, protocol=5, buffer_callback=lambda b: b.raw().nbytes < OUT_OF_BAND_BYTES or buffers.append(b))
+    if not buffers:
+        return conn.send_bytes(head)
+    raws = [np.frombuffer(b.raw(), np.uint8) for b in buffers]
+    conn.send(OutOfBand(head, tuple(r.size for r in raws)))
+    send_arrays(conn, raws)
+
+
+def recv(conn: connection.Connection) -> Any:
+    """A message `send` sent; its out-of-band buffers are read straight into arrays of their own (writable)."""
+    message = conn.recv()
+    if not isinstance(message, OutOfBand):
+        return message
+    buffers = [np.empty(n, np.uint8) for n in message.sizes]
+    recv_arrays(conn, buffers)
+    return pickle.loads(message.head, buffers=buffers)
 
 
 # -- arrays over a TCP connection -----------------------------------------------------------
