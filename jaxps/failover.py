@@ -148,12 +148,17 @@ class Supervisor:
         lost = transport.dead_standbys()
         standbys = transport.standbys
         if ticks % 10 == 0 and not dead:
-            asked = [(i, self._channels[i].submit(Stats(), timeout=1)) for i in standbys if i not in lost]
+            asked = []
+            for i in [i for i in standbys if i not in lost]:
+                try:
+                    asked.append((i, self._channels[i].submit(Stats(), timeout=1)))
+                except Exception:  # noqa: BLE001  (a primary dying: seen as dead at the next look)
+                    pass
             for i, answer in asked:
                 try:
                     if "standby_lost" in answer.result(2):
                         lost.append(i)
-                except Exception:  # noqa: BLE001  (a primary dying: seen as dead at the next look)
+                except Exception:  # noqa: BLE001  (likewise)
                     pass
         now = time.monotonic()
         missing = [i for i, due in list(self._retry.items()) if i not in standbys and i not in dead and now >= due]
@@ -223,7 +228,7 @@ class Supervisor:
             raise RuntimeError(f"no checkpoint in {self._directory} to restart from")
         step = steps[-1]
         live = [i for i in range(len(self._channels)) if i not in dead]
-        before = gather([self._channels[i].submit(Stats()) for i in live], timeout=60)
+        before = gather([self._channels[i].submit(Stats(), timeout=60) for i in live], timeout=60)
         version = self._version = next_epoch(self._version)
         self._log(f"jaxps: shard {', '.join(map(str, dead))} died; rolling every shard back to step {step} of {self._directory}")
         gather([self._channels[i].submit(RollBack(self._directory, step, version)) for i in live], timeout=600)

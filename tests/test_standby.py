@@ -159,13 +159,17 @@ def test_a_request_with_a_timeout_does_not_wait_out_a_recovery(replicated):
 
     ps = _server(replicated, replicas=1)
     try:
+        worker = ps.client(0)
+        worker.pull()
         ps._supervisor.close()  # nobody takes over
         pid = _kill(ps, 0, "sigkill")
         wait_for(lambda: gone(pid), 30)
         started = time.monotonic()
         with pytest.raises(TimeoutError, match=r"shard 0 died and was not back within [0-9.]+ s \(it is being recovered\)"):
             ps._channels[0].submit(Stats(), timeout=1).result(2)
-        assert time.monotonic() - started < 10
+        with pytest.raises(TimeoutError, match="it is being recovered"):  # a worker's pull with a timeout likewise
+            worker.pull(timeout=1)
+        assert time.monotonic() - started < 15
     finally:
         ps.close()
 

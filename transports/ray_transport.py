@@ -322,7 +322,7 @@ class RayChannel(ShardChannel):
                 try:
                     actor = ray.get_actor(name)
                     if actor._actor_id != dead_actor._actor_id:
-                        endpoint = ray.get(actor.endpoint.remote(), timeout=60)
+                        endpoint = ray.get(actor.endpoint.remote(), timeout=min(60.0, max(0.1, deadline - time.monotonic())))
                         if not (isinstance(endpoint, str) and endpoint == STANDBY):
                             self.rebind(actor, endpoint)
                             return
@@ -459,8 +459,8 @@ class _Recovering:
         answer = lost_answer(self._request, self._channel.recovery.standby)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if answer is not None:  # rolled back with the shard, or to be sent again by the client, to the standby
-            if self._channel.recovery.standby:
-                self._channel._find_restarted(self._actor, left)
+            if self._channel.recovery.standby:  # (a push's, whatever its timeout: its client sends them again in order)
+                self._channel._find_restarted(self._actor, None if isinstance(self._request, Push) else left)
             return answer
         self._channel._find_restarted(self._actor, left)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

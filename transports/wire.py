@@ -202,7 +202,8 @@ def send(conn: connection.Connection, message: Any) -> None:
 
 
 def recv(conn: connection.Connection) -> Any:
-    """A message `send` sent; its out-of-band buffers are read straight into arrays of their own (writable)."""
+    """A message `send` sent; its out-of-band buffers are read straight into arrays of their own (read-only where
+    the sender's were, as pickle keeps that flag)."""
     message = conn.recv()
     if not isinstance(message, OutOfBand):
         return message
