@@ -19,12 +19,14 @@ import queue
 import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
+from jaxps.errors import ShardDiedError
 from jaxps.shard import Shard
 
 
@@ -213,6 +215,15 @@ def lost_answer(request: Any, standby: bool) -> Any:
     if standby and isinstance(request, (Pull, Leave)):
         return SEND_AGAIN
     return None
+
+
+def recovery_deadline(index: int, recovery_timeout: float, timeout: float | None) -> tuple[float, Exception]:
+    """Until when a channel waits for shard `index` to be recovered, and what it raises then: the caller's own
+    `timeout`, if shorter, ends the wait with `TimeoutError` (the supervisor's requests must not wait out the
+    recovery it runs), the recovery's with `ShardDiedError`."""
+    if timeout is not None and timeout < recovery_timeout:
+        return time.monotonic() + timeout, TimeoutError(f"shard {index} died and was not back within {timeout:.3g} s (it is being recovered)")
+    return time.monotonic() + recovery_timeout, ShardDiedError(f"shard {index} died and was not back within {recovery_timeout:g} s")
 
 
 class Reply:

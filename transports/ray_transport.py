@@ -55,7 +55,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, lost_answer
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, lost_answer, recovery_deadline
 from jaxps.transport import ShardChannel, Staged, leave_quietly
 from jaxps.transports import shm, wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
@@ -305,8 +305,7 @@ class RayChannel(ShardChannel):
     def _find_restarted(self, dead_actor, timeout: float | None = None) -> None:
         """Waits until the shard's actor is another than `dead_actor` (restarted under its name), and rebinds to it;
         for at most `timeout` seconds if given (the supervisor's own requests must not wait for the recovery it runs)."""
-        patience = self.recovery.timeout if timeout is None else min(timeout, self.recovery.timeout)
-        deadline = time.monotonic() + patience
+        deadline, not_back = recovery_deadline(self.index, self.recovery.timeout, timeout)
         while True:
             if self.closed:
                 raise self.gone("closed")
@@ -329,9 +328,7 @@ class RayChannel(ShardChannel):
                 except (ValueError, RayActorError, GetTimeoutError):
                     pass  # not named yet, or not serving yet
             if time.monotonic() >= deadline:
-                if patience < self.recovery.timeout:  # the caller's time is up, not the recovery's
-                    raise TimeoutError(f"shard {self.index} died and was not back within {timeout:.3g} s (it is being recovered)")
-                raise ShardDiedError(f"shard {self.index} died and was not back within {patience:g} s")
+                raise not_back
             time.sleep(0.1)
 
     def gone(self, why: str) -> Exception:

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Pull, Push, lost_answer
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Pull, Push, lost_answer, recovery_deadline
 from jaxps.transport import ShardChannel, Staged, own_copy
 from jaxps.transports import packed, shm, wire
 from jaxps.transports.endpoint import POOL
@@ -421,8 +421,7 @@ class SharedMemoryChannel(ShardChannel):
         `timeout` seconds if given (the supervisor's own requests must not wait for the recovery it runs)."""
         if self.recovery is None or not wait:
             return _Conn(self, timeout)
-        patience = self.recovery.timeout if timeout is None else min(timeout, self.recovery.timeout)
-        deadline = time.monotonic() + patience
+        deadline, not_back = recovery_deadline(self.index, self.recovery.timeout, timeout)
         while True:
             try:
                 return _Conn(self, timeout)
@@ -433,9 +432,7 @@ class SharedMemoryChannel(ShardChannel):
                 if self.closed:
                     raise self.gone() from None
                 if time.monotonic() >= deadline:
-                    if patience < self.recovery.timeout:  # the caller's time is up, not the recovery's
-                        raise TimeoutError(f"shard {self.index} died and was not back within {timeout:.3g} s (it is being recovered)") from None
-                    raise ShardDiedError(f"shard {self.index} died and was not back within {patience:g} s") from None
+                    raise not_back from None
                 time.sleep(0.05)
 
     def stage(self, leaves, check: bool) -> Staged:
