@@ -84,16 +84,21 @@ class InProcessTransport:
         raises once they have (or after `STOP_WAIT_S`: the threads are daemons,
         and a worker still computing does not hold up the exit). Waiting for
         them matters: a thread still in JAX's C++ code while the interpreter
-        shuts down can abort the process ("terminate called ...").
+        shuts down can abort the process ("terminate called ..."). The wait is
+        on events, not `Thread.join`: a join that Ctrl-C interrupts marks a
+        running thread as stopped on Python 3.11.
         """
         results: list = [None] * len(clients)
         errors: dict[int, BaseException] = {}
+        finished = [threading.Event() for _ in clients]
 
         def run(i: int, client: Any, arg: Any) -> None:
             try:
                 results[i] = run_worker(fn, client, arg)
             except BaseException as e:
                 errors[i] = e
+            finally:
+                finished[i].set()
 
         threads = [
             threading.Thread(target=run, args=(i, c, a), name=f"jaxps-worker-{i}", daemon=True)
@@ -102,14 +107,14 @@ class InProcessTransport:
         for t in threads:
             t.start()
         try:
-            for t in threads:
-                t.join()
+            for done in finished:
+                done.wait()
         except BaseException:  # KeyboardInterrupt
             for c in clients:
                 c.interrupt()
             deadline = time.monotonic() + STOP_WAIT_S
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
+            for done in finished:
+                done.wait(max(0.0, deadline - time.monotonic()))
             raise
         if errors:
             raise errors[min(errors)]
