@@ -6,6 +6,7 @@ import operator
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -540,4 +541,26 @@ def test_large_arrays_in_messages_travel_beside_the_pickle_bit_for_bit():
     assert [np.frombuffer(b.raw(), np.uint8).size for b in buffers] == [big.nbytes, big.nbytes]
     wire.send(ours, {"small": np.arange(10)})
     assert not isinstance(pickle.loads(theirs.recv_bytes()), wire.OutOfBand)
+    ours.close(), theirs.close()
+
+
+def test_a_message_written_in_part_is_cut_and_read_as_the_end_of_the_stream():
+    """A shard whose answer fails part way (`wire.cut`): its client reads the end of the connection, not the
+    next message's bytes as the rest of the half-written one."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from jaxps.transports import wire
+
+    a, b = socket.socketpair()
+    ours, theirs = Connection(a.detach()), Connection(b.detach())
+    with socket.socket(fileno=os.dup(ours.fileno())) as sock:  # the peer reads nothing: the write stops part way
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 200_000))
+    with socket.socket(fileno=os.dup(theirs.fileno())) as sock:  # uncut, the reader would wait: an OSError here
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+    with pytest.raises(OSError):
+        wire.send(ours, {"big": np.ones(1 << 22, np.float32)})
+    wire.cut(ours)
+    with pytest.raises(EOFError):  # the frame's header, then fewer bytes than it names
+        wire.recv(theirs)
     ours.close(), theirs.close()

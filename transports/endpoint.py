@@ -307,8 +307,8 @@ class _Connection:
         if not self._closed:
             try:
                 wire.send(self._conn, message)
-            except OSError:  # the client is gone; `run` sees EOF next
-                pass
+            except OSError:  # the client is gone, or the message went out in part: `run` sees EOF next
+                wire.cut(self._conn)
 
     def deliver(self, rid: int, buffer: int, version: int, leaves: list) -> None:
         """Copies a pull's leaves into its buffer (under the shard's lock: one consistent version)."""
@@ -321,7 +321,7 @@ class _Connection:
                 try:
                     wire.send_arrays(self._conn, [np.ascontiguousarray(x) for x in leaves])
                 except OSError:
-                    pass
+                    wire.cut(self._conn)
                 return
             if self._server.flat is not None:  # back to back: one copy
                 flat = packed.flat_view(self._bufs[1 + buffer], self._server.flat, self._server.layout)

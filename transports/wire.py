@@ -302,6 +302,16 @@ def _authenticated(sock: socket.socket, authkey: bytes, serving: bool, timeout: 
     return conn
 
 
+def cut(conn: connection.Connection) -> None:
+    """Shuts a connection down both ways (its owner still closes it): after a message written only in part, the
+    peer then reads the end of the stream, never the next message's bytes as the rest of that one."""
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _shut(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
