@@ -199,8 +199,8 @@ REQUESTS = (Push, Pull, Leave, Join, Stats, Hold, Snapshot, WritePart, RollBack,
 
 # Fail-over: what a channel sends again to a restarted shard when the dead one took a request with it.
 # A push is never sent again (it answers "rolled_back"); a checkpoint's or fail-over's own requests fail
-# (the driver starts them over).
-RESENT_AFTER_RESTART = (Pull, Join, Leave, Stats, Decide, Replicate)
+# (the driver starts them over): a `Replicate` waiting for a recovery would wait for the supervisor that sent it.
+RESENT_AFTER_RESTART = (Pull, Join, Leave, Stats, Decide)
 
 
 def lost_answer(request: Any, standby: bool) -> Any:

@@ -23,7 +23,7 @@ import optax
 from jaxps import rows as row_ops
 from jaxps.consistency import Clock, Contribution, Step, Sync, make_policy
 from jaxps.plan import Plan
-from jaxps.update import compile_guarded_step, compile_step, mean_gradients
+from jaxps.update import Steps, compile_guarded_step, compile_step, mean_gradients
 from jaxps.validate import PushError, check_leaves
 
 ANSWERS_KEPT = 1 << 16  # a standby remembers this many pushes' outcomes, to answer those sent again after a take-over
@@ -78,7 +78,7 @@ class Shard:
             leaves, opt_state, version, applied = _load(config, state)
         # the shard donates its buffers, so it must own them: always copy
         self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in leaves])
-        self._own_refs = self._refcount()  # references to a leaf held by the shard's tree alone
+        self._own_refs = self._refcount(self._params)  # references to a leaf held by the shard's tree alone
         # where each parameter lives (`device`, else where JAX put it): a pushed array elsewhere is moved there
         self._homes = [x.sharding for x in jax.tree.leaves(self._params)]
         if opt_state is None:
@@ -86,8 +86,9 @@ class Shard:
         else:
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
         self._tx = config.tx  # a rollback reads its checkpoint part with it
-        self._step_donating, self._step_lent = compile_step(config.tx)
-        self._guarded: tuple | None = None  # the steps of pushes checked on the device, compiled on first use
+        self._steps = compile_step(config.tx)
+        self._guarded: Steps | None = None  # the steps of pushes checked on the device, compiled on first use
+        self._spare_params: Any = None  # the params before the last lent step: the next one writes into them if freed
         self._unsettled: list[tuple[jax.Array, bool]] = []  # (finite?, skip) of those pushes, until known
         ids = config.plan.shard_leaves[config.index]
         self._row_positions = [k for k, i in enumerate(ids) if config.plan.is_rows(i)]  # where its row leaves are
@@ -306,7 +307,7 @@ class Shard:
         with self._lock:
             self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
-            self._lent = False
+            self._lent, self._spare_params = False, None
             self._unsettled = []  # pushes after the checkpoint: gone with the rollback
             pushes, self._pushes = self._pushes, {}
             waiting, self._waiting = self._waiting, []
@@ -345,7 +346,7 @@ class Shard:
             if not self._frozen:
                 raise RuntimeError(f"shard {self.index} is not at a reshard's cut")
             self._moved = moved
-            self._params = self._opt_state = self._spare = None
+            self._params = self._opt_state = self._spare = self._spare_params = None
             answers = [*(done for done, _ in self._pushes.values()), *(done for _, done in self._waiting), *(p[4] for p in self._pulls if p[4])]
             answers += [answer for _, answer in self._deferred]
             self._pushes, self._waiting, self._pulls, self._deferred = {}, [], [], []
@@ -391,10 +392,10 @@ class Shard:
                 leaves, opt_state = restore_shard(self._plan, self._tx, self.index, state)
                 self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
                 self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
-                self._mirrored = True
+                self._mirrored, self._spare_params = True, None
             for mean in steps:
                 grads = self._plan.view(self.index, [jax.device_put(x, home) for x, home in zip(mean, self._homes)])
-                self._params, self._opt_state = self._step_donating(self._params, self._opt_state, grads)
+                self._params, self._opt_state = self._update(self._steps, False, grads)
             self._clock = clock
             for key, outcome in answered:
                 self._answered[key] = outcome
@@ -489,7 +490,7 @@ class Shard:
             grads = step.gradients
             if not grads:
                 continue
-            lent = self._lent and self._refcount() > self._own_refs
+            lent = self._lent and self._refcount(self._params) > self._own_refs
             if self._log is not None and (step.contributions[0].guard is not None or any(c.rows for c in step.contributions)):
                 raise RuntimeError(f"shard {self.index}: a row push or a push checked on the device cannot be sent to a standby")
             if any(c.rows for c in step.contributions if c.grads is not None):
@@ -500,18 +501,27 @@ class Shard:
                 mean = grads[0] if len(grads) == 1 else self._mean(grads, np.int32(len(grads)))
                 if self._log is not None:  # an async push's arrays may be the client's buffer: copied; sync ones are kept
                     self._log.append(jax.tree.leaves(mean) if self.keeps_gradients else [np.array(x, copy=True) for x in jax.tree.leaves(mean)])
-                update = self._step_lent if lent else self._step_donating
-                self._params, self._opt_state = update(self._params, self._opt_state, mean)
+                self._params, self._opt_state = self._update(self._steps, lent, mean)
             self._lent = False
+
+    def _update(self, steps: Steps, lent: bool, *args: Any) -> tuple:
+        """Runs a compiled step on the params and optimizer state. Lent params must stay alive: the new ones go
+        into the params before them if nobody holds those any more (a worker that holds each pull until its next
+        push has dropped the one before), else into fresh memory (a page fault per 4 KB on CPU)."""
+        spare, self._spare_params = self._spare_params, (self._params if lent else None)
+        if not lent:
+            return steps.donating(self._params, self._opt_state, *args)
+        if spare is not None and self._refcount(spare) <= self._own_refs and not any(x.is_deleted() for x in jax.tree.leaves(spare)):
+            return steps.into(spare, self._params, self._opt_state, *args)  # (a reader may have donated them: deleted)
+        return steps.lent(self._params, self._opt_state, *args)
 
     def _apply_guarded(self, step: Step, lent: bool) -> None:
         """A push checked on the device (async, ssp: one per step): applied only if its flags are all set."""
         (c,) = step.contributions
         if self._guarded is None:
             self._guarded = compile_guarded_step(self._tx)
-        update = self._guarded[1] if lent else self._guarded[0]
         flags, skip = c.guard
-        self._params, self._opt_state, ok = update(self._params, self._opt_state, c.grads, flags)
+        self._params, self._opt_state, ok = self._update(self._guarded, lent, c.grads, flags)
         self._unsettled.append((ok, skip))
 
     def _settle_guards(self, force: bool) -> None:
@@ -537,19 +547,19 @@ class Shard:
             ids[k], leaves[k] = row_ops.pad_ids(ids[k], sizes[k], size), row_ops.pad_values(leaves[k], size)
         grads = jax.tree.unflatten(treedef, leaves)
         if not ids:  # every row leaf was pushed whole by someone: a dense step
-            update = self._step_lent if lent else self._step_donating
-            self._params, self._opt_state = update(self._params, self._opt_state, grads)
+            self._params, self._opt_state = self._update(self._steps, lent, grads)
             return
         update = self._lazy_lent if lent else self._lazy_donating
         self._params, self._opt_state = update(self._params, self._opt_state, grads, ids)
 
-    def _refcount(self) -> int:
-        """The most Python references to any parameter leaf (a reader that dropped its pull no longer counts).
+    @staticmethod
+    def _refcount(params: Any) -> int:
+        """The most Python references to any leaf of `params` (a reader that dropped its pull no longer counts).
 
         Donating a buffer that a dispatched computation still reads is safe: the
         runtime makes the step wait for it.
         """
-        return max((sys.getrefcount(x) for x in jax.tree_util.tree_leaves(self._params)), default=0)
+        return max((sys.getrefcount(x) for x in jax.tree_util.tree_leaves(params)), default=0)
 
     def _settle(self, steps: list[Step]) -> None:
         for step in steps:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -60,17 +60,33 @@ def mean_gradients(grads: Sequence[Any], count: jax.Array):
     return jax.tree.map(lambda *g: functools.reduce(operator.add, g) / count.astype(g[0].dtype), *grads)
 
 
-def compile_step(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
-    """Jitted steps: one donating params and optimizer state, one only the state.
-
-    The second is for params that have been lent to a reader (an in-process
-    pull) and so must stay alive.
+class Steps(NamedTuple):
+    """One step compiled three ways. `donating(params, opt_state, *rest)` donates the parameters and the
+    optimizer state; `lent(...)` only the state (the params are lent to a reader, an in-process pull, and
+    must stay alive); `into(spare, params, opt_state, *rest)` as `lent`, writing the new parameters into
+    `spare` (donated: an earlier version of them that nobody holds any more) instead of fresh memory.
     """
-    step = functools.partial(apply_gradients, tx)
-    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(step, donate_argnums=(1,))
+
+    donating: Callable
+    lent: Callable
+    into: Callable
 
 
-def compile_guarded_step(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+def _compiled(step: Callable) -> Steps:
+    into = lambda spare, *args: step(*args)  # noqa: E731  (listed first: donated buffers go to outputs in order)
+    return Steps(
+        jax.jit(step, donate_argnums=(0, 1)),
+        jax.jit(step, donate_argnums=(1,)),
+        jax.jit(into, donate_argnums=(0, 2), keep_unused=True),
+    )
+
+
+def compile_step(tx: optax.GradientTransformation) -> Steps:
+    """Jitted `step(params, opt_state, grads) -> (params, opt_state)`, as `Steps`."""
+    return _compiled(functools.partial(apply_gradients, tx))
+
+
+def compile_guarded_step(tx: optax.GradientTransformation) -> Steps:
     """As `compile_step`, for a push checked on the device: `step(params, opt_state, grads, flags)` returns
     `(params, opt_state, ok)`, the step's result if every flag is set (every leaf finite), else its inputs."""
 
@@ -80,7 +96,7 @@ def compile_guarded_step(tx: optax.GradientTransformation) -> tuple[Callable, Ca
         keep = lambda p, s, g: (p, s)  # noqa: E731
         return (*jax.lax.cond(ok, apply, keep, params, opt_state, grads), ok)
 
-    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(step, donate_argnums=(1,))
+    return _compiled(step)
 
 
 def transform_names(tx: Any) -> list[str]:

@@ -332,20 +332,42 @@ def test_step_donates_only_params_no_pull_still_holds():
     tx = optax.adam(1e-3)
     with jaxps.ParameterServer(params_tree(), tx, shards=2) as ps:
         step, expected, opt_state = optax_oracle(tx), params_tree(), tx.init(params_tree())
+        memory = []
         for t in range(6):
             held = ps.pull()  # still referenced at the next push: the step must not donate it
+            memory.append([x.unsafe_buffer_pointer() for x in jax.tree.leaves(held)])
             ps.push(grads_like(params_tree(), t))
             assert_trees_equal(held, expected)  # intact (a donated array would be deleted)
             expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
+        # each step wrote into the params of the pull before the held one (dropped by then), not fresh memory
+        assert all(memory[t] == memory[t - 2] for t in range(2, 6)), memory
         for t in range(6, 9):
             ps.pull()  # dropped at once: the step donates
             ps.push(grads_like(params_tree(), t))
             expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
         assert_trees_equal(ps.pull(), expected, ulp=ULP)
         shard = ps._channels[0]._service.shard
-        donating, lent = shard._guarded  # jax-array pushes, checked on the device, take the guarded steps
+        donating, lent, into = shard._guarded  # jax-array pushes, checked on the device, take the guarded steps
         assert lent._cache_size() == 1  # each compiled once
         assert donating._cache_size() == 1
+        assert into._cache_size() == 1
+
+
+def test_a_held_pull_whose_predecessor_a_reader_donated_still_steps():
+    """The step of a held pull writes into the params of the pull before it, unless a reader deleted those
+    (donated them to a jit of its own): then into fresh memory, and the run is as optax's."""
+    tx = optax.adam(1e-3)
+    with jaxps.ParameterServer(params_tree(), tx, shards=2) as ps:
+        step, expected, opt_state = optax_oracle(tx), params_tree(), tx.init(params_tree())
+        held = ps.pull()
+        for t in range(4):
+            ps.push(grads_like(params_tree(), t))
+            expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
+            before, held = held, ps.pull()
+            for x in jax.tree.leaves(before):
+                jax.jit(lambda x: x + 1, donate_argnums=0)(x)  # the reader donates what it held
+            del before
+        assert_trees_equal(ps.pull(), expected, ulp=ULP)
 
 
 def test_whole_tree_transforms_are_refused_by_name():

@@ -265,6 +265,25 @@ def test_a_shard_that_dies_with_its_standby_ends_the_run_saying_so():
         ps.close()
 
 
+def test_a_shard_that_dies_while_its_new_standby_starts_ends_the_run_saying_so():
+    """The primary is killed while the supervisor starts a standby to replace a dead one: the standby's start
+    fails at once (its `Replicate` does not wait for a recovery only the supervisor could run), and the run ends
+    with `ShardDiedError`, not a wait for the recovery timeout."""
+    ps = _server("multiprocessing", replicas=1)
+    try:
+        _kill(ps, 1, "standby")
+        time.sleep(1.0)  # the supervisor is starting the new standby's process (a spawn takes seconds)
+        _kill(ps, 1, "sigkill")
+        started = time.monotonic()
+        with pytest.raises(jaxps.ShardDiedError, match="shard 1"):
+            ps.client(0).pull(timeout=120)
+        assert time.monotonic() - started < 60
+    finally:
+        started = time.monotonic()
+        ps.close()
+        assert time.monotonic() - started < 30
+
+
 def _steps(ps, clients, n):
     """`n` sync steps driven from this thread: every client pulls, then pushes, then each push is answered."""
     for _ in range(n):
