@@ -508,12 +508,15 @@ class Shard:
         """Runs a compiled step on the params and optimizer state. Lent params must stay alive: the new ones go
         into the params before them if nobody holds those any more (a worker that holds each pull until its next
         push has dropped the one before), else into fresh memory (a page fault per 4 KB on CPU)."""
-        spare, self._spare_params = self._spare_params, (self._params if lent else None)
+        spare, self._spare_params = self._spare_params, None
         if not lent:
             return steps.donating(self._params, self._opt_state, *args)
         if spare is not None and self._refcount(spare) <= self._own_refs and not any(x.is_deleted() for x in jax.tree.leaves(spare)):
-            return steps.into(spare, self._params, self._opt_state, *args)  # (a reader may have donated them: deleted)
-        return steps.lent(self._params, self._opt_state, *args)
+            out = steps.into(spare, self._params, self._opt_state, *args)  # (a reader may have donated them: deleted)
+        else:
+            out = steps.lent(self._params, self._opt_state, *args)
+        self._spare_params = self._params  # (once the step has run: never the params a failed step left in place)
+        return out
 
     def _apply_guarded(self, step: Step, lent: bool) -> None:
         """A push checked on the device (async, ssp: one per step): applied only if its flags are all set."""
@@ -550,6 +553,7 @@ class Shard:
             self._params, self._opt_state = self._update(self._steps, lent, grads)
             return
         update = self._lazy_lent if lent else self._lazy_donating
+        self._spare_params = None  # (lazy steps write fresh memory: no spare kept for them)
         self._params, self._opt_state = update(self._params, self._opt_state, grads, ids)
 
     @staticmethod
