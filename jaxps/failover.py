@@ -149,7 +149,9 @@ class Supervisor:
         standbys = transport.standbys
         if ticks % 10 == 0 and not dead:
             asked = []
-            for i in [i for i in standbys if i not in lost]:
+            for i in standbys:
+                if i in lost:
+                    continue
                 try:
                     asked.append((i, self._channels[i].submit(Stats(), timeout=1)))
                 except Exception:  # noqa: BLE001  (a primary dying: seen as dead at the next look)

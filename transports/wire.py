@@ -306,10 +306,11 @@ def cut(conn: connection.Connection) -> None:
     """Shuts a connection down both ways (its owner still closes it): after a message written only in part, the
     peer then reads the end of the stream, never the next message's bytes as the rest of that one."""
     try:
-        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:  # closed already
+        return
+    with sock:
+        _shut(sock)
 
 
 def _shut(sock: socket.socket) -> None:
