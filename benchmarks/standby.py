@@ -1,8 +1,9 @@
 """Hot standby (`replicas=1`): what it costs while nothing fails, and how fast a standby takes over.
 
     python benchmarks/standby.py [--params 1e6,10e6] [--seconds 6] [--repeats 2] [--transports multiprocessing,ray]
+                                 [--dtype float32]
 
-A server of `--params` float32 parameters in 8 leaves under `optax.adam`, 2
+A server of `--params` parameters (`--dtype`: float32 or bfloat16) in 8 leaves under `optax.adam`, 2
 shards, sync with 2 workers (threads of the driver pulling and pushing as fast
 as they can). Side by side, in one run, alternating: updates/s with
 `replicas=0` and with `replicas=1` (every step sent to the standby and
@@ -26,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's jaxps
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -36,8 +38,8 @@ from benchmarks.common import session  # noqa: E402
 class Training:
     """A server with 2 worker threads pulling and pushing until `stop()`."""
 
-    def __init__(self, transport: str, num_params: int, replicas: int):
-        params = {f"w{i}": np.zeros(num_params // 8, np.float32) for i in range(8)}
+    def __init__(self, transport: str, num_params: int, replicas: int, dtype: str = "float32"):
+        params = {f"w{i}": np.zeros(num_params // 8, jax.numpy.dtype(dtype)) for i in range(8)}
         self.grads = {k: np.full_like(v, 1e-3) for k, v in params.items()}
         self.ps = jaxps.ParameterServer(params, optax.adam(1e-3), shards=2, transport=transport, mode="sync", workers=2, replicas=replicas)
         self._stop = threading.Event()
@@ -65,12 +67,12 @@ class Training:
         self.ps.close()
 
 
-def cost(transport: str, num_params: int, seconds: float, repeats: int) -> tuple[float, float]:
+def cost(transport: str, num_params: int, seconds: float, repeats: int, dtype: str) -> tuple[float, float]:
     """Median updates/s without and with standbys, measured alternately."""
     rates: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(repeats):
         for replicas in (0, 1):
-            run = Training(transport, num_params, replicas)
+            run = Training(transport, num_params, replicas, dtype)
             try:
                 run.rate(1.0)  # warm up: compiled, buffers mapped
                 rates[replicas].append(run.rate(seconds))
@@ -80,9 +82,9 @@ def cost(transport: str, num_params: int, seconds: float, repeats: int) -> tuple
     return statistics.median(rates[0]), statistics.median(rates[1])
 
 
-def takeovers(transport: str, num_params: int, repeats: int) -> list[float]:
+def takeovers(transport: str, num_params: int, repeats: int, dtype: str) -> list[float]:
     """Seconds from a primary's SIGKILL to the next step applied, once per repeat (alternating shards)."""
-    run = Training(transport, num_params, 1)
+    run = Training(transport, num_params, 1, dtype)
     times = []
     try:
         for r in range(repeats):
@@ -113,14 +115,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--transports", default="multiprocessing,ray")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     rows = []
     with session("standby.py", args.transports) as transports:
         for transport in transports:
             for n in [int(float(x)) for x in args.params.split(",")]:
-                plain, replicated = cost(transport, n, args.seconds, args.repeats)
-                rows.append((transport, n, plain, replicated, statistics.median(takeovers(transport, n, args.repeats))))
-    print(f"\n2 shards, Adam, sync with 2 workers; medians of {args.repeats}")
+                plain, replicated = cost(transport, n, args.seconds, args.repeats, args.dtype)
+                rows.append((transport, n, plain, replicated, statistics.median(takeovers(transport, n, args.repeats, args.dtype))))
+    print(f"\n2 shards, {args.dtype}, Adam, sync with 2 workers; medians of {args.repeats}")
     print("| transport | parameters | updates/s, replicas=0 | replicas=1 | ratio | kill -> next step | steps lost |")
     print("|---|---|---|---|---|---|---|")
     for transport, n, plain, replicated, next_step in rows:

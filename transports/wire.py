@@ -26,6 +26,7 @@ size) and the client answers `Attached` once it has made its own buffers.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -189,11 +190,28 @@ class OutOfBand(NamedTuple):
     sizes: tuple
 
 
+def _array(buffer: Any, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    return np.frombuffer(buffer, dtype).reshape(shape)
+
+
+class _Pickler(pickle.Pickler):
+    """Protocol 5, with the bytes of every large numpy array out of band: numpy leaves those of `bfloat16` (any
+    dtype it does not know) and of strided arrays in the pickle itself."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.nbytes >= OUT_OF_BAND_BYTES and not obj.dtype.hasobject:
+            flat = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
+            return _array, (pickle.PickleBuffer(flat), obj.dtype, obj.shape)
+        return NotImplemented
+
+
 def send(conn: connection.Connection, message: Any) -> None:
-    """Sends a message (after the handshake). Its large buffers (a `Mirror`'s gradients, a state's arrays) are
+    """Sends a message (after the handshake). Its large arrays (a `Mirror`'s gradients, a state's arrays) are
     written straight from their memory behind it, not copied into the pickle and out again on the other side."""
     buffers: list = []
-    head = pickle.dumps(message, protocol=5, buffer_callback=lambda b: b.raw().nbytes < OUT_OF_BAND_BYTES or buffers.append(b))
+    pickled = io.BytesIO()
+    _Pickler(pickled, protocol=5, buffer_callback=lambda b: b.raw().nbytes < OUT_OF_BAND_BYTES or buffers.append(b)).dump(message)
+    head = pickled.getvalue()
     if not buffers:
         return conn.send_bytes(head)
     raws = [np.frombuffer(b.raw(), np.uint8) for b in buffers]
