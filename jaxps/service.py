@@ -226,6 +226,15 @@ def recovery_deadline(index: int, recovery_timeout: float, timeout: float | None
     return time.monotonic() + recovery_timeout, ShardDiedError(f"shard {index} died and was not back within {recovery_timeout:g} s")
 
 
+def died_during_request(index: int, standby: bool) -> ShardDiedError:
+    """What a request to shard `index` raises when the shard died while it was under way (it is being recovered)."""
+    if standby:  # a standby may be gone too, or not yet hold its primary's state
+        how = "taken over by its standby (without a live one: restarted from the latest checkpoint, if there is one)"
+    else:
+        how = "restarted from the latest checkpoint"
+    return ShardDiedError(f"shard {index} died during this request; it is being {how}")
+
+
 class Reply:
     """Where one request's answer goes; each transport (and data path) has its own.
 

@@ -55,7 +55,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, lost_answer, recovery_deadline
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline
 from jaxps.transport import ShardChannel, Staged, leave_quietly
 from jaxps.transports import shm, wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
@@ -335,8 +335,7 @@ class RayChannel(ShardChannel):
         if self.closed:
             return ServerClosedError("the ParameterServer is closed")
         if self.recovery is not None:
-            how = "taken over by its standby" if self.recovery.standby else "restarted from the latest checkpoint"
-            return ShardDiedError(f"shard {self.index} died during this request; it is being {how}")
+            return died_during_request(self.index, self.recovery.standby)
         return shard_died(self.index, self.actor, why)
 
     @property

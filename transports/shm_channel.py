@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Pull, Push, lost_answer, recovery_deadline
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Pull, Push, died_during_request, lost_answer, recovery_deadline
 from jaxps.transport import ShardChannel, Staged, own_copy
 from jaxps.transports import packed, shm, wire
 from jaxps.transports.endpoint import POOL
@@ -398,8 +398,7 @@ class SharedMemoryChannel(ShardChannel):
         if self.closed:
             return ServerClosedError("the ParameterServer is closed")
         if self.recovery is not None:
-            how = "taken over by its standby" if self.recovery.standby else "restarted from the latest checkpoint"
-            return ShardDiedError(f"shard {self.index} died during this request; it is being {how}")
+            return died_during_request(self.index, self.recovery.standby)
         return self.died()
 
     def conn(self, timeout: float | None = None, wait: bool = True) -> _Conn:
