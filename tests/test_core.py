@@ -363,6 +363,38 @@ def test_step_donates_only_params_no_pull_still_holds(monkeypatch, mode, nonfini
         assert donating._cache_size() == 1
 
 
+def test_a_refused_push_while_a_pull_is_held_changes_nothing(monkeypatch):
+    """Each pull held through the next push (async, checked on the device): a push with Inf goes through the
+    same step into the spare params (`update._keep` writes the old params there), the held pulls stay intact,
+    the future says so, and the run goes on as optax's without it."""
+    from jaxps import update
+
+    into_calls, compiled = [], update._compiled
+
+    def counted(step):
+        steps = compiled(step)
+        return steps._replace(into=lambda *args: into_calls.append(1) or steps.into(*args))
+
+    monkeypatch.setattr(update, "_compiled", counted)
+    tx = optax.adam(1e-3)
+    with jaxps.ParameterServer(params_tree(), tx, shards=2, mode="async", workers=1) as ps:
+        step, expected, opt_state = optax_oracle(tx), params_tree(), tx.init(params_tree())
+        for t in range(7):
+            held, before = ps.pull(), expected
+            g = grads_like(params_tree(), t)
+            if t in (2, 3):  # twice in a row: the second refused step's spare holds the first one's output
+                g = {**g, "dense": {**g["dense"], "bias": g["dense"]["bias"].at[1].set(jnp.inf)}}
+                with pytest.raises(jaxps.PushError, match=r"NaN or Inf in \[\"\['dense'\]\['bias'\]"):
+                    ps.push(g).result(timeout=30)
+            else:
+                ps.push(g).result(timeout=30)
+                expected, opt_state = step(expected, opt_state, g)
+            assert_trees_equal(held, before, ulp=ULP)  # intact through the push
+            assert_trees_equal(ps.pull(), expected, ulp=ULP)
+        assert len(into_calls) == 6 * 2  # every step but the first, the refused ones too, wrote into a spare
+        assert (ps.step, ps.stats()["pushes_refused"]) == (5, 2)
+
+
 def test_a_held_pull_whose_predecessor_a_reader_donated_still_steps():
     """The step of a held pull writes into the params of the pull before it, unless a reader deleted those
     (donated them to a jit of its own): then into fresh memory, and the run is as optax's."""
