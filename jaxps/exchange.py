@@ -71,6 +71,14 @@ def record(key: Any, what: str) -> None:
     calls[-1].add(key)
 
 
+def _recorded() -> np.int32:
+    """How many updates the trace in progress on this thread recorded (at trace time: a constant of the trace).
+    A function of this module, not inlined in `deferred`'s closures: cloudpickle pickles it by reference, so a
+    compiled step (and a worker function using one) can be sent to another process without `_local`."""
+    calls = getattr(_local, "calls", None)
+    return np.int32(len(calls[-1]) if calls else 0)
+
+
 def deferred(jit: Callable, fun: Callable, finish: Callable[[Any, Any, int], Any], **jit_kwargs) -> Callable:
     """`jit(fun, **jit_kwargs)` with updates deferred in it, then `finish(args, out, made)` on the host.
 
@@ -81,9 +89,7 @@ def deferred(jit: Callable, fun: Callable, finish: Callable[[Any, Any, int], Any
 
     @functools.wraps(fun)
     def counted(*args, **kwargs):
-        out = fun(*args, **kwargs)
-        calls = getattr(_local, "calls", None)
-        return out, np.int32(len(calls[-1]) if calls else 0)  # at trace time: a constant of this trace
+        return fun(*args, **kwargs), _recorded()
 
     compiled = jit(counted, **jit_kwargs)
 

@@ -6,6 +6,7 @@ Functions and modules that travel to worker processes live at module level.
 """
 
 import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -213,6 +214,24 @@ def test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_acros
         assert opt.server.step == 4
     finally:
         opt.server.close()
+
+
+@pytest.fixture
+def as_a_script():
+    """This module's functions pickled by value, as cloudpickle sends those of a script's `__main__`."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_workers_and_steps_of_a_script_run_in_worker_processes(as_a_script):
+    """A worker function and its `jaxps.nnx.jit` / `jaxps.jit` step sent by value to the worker processes (as
+    `examples/flax_nnx.py`'s are) train as those sent by reference do (nothing of this process's threads goes
+    with the step)."""
+    test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_across_calls({"transport": "multiprocessing"})
+    test_train_state_workers_sync_batch_stats_are_the_mean({"transport": "multiprocessing"})
 
 
 def test_worker_rngs_are_per_worker_and_continue():
