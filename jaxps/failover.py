@@ -39,6 +39,7 @@ from jaxps.service import Lead, Leave, Replicate, RollBack, Stats
 from jaxps.shard import ShardConfig
 
 STANDBY_RETRY = 10.0  # seconds before a standby that could not start is tried again
+STANDBY_REACH = 10.0  # seconds the supervisor waits to reach a shard's primary before feeding it a new standby
 EPOCH = 1 << 32  # versions of one epoch; a rollback starts the next
 FAILURE_MODES = ("raise", "restart")
 
@@ -207,6 +208,10 @@ class Supervisor:
         started = time.monotonic()
         try:
             channel = self._transport.start_standby(self._configs[i])
+            # A `Replicate` lost with a primary is not sent again (only this thread could recover that primary), so
+            # first a `Stats`, which is: this thread's connection to a primary that a standby has taken over since
+            # is made anew, to the new primary, instead of the `Replicate` going to the dead one.
+            self._channels[i].call(Stats(), timeout=STANDBY_REACH)
             self._channels[i].call(Replicate(channel), timeout=600)
         except Exception as e:  # noqa: BLE001
             self._retry[i] = time.monotonic() + STANDBY_RETRY

@@ -154,6 +154,18 @@ def test_a_bfloat16_shard_taken_over_ends_bit_for_bit_where_it_would_have():
         assert got[key].dtype == jnp.bfloat16 and got[key].tobytes() == want[key].tobytes(), key
 
 
+def test_a_taken_over_shard_gets_a_new_standby_at_the_first_try(replicated, capfd):
+    """The supervisor's own connection to the dead primary is not used for the new standby's `Replicate`:
+    the new standby starts at once, not after a failed try and `STANDBY_RETRY` seconds alone."""
+    with _server(replicated, replicas=1) as ps:
+        assert wait_for(lambda: _has_standbys(ps), 60)
+        ps.stats()  # the supervisor's connections are made and idle, as in a long run
+        _kill(ps, 1, "sigkill")
+        assert wait_for(lambda: ps.stats()["takeovers"] == 1 and _has_standbys(ps), 60)
+        log = capfd.readouterr().err
+        assert "shard 1 has a new standby" in log and "could not start" not in log, log
+
+
 def test_a_push_in_flight_when_its_shard_dies_is_applied_by_the_standby(replicated):
     ps = _server(replicated, replicas=1)
     try:
