@@ -335,15 +335,18 @@ URLS = ("gs://",)  # the URLs a checkpoint directory may be, besides a local pat
 
 
 def location(directory: Any) -> Any:
-    """`directory` as a path object: a `pathlib.Path`, or an `etils.epath.Path` for a gs:// URL.
+    """`directory` as a path object: an absolute `pathlib.Path`, or an `etils.epath.Path` for a gs:// URL.
 
+    A relative local path is relative to this process's working directory: the
+    driver resolves it here, at every entry point, and sends the shards (whose
+    working directory may differ, and orbax needs absolute paths) the result.
     Other URLs are refused; gs:// needs gcsfs (`pip install "jaxps[gcs]"`).
     """
     text = os.fspath(directory) if isinstance(directory, os.PathLike) else str(directory)
     if "://" not in text:
         if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):
             raise ValueError(f"checkpoint directory {text!r} looks like a URL that lost a '/' (a pathlib.Path of a URL?): give it as a string")
-        return Path(text)
+        return Path(text).absolute()
     if not text.startswith(URLS):
         raise ValueError(
             f"checkpoint directory {text!r}: of URLs only {', '.join(URLS)} is supported; or give a path that the "

@@ -54,7 +54,8 @@ class Checkpointing:
     poll: float = 0.1
 
     def __post_init__(self):
-        checkpoint.location(self.directory)
+        # a relative path is the caller's: made absolute now, since the shards and the fail-over get it as it is
+        object.__setattr__(self, "directory", str(checkpoint.location(self.directory)))
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"Checkpointing(every=...) must be a positive int, got {self.every!r}")
         if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 1):

@@ -197,7 +197,7 @@ class ParameterServer:
         """
         metadata = ckpt.read_metadata(directory, step)
         ckpt.check_template(metadata, params, f"step {metadata['step']} in {directory}")
-        return cls(params, tx, _restore=(str(directory), metadata), **kwargs)
+        return cls(params, tx, _restore=(str(ckpt.location(directory)), metadata), **kwargs)  # absolute: the shards read it
 
     # -- the public contract ----------------------------------------------------
     @property

@@ -368,3 +368,30 @@ def test_checkpoints_in_a_gs_bucket_save_restore_and_retain(transport):
     script = os.path.join(os.path.dirname(__file__), "gcs_script.py")
     done = subprocess.run([sys.executable, script, transport], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr[-5000:]
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "multiprocessing"])
+def test_a_relative_directory_is_under_the_callers_working_directory(tmp_path, monkeypatch, transport):
+    """A relative directory is resolved once, on the driver, against its working directory (orbax wants
+    absolute paths; shards may run in another one): saved there bit for bit, read and restored from there."""
+    import jaxps
+
+    tx, params = OPTIMIZERS["momentum"], helpers.params_tree()
+    monkeypatch.chdir(tmp_path)
+    every = jaxps.Checkpointing("auto", every=1000)
+    assert every.directory == os.path.join(os.getcwd(), "auto")
+    restart = {"on_shard_failure": "restart"} if transport == "multiprocessing" else {}  # fail-over: step 0 saved now
+    with jaxps.ParameterServer(params, tx, shards=2, transport=transport, checkpoint=every, **restart) as ps:
+        for k in range(3):
+            assert ps.push(helpers.grads_like(params, k)).result() == "applied"
+        assert ps.save("ck") == 3
+        plan, saved = ps.plan, ps.params()
+    assert ck.steps(tmp_path / "ck") == [3] and ck.steps(tmp_path / "auto") == ([0] if restart else [])
+    assert not list(tmp_path.rglob("*.orbax-checkpoint-tmp"))
+    expected = merged(plan, run_sharded("momentum", params, plan, 3))
+    assert_states_equal(ck.read("ck")[1], expected)  # params and optimizer state, bit for bit
+    _, restored = ck.restore("ck", params, tx, plan)
+    assert_states_equal(merged(plan, as_shards(plan, restored)), expected)
+    with jaxps.ParameterServer.restore("ck", params, tx, shards=2, transport=transport) as ps:
+        assert ps.step == 3
+        helpers.assert_trees_equal(ps.params(), saved)
