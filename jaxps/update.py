@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxps.plan import Plan
+from jaxps.plan import Plan, make_plan
 from jaxps.value_leaves import ValueTransform
 
 # optax transforms whose update reduces over the whole tree (or numbers its
@@ -152,10 +152,15 @@ def check_shardable(tx: optax.GradientTransformation, plan: Plan, leaves: Sequen
     leaf comes back (a start costs about four optimizer steps of the tree).
     """
     if plan.num_shards == 1:
-        return
-    named = [n for n in transform_names(tx) if n in WHOLE_TREE_TRANSFORMS]
-    if named:
-        raise NotShardableError(_not_shardable_message(named, plan))
+        halved = [path for path, i in plan.row_leaves.items() if plan.leaves[i].shape[0] >= 2]
+        if not halved:
+            return
+        # row leaves are updated row by row even on one shard: probe them as if split in two
+        plan = make_plan(jax.tree.unflatten(plan.treedef, list(leaves)), 2, assign=lambda *_: 0, rows=halved)
+    else:
+        named = [n for n in transform_names(tx) if n in WHOLE_TREE_TRANSFORMS]
+        if named:
+            raise NotShardableError(_not_shardable_message(named, plan))
     agree = np.asarray(jax.jit(functools.partial(_sharded_agrees, tx, plan))(list(leaves)))
     differ = [plan.leaves[i].path for i in np.flatnonzero(~agree)]
     if differ:
@@ -207,11 +212,12 @@ def _run_steps(tx, params, grads_seq):
 
 def _not_shardable_message(names: list[str], plan: Plan, differ: list[str] | None = None) -> str:
     if differ and any(path in plan.row_leaves for path in differ):
-        what = (
+        return (
             f"the optimizer (built from {', '.join(names)}) reduces over whole leaves, and row leaves (rows=) are split "
-            f"by rows over the shards: the step differs at {differ[:5]}"
+            f"by rows over the shards and updated row by row: the step differs at {differ[:5]}. Row leaves need an "
+            "elementwise optimizer (sgd, momentum, adam, adagrad, rmsprop, ...), or leave those leaves out of rows=."
         )
-    elif differ:
+    if differ:
         what = f"the optimizer (built from {', '.join(names)}) reduces over the whole parameter tree: the step differs at {differ[:5]}"
     else:
         what = f"the optimizer reduces over the whole parameter tree ({', '.join(names)})"
