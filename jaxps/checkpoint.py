@@ -541,16 +541,19 @@ def read(
     paths: Iterable[str] | None = None,
     *,
     check_replicated: bool = True,
+    index: Mapping[str, list] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """`(metadata, {state path: array})` of `step` (default: latest complete), for `paths` (default: all).
 
     Reads only the parts holding the requested paths. A path stored by
     several parts (a replicated scalar such as Adam's count) is read from each
     and must agree bit for bit; `check_replicated=False` reads it from the
-    first part only (for a shard whose driver has checked them).
+    first part only (for a shard whose driver has checked them). `index`: the
+    step's `read_index`, if the caller has it (a driver hands it to its N shards:
+    N reads of every part's index instead of N x N, each an object read on gs://).
     """
     metadata = read_metadata(directory, step)
-    where = read_index(directory, metadata)
+    where = dict(index) if index is not None else read_index(directory, metadata)
     wanted = sorted(where) if paths is None else list(paths)
     pieces = {p: [(p, None)] if p in where else _row_pieces(p, where) for p in wanted}
     absent = [p for p in wanted if pieces[p] is None]

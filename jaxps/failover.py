@@ -238,10 +238,11 @@ class Supervisor:
         before = gather([self._channels[i].submit(Stats(), timeout=60) for i in live], timeout=60)
         version = self._version = next_epoch(self._version)
         self._log(f"jaxps: shard {', '.join(map(str, dead))} died; rolling every shard back to step {step} of {self._directory}")
-        gather([self._channels[i].submit(RollBack(self._directory, step, version)) for i in live], timeout=600)
+        index = checkpoint.read_index(self._directory, checkpoint.read_metadata(self._directory, step))  # once, for all shards
+        gather([self._channels[i].submit(RollBack(self._directory, step, version, index=index)) for i in live], timeout=600)
         left = sorted({w for s in before for w in s["workers_left"]})
         for i in dead:
-            self._transport.restart(dataclasses.replace(self._configs[i], restore=(self._directory, step, version)))
+            self._transport.restart(dataclasses.replace(self._configs[i], restore=(self._directory, step, version, index)))
             for w in left:  # they are gone for good (or rejoin through the driver)
                 self._channels[i].call(Leave(w), timeout=60)
         if self._leads and 0 in dead:

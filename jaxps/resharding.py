@@ -55,8 +55,9 @@ def move(
     try:
         root = Path(tempfile.mkdtemp(prefix="jaxps-reshard-")) if directory is None else checkpoint.location(directory)
         saver.write(root, step, version, keep=None)
+        index = checkpoint.read_index(root, checkpoint.read_metadata(root, step))  # once, for all new shards
         try:
-            gather([ch.submit(RollBack(str(root), step, version, clock)) for ch in new_channels], LOAD_TIMEOUT)
+            gather([ch.submit(RollBack(str(root), step, version, clock, index)) for ch in new_channels], LOAD_TIMEOUT)
         except Exception as e:
             where = "a temporary directory on the driver's machine" if directory is None else str(root)
             raise RuntimeError(

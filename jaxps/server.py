@@ -524,12 +524,12 @@ def join_at_one_step(channels: Sequence[Any], workers: Sequence[int]) -> list[li
         raise
 
 
-def _check_restore(directory: str, metadata: dict, plan: Plan, tx: optax.GradientTransformation) -> tuple[str, int, int]:
+def _check_restore(directory: str, metadata: dict, plan: Plan, tx: optax.GradientTransformation) -> tuple[str, int, int, dict]:
     """Checks that `plan`'s shards find their state under `tx` in the checkpoint, before any array is read;
     returns the shards' `ShardConfig.restore`."""
     step = metadata["step"]
     where = f"step {step} in {directory}"
     index = ckpt.read_index(directory, metadata)
     ckpt.check_state({p: places[0][2] for p, places in index.items()}, plan, tx, where)
-    ckpt.read(directory, step, [p for p, places in index.items() if len(places) > 1])  # replicated scalars agree
-    return directory, step, metadata.get("extra", {}).get("version", step)
+    ckpt.read(directory, step, [p for p, places in index.items() if len(places) > 1], index=index)  # replicated scalars agree
+    return directory, step, metadata.get("extra", {}).get("version", step), index

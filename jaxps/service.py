@@ -124,6 +124,7 @@ class RollBack(NamedTuple):
     step: int
     version: int
     clock: Any = None  # a reshard's new shard: the clock to go on with (`Clock.moved`), not a rolled-back one
+    index: Any = None  # the step's `checkpoint.read_index`, read once by the driver for every shard (or None)
 
 
 class Route(NamedTuple):
@@ -438,7 +439,7 @@ class ShardService:
     def _roll_back(self, request: RollBack, reply: Reply, arrays: Any) -> None:
         self._saved = None
         with self.shard._lock:  # a standby starts over from the rolled-back state
-            self.shard.roll_back(request.directory, request.step, request.version, request.clock)
+            self.shard.roll_back(request.directory, request.step, request.version, request.clock, request.index)
             if self._stream is not None and not self._stream.failed:
                 self._restream(self._stream.channel)
         reply.send(None)

@@ -44,9 +44,9 @@ class ShardConfig:
     workers: int | None = None
     backup_workers: int = 0
     max_staleness: int | None = None
-    # start from a checkpoint instead of `leaves` and `tx.init`: (directory, step, version);
-    # the shard reads its own state from disk, in its own process
-    restore: tuple[str, int, int] | None = None
+    # start from a checkpoint instead of `leaves` and `tx.init`: (directory, step, version, index: the step's
+    # `checkpoint.read_index` or None); the shard reads its own state from disk, in its own process
+    restore: tuple[str, int, int, dict | None] | None = None
     # sync with backup workers on several shards: this shard takes the workers shard 0 took for each step
     follows: bool = False
     # pushes cross through this filter (`jaxps.filters`); `filtered[i]`: whether plan leaf i does (value leaves do not)
@@ -295,14 +295,14 @@ class Shard:
                     self._waiting.append((c, done))
             self._maybe_snapshot()
 
-    def roll_back(self, directory: str, step: int, version: int, clock: Clock | None = None) -> None:
+    def roll_back(self, directory: str, step: int, version: int, clock: Clock | None = None, index: dict | None = None) -> None:
         """Another shard died: this one goes back to checkpoint `step` in `directory`, going on at `version`.
 
         Pushes not yet settled answer "rolled_back"; waiting pulls are served
         the restored parameters. Who has left stays left. `clock` (a new shard
         of a reshard, before any client reaches it): go on with that clock instead.
         """
-        config = ShardConfig(self.index, self._plan, [], self._tx, restore=(directory, step, version))
+        config = ShardConfig(self.index, self._plan, [], self._tx, restore=(directory, step, version, index))
         leaves, opt_state, _, _ = _load(config, read_checkpoint(config)[0])
         with self._lock:
             self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
@@ -606,9 +606,9 @@ def read_checkpoint(config: ShardConfig, paths: Sequence[str] | None = None) -> 
     from jaxps import checkpoint
 
     paths = checkpoint_paths(config) if paths is None else paths
-    directory, step, _ = config.restore
+    directory, step, _, index = config.restore
     started = time.perf_counter()
-    _, state = checkpoint.read(directory, step, paths, check_replicated=False)
+    _, state = checkpoint.read(directory, step, paths, check_replicated=False, index=index)
     return state, time.perf_counter() - started
 
 
@@ -616,6 +616,6 @@ def _load(config: ShardConfig, state: dict) -> tuple[list, Any, int, int]:
     """This shard's (leaves, opt_state, version, applied steps) from its state read out of `config.restore`."""
     from jaxps import checkpoint
 
-    _, step, version = config.restore
+    _, step, version, _ = config.restore
     leaves, opt_state = checkpoint.restore_shard(config.plan, config.tx, config.index, state)
     return leaves, opt_state, version, step

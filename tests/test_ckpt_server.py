@@ -305,3 +305,26 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
         ps.push(helpers.grads_like(params, 1)).result()
         assert ps.save(tmp_path / "ck") == 2  # the stale step 2 is replaced
     assert ck.steps(tmp_path / "ck") == [1, 2]
+
+
+def test_the_driver_reads_the_index_once_for_all_shards(tmp_path, monkeypatch):
+    """A restore into N shards and a reshard to N read each part's index once (the driver's read, handed to the
+    shards), not once per shard (N x N files: an object read each on gs://); the state is still bit for bit."""
+    params, tx = helpers.params_tree(), optax.adam(1e-2)
+    reads, read_index = [], ck.read_index
+    monkeypatch.setattr(ck, "read_index", lambda *a, **k: reads.append(1) or read_index(*a, **k))
+    with jaxps.ParameterServer(params, tx, shards=2) as ps:
+        push_all(ps, params, range(3))
+        ps.save(tmp_path / "ck")
+        reads.clear()
+        ps.reshard(4)
+        assert len(reads) == 1
+        push_all(ps, params, range(3, 4))
+    reads.clear()
+    with jaxps.ParameterServer.restore(tmp_path / "ck", params, tx, shards=4) as restored:
+        assert len(reads) == 1 and restored.step == 3
+        push_all(restored, params, range(3, 5))
+        step, expected, opt_state = helpers.optax_oracle(tx), params, tx.init(params)
+        for k in range(5):
+            expected, opt_state = step(expected, opt_state, helpers.grads_like(params, k))
+        helpers.assert_trees_equal(restored.params(), expected, ulp=helpers.ULP)
