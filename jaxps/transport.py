@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
-from jaxps.client import leave_quietly, run_worker
+from jaxps.client import leave_quietly, run_worker, worker_failed
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import REQUESTS, Join, Leave, Pull, Push, Reply, ShardService, Stats, own_copy
 from jaxps.shard import Shard, ShardConfig
@@ -66,6 +66,7 @@ __all__ = [
     "leave_quietly",
     "own_copy",
     "run_worker",
+    "worker_failed",
 ]
 
 

@@ -357,6 +357,28 @@ def _push_a_bad_tree(client, _):
     client.push({"a": np.ones((2, 2), np.float32), "b": np.ones(5, np.float32)})
 
 
+def _fail_or_train(client, worker):
+    if worker == 1:
+        raise KeyError("worker 1's data ran out")
+    client.pull()
+    client.push(ONES).result(60)  # a sync step: applied once worker 1 has left
+    time.sleep(2.0)  # still running when worker 1's error reaches the driver
+    for _ in range(2):
+        client.pull()
+        client.push(ONES).result(60)
+
+
+def test_a_worker_that_fails_is_reported_at_once_and_the_others_go_on(make_server, capfd):
+    """A worker's exception does not stop the others (as a worker's death does not): it is said on stderr when it
+    happens, and `run_workers` raises it once the others are done."""
+    ps = make_server(PARAMS, optax.sgd(1.0), shards=2, mode="sync", workers=2)
+    with pytest.raises(KeyError, match="data ran out"):
+        ps.run_workers(_fail_or_train, [0, 1])
+    assert ps.step == 3
+    err = capfd.readouterr().err
+    assert "jaxps: worker 1 failed (KeyError: " in err and "the 1 other worker(s) go on" in err, err
+
+
 def test_a_worker_push_error_reaches_the_caller_as_itself(make_server):
     ps = make_server(PARAMS, optax.sgd(1.0), shards=2)
     with pytest.raises(jaxps.PushError) as raised:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 from jaxps.checkpoint import side_by_side
 from jaxps.errors import ServerClosedError
 from jaxps.shard import checkpoint_paths, read_checkpoint
-from jaxps.transport import Reply, Shard, ShardChannel, ShardConfig, ShardService, run_worker
+from jaxps.transport import Reply, Shard, ShardChannel, ShardConfig, ShardService, run_worker, worker_failed
 
 
 class _FutureReply(Reply):
@@ -97,6 +97,7 @@ class InProcessTransport:
                 results[i] = run_worker(fn, client, arg)
             except BaseException as e:
                 errors[i] = e
+                worker_failed(i, e, sum(not done.is_set() for k, done in enumerate(finished) if k != i))
             finally:
                 finished[i].set()
 

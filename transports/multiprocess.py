@@ -31,7 +31,7 @@ import cloudpickle
 
 from jaxps.errors import ShardDiedError
 from jaxps.service import TakeOver
-from jaxps.transport import ShardConfig, leave_quietly, run_worker
+from jaxps.transport import ShardConfig, leave_quietly, run_worker, worker_failed
 from jaxps.transports import shm, wire
 from jaxps.transports.endpoint import POOL  # noqa: F401  (re-exported: the pull-buffer pool size)
 from jaxps.transports.shm_channel import Recovery, SharedMemoryChannel
@@ -315,6 +315,7 @@ class MultiprocessingTransport:
                         procs[i].join(5.0)
                         errors[i] = RuntimeError(f"worker {i}'s process died (exit code {procs[i].exitcode})")
                         leave_quietly(clients[i])  # so that the others' sync steps and ssp pulls go on
+                        worker_failed(i, errors[i], len(pipes))
                         continue
                     finally:
                         ours.close()
@@ -322,6 +323,7 @@ class MultiprocessingTransport:
                         results[i] = cloudpickle.loads(msg.value)
                     else:
                         errors[i] = wire.unpack_error(msg.error, msg.traceback, f"worker {i}")
+                        worker_failed(i, errors[i], len(pipes))
             for p in procs:
                 p.join()
         finally:

@@ -56,7 +56,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline
-from jaxps.transport import ShardChannel, Staged, leave_quietly
+from jaxps.transport import ShardChannel, Staged, leave_quietly, worker_failed
 from jaxps.transports import shm, wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
 
@@ -708,6 +708,7 @@ class RayTransport:
                     except Exception as e:
                         outcomes[index[ref]] = (None, unwrap_task_error(e))
                         leave_quietly(clients[index[ref]])  # a task whose process died could not leave by itself
+                        worker_failed(index[ref], outcomes[index[ref]][1], len(running))
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
