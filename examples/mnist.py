@@ -193,6 +193,7 @@ def train(args, data, mode, log):
         print(f"[{mode}] resuming from the checkpoint of step {ps.step} in {args.checkpoint_dir}")
     else:
         ps = jaxps.ParameterServer(params, tx, **options)
+    first_step = ps.step  # a resumed run starts at its checkpoint's step
     with ps:
         startup = time.perf_counter() - started
         # what is left of the run: sync rounds, or async gradients shared by the workers
@@ -225,7 +226,7 @@ def train(args, data, mode, log):
         "gradients": sum(len(l) for l in losses),
         "wall_s": wall,
         "startup_s": startup,
-        "updates_per_s": stats["steps"] / wall,  # from the start of this run (a resumed run counts its start step too)
+        "updates_per_s": (stats["steps"] - first_step) / wall,  # this run's updates (a resumed run's start step excluded)
         "test_loss": final["loss"],
         "test_accuracy": final["accuracy"],
         "train_loss": float(np.mean(tail)) if tail else float("nan"),
@@ -238,7 +239,8 @@ def train(args, data, mode, log):
     log({k: v for k, v in summary.items() if k != "history"})
     print(
         f"[{mode}] test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after {stats['steps']} updates "
-        f"in {wall:.1f}s = {summary['updates_per_s']:.1f} updates/s "
+        + (f"({stats['steps'] - first_step} in this run) " if first_step else "")
+        + f"in {wall:.1f}s = {summary['updates_per_s']:.1f} updates/s "
         f"(server start {startup:.1f}s, mean staleness {stats['staleness_mean']:.2f})"
     )
     gradients = max(1, summary["gradients"])

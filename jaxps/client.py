@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import sys
 import time
 import uuid
@@ -654,9 +655,12 @@ class Client:
 def run_worker(fn, client: Client, arg: Any) -> Any:
     """Runs `fn(client, arg)` and then lets the client leave, however `fn` ends."""
     try:
-        return fn(client, arg)
+        result = fn(client, arg)
     finally:
         client.leave()
+    if inspect.isgenerator(result):  # (Ray would take a task's generator for a stream of results: the same rule everywhere)
+        raise TypeError(f"worker {client.worker}'s function returned a generator; return its items as a list instead")
+    return result
 
 
 def worker_failed(index: int, error: BaseException, running: int) -> None:

@@ -170,11 +170,14 @@ def _join(pieces: list) -> Any:
 def leaf_specs(tree: Any) -> tuple[tuple[LeafSpec, ...], Any]:
     """The `LeafSpec` of every leaf of `tree`, and its treedef."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    specs = tuple(
-        LeafSpec(jax.tree_util.keystr(path), tuple(np.shape(x)), np.dtype(jax.numpy.result_type(x)))
-        for path, x in with_paths
-    )
-    return specs, treedef
+    return tuple(_leaf_spec(jax.tree_util.keystr(path), x) for path, x in with_paths), treedef
+
+
+def _leaf_spec(path: str, x: Any) -> LeafSpec:
+    try:
+        return LeafSpec(path, tuple(np.shape(x)), np.dtype(jax.numpy.result_type(x)))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"leaf {path} is not an array or a number: {type(x).__name__} {x!r:.80} ({e})") from None
 
 
 def balance_bytes(specs: Sequence[LeafSpec], num_shards: int, load: Sequence[int] | None = None) -> list[int]:

@@ -113,6 +113,8 @@ class ParameterServer:
             raise ValueError(f"unknown nonfinite={nonfinite!r}; valid: {', '.join(NONFINITE)}")
         if replicas not in (0, 1):
             raise ValueError(f"replicas={replicas!r}: 0 (no standby) or 1 (a hot standby of every shard)")
+        if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+            raise TypeError(f"tx must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {type(tx).__name__}: {tx!r:.80}")
         tx = with_values(tx, values, params, mode, workers)
         self._plan = make_plan(params, shards, assign, rows)
         leaves = jax.tree_util.tree_leaves(params)
@@ -408,6 +410,7 @@ class ParameterServer:
                 transport.close()
 
     def __enter__(self) -> "ParameterServer":
+        self._check_open()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -33,7 +33,7 @@ def check_structure(plan: Plan, grads: Any) -> list[Any]:
         missing = [p for p in expected if p not in set(paths)]
         extra = [p for p in paths if p not in set(expected)]
         raise PushError(
-            "push rejected: the gradient tree does not match the parameter tree; "
+            "push rejected, nothing was changed: the gradient tree does not match the parameter tree; "
             f"missing paths: {missing[:10]}, unexpected paths: {extra[:10]} "
             f"(expected {plan.treedef}, got {treedef})"
         )

@@ -388,3 +388,29 @@ def test_a_worker_push_error_reaches_the_caller_as_itself(make_server):
     assert message.startswith("push rejected, nothing was changed: ['a']: shape [2, 2], expected [4, 3]"), message
     assert "\x1b[" not in message and "Traceback" not in message
     assert ps.step == 0 and ps.push(ONES).result(30) == "applied"
+
+
+def test_what_cannot_be_a_server_is_refused_naming_it():
+    with pytest.raises(TypeError, match=r"leaf \['s'\] is not an array or a number: str 'hello'"):
+        jaxps.ParameterServer({**PARAMS, "s": "hello"}, optax.sgd(1.0))
+    for tx in ("adam", None, optax.adam):
+        with pytest.raises(TypeError, match="tx must be an optax.GradientTransformation"):
+            jaxps.ParameterServer(PARAMS, tx)
+    ps = jaxps.ParameterServer(PARAMS, optax.sgd(1.0))
+    with pytest.raises(jaxps.PushError, match=r"nothing was changed: the gradient tree does not match .*\['c'\]"):
+        ps.push({**ONES, "c": np.ones(2, np.float32)})
+    assert ps.step == 0 and ps.push(ONES).result(30) == "applied"
+    ps.close()
+    with pytest.raises(jaxps.ServerClosedError):
+        with ps:
+            pass
+
+
+def _a_generator(client, n):
+    return (i for i in range(n))
+
+
+def test_a_worker_that_returns_a_generator_is_told_on_every_transport(make_server):
+    ps = make_server(PARAMS, optax.sgd(1.0))
+    with pytest.raises(TypeError, match="worker 0's function returned a generator; return its items as a list"):
+        ps.run_workers(_a_generator, [3])

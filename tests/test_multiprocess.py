@@ -366,6 +366,18 @@ def test_run_workers_propagates_a_worker_error(server):
     assert ps.run_workers(lambda client, arg: arg * 2, [21]) == [42]
 
 
+def test_what_cannot_cross_to_or_from_a_worker_process_is_named(server):
+    ps = server()
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="worker 0 cannot be sent to its process: its function cannot be pickled"):
+        ps.run_workers(lambda client, arg: lock.acquire(), [None])
+    with pytest.raises(TypeError, match="worker 0 cannot be sent to its process: its argument cannot be pickled"):
+        ps.run_workers(_identity, [lock])
+    with pytest.raises(TypeError, match=r"worker 0's result \(Event\) cannot be pickled back to the driver"):
+        ps.run_workers(_an_event, [None])
+    assert ps.run_workers(_identity, [7]) == [7]
+
+
 def test_a_dead_worker_process_leaves_so_the_others_go_on(server):
     ps = server(shards=2, mode="sync", workers=2)
 
@@ -568,3 +580,13 @@ def test_a_message_written_in_part_is_cut_and_read_as_the_end_of_the_stream():
     with pytest.raises(EOFError):  # the frame's header, then fewer bytes than it names
         wire.recv(theirs)
     ours.close(), theirs.close()
+
+
+def _identity(client, arg):
+    return arg
+
+
+def _an_event(client, arg):
+    import threading
+
+    return threading.Event()

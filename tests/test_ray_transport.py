@@ -93,8 +93,9 @@ def test_a_worker_task_whose_process_dies_leaves_so_the_others_go_on():
 
     with _server(mode="sync", workers=2) as ps:
         t0 = time.monotonic()
-        with pytest.raises(ray.exceptions.RayError):
+        with pytest.raises(RuntimeError, match=r"worker 1's Ray task died \(") as raised:
             ps.run_workers(work, [4, 4])
+        assert isinstance(raised.value.__cause__ or raised.value.__context__, ray.exceptions.WorkerCrashedError)
         assert time.monotonic() - t0 < 50, "worker 0 waited for the dead worker until its timeout"
         assert ps.step == 4  # step 0 with both, steps 1-3 with worker 0 alone
 

@@ -82,11 +82,39 @@ def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None,
     os._exit(0)  # serving threads may be inside JAX; do not wait for them
 
 
+def _payload(fn: Callable, client: Any, arg: Any) -> bytes:
+    """What a `run_workers` process is sent; a clear error naming what cannot be pickled."""
+    try:
+        return cloudpickle.dumps((fn, client, arg))
+    except Exception as e:
+        what = "its function" if not _picklable(fn) else "its argument" if not _picklable(arg) else "its client"
+        raise TypeError(
+            f"worker {client.worker} cannot be sent to its process: {what} cannot be pickled ({type(e).__name__}: {e}). "
+            "Workers need a function defined in a module or a script (under `if __name__ == '__main__':`) and "
+            "arguments that pickle (no locks, open files, threads or generators)"
+        ) from e
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        cloudpickle.dumps(obj)
+        return True
+    except Exception:
+        return False
+
+
 def _worker_main(out, payload: bytes) -> None:
     """A `run_workers` process: runs one worker and sends back its result or exception."""
     fn, client, arg = cloudpickle.loads(payload)
     try:
-        msg = wire.Answer(0, cloudpickle.dumps(run_worker(fn, client, arg)))
+        result = run_worker(fn, client, arg)
+        try:
+            msg = wire.Answer(0, cloudpickle.dumps(result))
+        except Exception as e:
+            raise TypeError(
+                f"worker {client.worker}'s result ({type(result).__name__}) cannot be pickled back to the driver ({e}): "
+                "return plain data (numbers, arrays, lists, dicts)"
+            ) from e
     except BaseException as e:
         msg = wire.Failure(0, wire.pack_error(e), traceback.format_exc())
     out.send(msg)
@@ -292,7 +320,7 @@ class MultiprocessingTransport:
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any]) -> list:
         """Runs each `fn(client, arg)` in its own spawned process; results in order, the first error raised."""
-        payloads = [cloudpickle.dumps((fn, c, a)) for c, a in zip(clients, args)]
+        payloads = [_payload(fn, c, a) for c, a in zip(clients, args)]
         procs, pipes = [], {}
         results: list = [None] * len(payloads)
         errors: dict[int, BaseException] = {}

@@ -52,7 +52,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline
@@ -706,7 +706,11 @@ class RayTransport:
                     try:
                         outcomes[index[ref]] = (ray.get(ref), None)
                     except Exception as e:
-                        outcomes[index[ref]] = (None, unwrap_task_error(e))
+                        error = unwrap_task_error(e)
+                        if isinstance(e, WorkerCrashedError):  # as multiprocessing says of a worker process that died
+                            error = RuntimeError(f"worker {index[ref]}'s Ray task died ({_first_line(e)})")
+                            error.__cause__ = e
+                        outcomes[index[ref]] = (None, error)
                         leave_quietly(clients[index[ref]])  # a task whose process died could not leave by itself
                         worker_failed(index[ref], outcomes[index[ref]][1], len(running))
         except BaseException:
