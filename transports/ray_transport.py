@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -559,7 +560,9 @@ class RayTransport:
     def start(self, configs: Sequence[Any]) -> list[RayChannel]:
         with _own_session_lock:
             if not ray.is_initialized():
-                ray.init(address=self._address, **{"include_dashboard": False, **self._init_options})
+                with warnings.catch_warnings():  # Ray starts its processes by fork + exec: not JAX's fork deadlock
+                    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                    ray.init(address=self._address, **{"include_dashboard": False, **self._init_options})
                 _own_session.update(gcs=_gcs_address(), users=0)
             if _own_session["gcs"] is not None and _own_session["gcs"] == _gcs_address():
                 _own_session["users"] += 1
