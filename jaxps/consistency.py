@@ -184,8 +184,8 @@ def _rolled_back(clock: Clock) -> Clock:
 
 def _closed(clock: Clock, step: Step) -> Clock:
     """The clock after `step` is applied (or, with no gradients, passed over)."""
-    known = [
-        step.version - c.based_on
+    known = [  # (a pull may read a step its standby gets only after a take-over: never less than 0)
+        max(0, step.version - c.based_on)
         for c in step.contributions
         if c.grads is not None and c.based_on is not None and c.based_on >= clock.restarted_at
     ]

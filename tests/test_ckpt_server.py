@@ -49,6 +49,16 @@ def test_async_hold_queues_beyond_the_cut_and_goes_to_it():
     assert clock.hold is None and policy.admits(clock, c(1))
 
 
+def test_a_push_based_on_a_version_the_shard_has_not_reached_counts_no_negative_staleness():
+    """After a take-over a worker may push on a step its pull read from the dead primary that the standby is still
+    getting (pulls are not held back for it): its staleness is 0, not negative."""
+    policy, clock = Async(), Clock.start(None)
+    clock, _, _ = policy.push(clock, Contribution(0, 0, "g", 0))
+    clock, _, _ = policy.push(clock, Contribution(1, 0, "g", 3))  # read version 3; this shard is at 1
+    clock, _, _ = policy.push(clock, Contribution(0, 1, "g", 0))  # two versions behind
+    assert (clock.staleness_max, clock.staleness_sum, clock.staleness_count) == (2, 2, 3)
+
+
 def test_sync_hold_closes_no_step_beyond_the_cut():
     policy = Sync()
     clock = Clock.start(2)

@@ -226,6 +226,7 @@ def as_a_script():
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.mark.slow
 def test_workers_and_steps_of_a_script_run_in_worker_processes(as_a_script):
     """A worker function and its `jaxps.nnx.jit` / `jaxps.jit` step sent by value to the worker processes (as
     `examples/flax_nnx.py`'s are) train as those sent by reference do (nothing of this process's threads goes

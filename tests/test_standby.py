@@ -132,6 +132,7 @@ def test_killed_shards_are_taken_over_with_no_step_lost_bit_for_bit(replicated):
         assert shm.sweep(prefix) == []
 
 
+@pytest.mark.slow
 def test_a_bfloat16_shard_taken_over_ends_bit_for_bit_where_it_would_have():
     """bfloat16 leaves (numpy pickles them in band) reach the standby as they were: its whole state first,
     then each step's mean gradients, both out of band (`wire.send`)."""
