@@ -667,9 +667,12 @@ def worker_failed(index: int, error: BaseException, running: int) -> None:
     """Says on stderr that worker `index` failed while `running` others go on (`run_workers` raises its error once
     they are done: a worker's failure does not stop the others, as a worker's death does not)."""
     if running and not isinstance(error, ServerClosedError):  # (a closed or interrupted server is no worker's failure)
-        text = str(error).splitlines()[0] if str(error) else ""
-        print(f"jaxps: worker {index} failed ({type(error).__name__}: {text}); it has left and the {running} other "
-              "worker(s) go on; run_workers raises its error when they are done", file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            text = str(error).splitlines()[0] if str(error) else ""
+            print(f"jaxps: worker {index} failed ({type(error).__name__}: {text}); it has left and the other workers "
+                  "go on; run_workers raises its error when they are done", file=sys.stderr, flush=True)  # fmt: skip
+        except Exception:  # (a closed stderr, an error that cannot be printed: the run goes on regardless)
+            pass
 
 
 def leave_quietly(client: Client) -> None:

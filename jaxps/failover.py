@@ -39,7 +39,7 @@ from jaxps.service import Lead, Leave, Replicate, RollBack, Stats
 from jaxps.shard import ShardConfig
 
 STANDBY_RETRY = 10.0  # seconds before a standby that could not start is tried again
-STANDBY_REACH = 10.0  # seconds the supervisor waits to reach a shard's primary before feeding it a new standby
+STANDBY_REACH = 60.0  # seconds the supervisor waits to reach a shard's primary before feeding it a new standby
 EPOCH = 1 << 32  # versions of one epoch; a rollback starts the next
 FAILURE_MODES = ("raise", "restart")
 
@@ -210,7 +210,10 @@ class Supervisor:
             channel = self._transport.start_standby(self._configs[i])
             # A `Replicate` lost with a primary is not sent again (only this thread could recover that primary), so
             # first a `Stats`, which is: this thread's connection to a primary that a standby has taken over since
-            # is made anew, to the new primary, instead of the `Replicate` going to the dead one.
+            # is made anew, to the new primary, instead of the `Replicate` going to the dead one. Not to a primary
+            # known dead: the wait for its recovery would be this thread's wait for itself.
+            if i in self._transport.dead():
+                raise ShardDiedError(f"shard {i}'s primary died while its new standby started")
             self._channels[i].call(Stats(), timeout=STANDBY_REACH)
             self._channels[i].call(Replicate(channel), timeout=600)
         except Exception as e:  # noqa: BLE001

@@ -376,7 +376,7 @@ def test_a_worker_that_fails_is_reported_at_once_and_the_others_go_on(make_serve
         ps.run_workers(_fail_or_train, [0, 1])
     assert ps.step == 3
     err = capfd.readouterr().err
-    assert "jaxps: worker 1 failed (KeyError: " in err and "the 1 other worker(s) go on" in err, err
+    assert "jaxps: worker 1 failed (KeyError: " in err and "the other workers go on" in err, err
 
 
 def test_a_worker_push_error_reaches_the_caller_as_itself(make_server):

@@ -320,7 +320,12 @@ class MultiprocessingTransport:
 
     def run_workers(self, fn: Callable, clients: Sequence[Any], args: Sequence[Any]) -> list:
         """Runs each `fn(client, arg)` in its own spawned process; results in order, the first error raised."""
-        payloads = [_payload(fn, c, a) for c, a in zip(clients, args)]
+        try:
+            payloads = [_payload(fn, c, a) for c, a in zip(clients, args)]
+        except BaseException:
+            for c in clients:  # joined for this call: they leave, or sync steps would wait for them
+                leave_quietly(c)
+            raise
         procs, pipes = [], {}
         results: list = [None] * len(payloads)
         errors: dict[int, BaseException] = {}

@@ -699,7 +699,16 @@ class RayTransport:
         options = {**self._worker_options, **(worker_options or {})}
         _check_feasible(_need(options), "each worker task")
         task = _run_worker.options(**options)
-        refs = [task.remote(fn, c, a) for c, a in zip(clients, args)]
+        refs = []
+        try:
+            for c, a in zip(clients, args):
+                refs.append(task.remote(fn, c, a))
+        except BaseException:  # (e.g. an argument Ray cannot pickle): none runs, all leave
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            for c in clients:
+                leave_quietly(c)
+            raise
         index, running, outcomes = {ref: i for i, ref in enumerate(refs)}, list(refs), {}
         try:  # let every worker finish, as threads would
             while running:
