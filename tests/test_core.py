@@ -328,8 +328,8 @@ def test_sharded_equals_unsharded_every_optimizer(name, shards):
         assert_trees_equal(ps.pull(), expected, ulp=ULP if name in TRANSCENDENTAL else 0)
 
 
-@pytest.mark.parametrize("mode, nonfinite", [("async", "raise"), ("sync", "allow")])  # the guarded steps, the plain ones
-def test_step_donates_only_params_no_pull_still_holds(monkeypatch, mode, nonfinite):
+def _count_into_steps(monkeypatch) -> list:
+    """A list that gets an entry for every call of a shard's `Steps.into` compiled from now on."""
     from jaxps import update
 
     into_calls, compiled = [], update._compiled
@@ -339,6 +339,12 @@ def test_step_donates_only_params_no_pull_still_holds(monkeypatch, mode, nonfini
         return steps._replace(into=lambda *args: into_calls.append(1) or steps.into(*args))
 
     monkeypatch.setattr(update, "_compiled", counted)
+    return into_calls
+
+
+@pytest.mark.parametrize("mode, nonfinite", [("async", "raise"), ("sync", "allow")])  # the guarded steps, the plain ones
+def test_step_donates_only_params_no_pull_still_holds(monkeypatch, mode, nonfinite):
+    into_calls = _count_into_steps(monkeypatch)
     tx = optax.adam(1e-3)
     with jaxps.ParameterServer(params_tree(), tx, shards=2, mode=mode, workers=1, nonfinite=nonfinite) as ps:
         step, expected, opt_state = optax_oracle(tx), params_tree(), tx.init(params_tree())
@@ -367,15 +373,7 @@ def test_a_refused_push_while_a_pull_is_held_changes_nothing(monkeypatch):
     """Each pull held through the next push (async, checked on the device): a push with Inf goes through the
     same step into the spare params (`update._keep` writes the old params there), the held pulls stay intact,
     the future says so, and the run goes on as optax's without it."""
-    from jaxps import update
-
-    into_calls, compiled = [], update._compiled
-
-    def counted(step):
-        steps = compiled(step)
-        return steps._replace(into=lambda *args: into_calls.append(1) or steps.into(*args))
-
-    monkeypatch.setattr(update, "_compiled", counted)
+    into_calls = _count_into_steps(monkeypatch)
     tx = optax.adam(1e-3)
     with jaxps.ParameterServer(params_tree(), tx, shards=2, mode="async", workers=1) as ps:
         step, expected, opt_state = optax_oracle(tx), params_tree(), tx.init(params_tree())
