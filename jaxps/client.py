@@ -663,10 +663,10 @@ def run_worker(fn, client: Client, arg: Any) -> Any:
     return result
 
 
-def worker_failed(index: int, error: BaseException, running: int) -> None:
-    """Says on stderr that worker `index` failed while `running` others go on (`run_workers` raises its error once
-    they are done: a worker's failure does not stop the others, as a worker's death does not)."""
-    if running and not isinstance(error, ServerClosedError):  # (a closed or interrupted server is no worker's failure)
+def worker_failed(index: int, error: BaseException, others_running: bool) -> None:
+    """Says on stderr that worker `index` failed while others go on (`run_workers` raises its error once they are
+    done: a worker's failure does not stop the others, as a worker's death does not)."""
+    if others_running and not isinstance(error, ServerClosedError):  # (a closed or interrupted server is no worker's failure)
         try:
             text = str(error).splitlines()[0] if str(error) else ""
             print(f"jaxps: worker {index} failed ({type(error).__name__}: {text}); it has left and the other workers "

@@ -97,7 +97,7 @@ class InProcessTransport:
                 results[i] = run_worker(fn, client, arg)
             except BaseException as e:
                 errors[i] = e
-                worker_failed(i, e, sum(not done.is_set() for k, done in enumerate(finished) if k != i))
+                worker_failed(i, e, any(not done.is_set() for k, done in enumerate(finished) if k != i))
             finally:
                 finished[i].set()
 

@@ -348,7 +348,7 @@ class MultiprocessingTransport:
                         procs[i].join(5.0)
                         errors[i] = RuntimeError(f"worker {i}'s process died (exit code {procs[i].exitcode})")
                         leave_quietly(clients[i])  # so that the others' sync steps and ssp pulls go on
-                        worker_failed(i, errors[i], len(pipes))
+                        worker_failed(i, errors[i], bool(pipes))
                         continue
                     finally:
                         ours.close()
@@ -356,7 +356,7 @@ class MultiprocessingTransport:
                         results[i] = cloudpickle.loads(msg.value)
                     else:
                         errors[i] = wire.unpack_error(msg.error, msg.traceback, f"worker {i}")
-                        worker_failed(i, errors[i], len(pipes))
+                        worker_failed(i, errors[i], bool(pipes))
             for p in procs:
                 p.join()
         finally:
