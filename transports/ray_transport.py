@@ -53,7 +53,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorAlreadyExistsError, GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline
@@ -671,7 +671,15 @@ class RayTransport:
         """A new actor for shard `config.index` (from `config.restore`), wherever its resources fit, under the dead one's name."""
         i = config.index
         self._bury(i)
-        actor = self._new_actor(config)
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                actor = self._new_actor(config)
+                break
+            except ActorAlreadyExistsError:  # Ray frees a dead actor's name a moment after it stops answering
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
         self._actors[i], self._watches[i] = actor, actor.watch.remote()
         self._channels[i].rebind(actor, endpoint)
