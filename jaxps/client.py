@@ -59,10 +59,15 @@ def remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def gather(waits: Sequence[Any], timeout: float | None = None) -> list:
-    """The results of `waits`, in order, all within `timeout` seconds in total."""
+def gather(waits: Sequence[Any], timeout: float | None = None, what: str = "the request") -> list:
+    """The results of `waits`, in order, all within `timeout` seconds in total (else a `TimeoutError` naming `what`)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    return [w.result(remaining(deadline)) for w in waits]
+    try:
+        return [w.result(remaining(deadline)) for w in waits]
+    except TimeoutError as e:
+        if timeout is None:  # (a wait of its own ran out, e.g. for a shard being recovered: it says which)
+            raise
+        raise TimeoutError(f"{what} got no answer within {timeout:.3g} s" + (f": {e}" if str(e) else "")) from None
 
 
 @dataclasses.dataclass
@@ -128,7 +133,7 @@ class PushFuture:
         self.observed = True
         if self._outcome is None:
             deadline = None if timeout is None else time.monotonic() + timeout
-            outcomes = gather(self._parts, timeout)
+            outcomes = gather(self._parts, timeout, "the push")
             while (moved := moved_in(outcomes)) is not None or SEND_AGAIN in outcomes:
                 parts = list(self._parts)
                 if moved is not None:  # resharded: sent again along the route
@@ -173,11 +178,13 @@ class ShardLink:
         return {**self.__dict__, "held": None}  # weak references stay in their process
 
     def holding(self) -> tuple[int | None, list | None]:
-        """The version whose leaves the caller still holds, and those leaves (None, None: not all of them)."""
+        """The version whose leaves the caller still holds, and those leaves (None, None: not all of them, or one
+        was deleted: donated to a jitted call)."""
         if self.held is None:
             return None, None
         leaves = [ref() for ref in self.held[1]]
-        return (None, None) if any(x is None for x in leaves) else (self.held[0], leaves)
+        gone = any(x is None or (isinstance(x, jax.Array) and x.is_deleted()) for x in leaves)
+        return (None, None) if gone else (self.held[0], leaves)
 
     def took(self, version: int, leaves: list | None, held: list | None) -> list:
         """Notes a pull's answer (`leaves` None: those `held`); returns the leaves."""
@@ -246,6 +253,7 @@ class Client:
         versions = versions or [None] * len(channels)
         self._links = [ShardLink(ch, last_step=None if v is None else v - 1) for ch, v in zip(channels, versions)]
         self._left = False
+        self.replaced = False  # the server gave this worker a newer client (`run_workers`, `ps.client`): this one is done
         self.sent_away = False  # pickled (to another process): that copy, not this one, may leave
         self._interrupted = False
         self._floats = float_positions(plan.leaves)  # the leaves a NaN/Inf check looks at
@@ -294,7 +302,8 @@ class Client:
     def _fetch(self, asks: dict[int, dict], deadline: float | None) -> dict[int, tuple[int, Any]]:
         """`Pull(self.worker, **asks[s])` of each shard `s`; in sync mode, one version from all of them."""
         waits = [self._links[s].channel.submit(Pull(self.worker, **ask), timeout=remaining(deadline)) for s, ask in asks.items()]
-        replies = dict(zip(asks, gather(waits, remaining(deadline))))
+        what = f"worker {self.worker}'s pull" + (" (in sync mode it waits for the step of the worker's last push)" if self._sync else "")
+        replies = dict(zip(asks, gather(waits, remaining(deadline), what)))
         _check_moved(replies.values())
         while self._sync:
             # a shard is still closing a step the others have closed (backup workers): its next version, please;
@@ -306,7 +315,7 @@ class Client:
             again = [
                 self._links[s].channel.submit(Pull(self.worker, newest, **asks[s]), timeout=remaining(deadline)) for s in behind
             ]
-            replies.update(zip(behind, gather(again, remaining(deadline))))
+            replies.update(zip(behind, gather(again, remaining(deadline), what)))
             _check_moved(replies.values())
         return replies
 
@@ -615,6 +624,8 @@ class Client:
         if self._left:
             return
         self._left = True
+        if self.replaced:  # the shards count the newer client: telling them would make it leave
+            return
         while True:
             if self._standby:  # its pushes lost with a shard count before it leaves
                 self.send_again()
@@ -636,6 +647,11 @@ class Client:
             raise errors[0]
         self._raise_unasked("the worker has left")
 
+    @property
+    def server_closed(self) -> bool:
+        """Whether the server this client talks to is closed (as this process knows: the driver's clients)."""
+        return any(link.channel.closed for link in self._links)
+
     def interrupt(self) -> None:
         """Makes this client's next call raise `ServerClosedError`: its driver was interrupted (Ctrl-C)."""
         self._interrupted = True
@@ -643,8 +659,13 @@ class Client:
     def _check_open(self) -> None:
         if self._interrupted:
             raise ServerClosedError(f"the driver was interrupted: worker {self.worker} stops here")
-        if any(link.channel.closed for link in self._links):
+        if self.server_closed:
             raise ServerClosedError(f"the ParameterServer is closed: worker {self.worker}'s client can no longer be used")
+        if self.replaced:
+            raise RuntimeError(
+                f"worker {self.worker}'s client was replaced: run_workers or ps.client({self.worker}) has given worker "
+                f"{self.worker} a new client since, and the shards count that one; ps.client({self.worker}) gives it"
+            )
         if self._left:
             raise RuntimeError(f"worker {self.worker} has left the server; ps.client({self.worker}) gives it a new client")
 
@@ -663,13 +684,14 @@ def run_worker(fn, client: Client, arg: Any) -> Any:
     return result
 
 
-def worker_failed(index: int, error: BaseException, others_running: bool) -> None:
-    """Says on stderr that worker `index` failed while others go on (`run_workers` raises its error once they are
+def worker_failed(client: Client, error: BaseException, others_running: bool) -> None:
+    """Says on stderr that `client`'s worker failed while others go on (`run_workers` raises its error once they are
     done: a worker's failure does not stop the others, as a worker's death does not)."""
-    if others_running and not isinstance(error, ServerClosedError):  # (a closed or interrupted server is no worker's failure)
+    # a closed or interrupted server is no worker's failure (its shards stopped: a worker process may see them gone)
+    if others_running and not isinstance(error, ServerClosedError) and not client.server_closed:
         try:
             text = str(error).splitlines()[0] if str(error) else ""
-            print(f"jaxps: worker {index} failed ({type(error).__name__}: {text}); it has left and the other workers "
+            print(f"jaxps: worker {client.worker} failed ({type(error).__name__}: {text}); it has left and the other workers "
                   "go on; run_workers raises its error when they are done", file=sys.stderr, flush=True)  # fmt: skip
         except Exception:  # (a closed stderr, an error that cannot be printed: the run goes on regardless)
             pass

@@ -34,6 +34,12 @@ def exchange(client: Client, tree: Any) -> Any:
     return client.pull()
 
 
+def current(client: Client, server: Any) -> Client:
+    """`client`, or the driver's new client for its worker if `server` (the drop-in's, on the driver) replaced it
+    (e.g. `run_workers` ran that worker meanwhile)."""
+    return server.client(client.worker) if client.replaced and server is not None else client
+
+
 def is_traced(tree: Any) -> bool:
     """Whether `tree` holds tracers (it is inside `jax.jit` or another transformation)."""
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from jaxps.client import Client
-from jaxps.exchange import deferred, exchange, is_traced, record
+from jaxps.exchange import current, deferred, exchange, is_traced, record
 from jaxps.server import ParameterServer
 
 
@@ -82,27 +82,39 @@ class Optimizer(nnx.Pytree):
         else:
             if model is not self._link.model:
                 raise ValueError("jaxps.nnx.Optimizer.update: this Optimizer serves the model it was built with, not this one")
-            nnx.update(model, exchange(self.client, pushed))
+            nnx.update(model, exchange(self._client(), pushed))
         self.step[...] += 1
 
-    def exchange_pending(self) -> bool:
+    def _client(self) -> Client:
+        """The client to push through: the driver's new one for worker 0 if `run_workers` replaced it."""
+        self.client = current(self.client, self.server)
+        return self.client
+
+    def exchange_pending(self, model_passed: bool = True) -> bool:
         """Exchanges the update a compiled step left pending into the model this Optimizer serves; whether there was one.
 
-        `jaxps.nnx.jit` calls it. If the server refuses it (e.g. `jaxps.PushError`),
-        or the step ran `update` in a loop, the error is raised, nothing is
-        pushed, the model keeps its parameters and `step` is not counted.
+        `jaxps.nnx.jit` calls it, saying whether that model was among the step's
+        arguments. If the server refuses it (e.g. `jaxps.PushError`), the step
+        ran `update` in a loop, or it was given another model, the error is
+        raised, nothing is pushed, the model keeps its parameters and `step` is
+        not counted.
         """
         count = int(self._pending_count[...])
         if count == 0:
             return False
         self._pending_count[...] = 0
         try:
+            if not model_passed:
+                raise ValueError(
+                    "jaxps.nnx.Optimizer.update: this Optimizer serves the model it was built with, and the step was "
+                    "not given that model (another one, e.g. a clone?): pass the Optimizer's own model (nothing was pushed)"
+                )
             if count > 1:
                 raise RuntimeError(
                     f"jaxps.nnx.Optimizer.update ran {count} times in one compiled step (in a loop such as nnx.scan); "
                     "jaxps pushes once per compiled step: call it once, outside loops (nothing was pushed)"
                 )
-            nnx.update(self._link.model, exchange(self.client, self._pending.get_value()))
+            nnx.update(self._link.model, exchange(self._client(), self._pending.get_value()))
         except BaseException:
             self.step[...] -= count
             raise
@@ -151,8 +163,9 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
         return functools.partial(jit, **jit_kwargs)
 
     def finish(call_args, out, made):
-        optimizers = [node for _, node in nnx.iter_graph(call_args) if isinstance(node, Optimizer)]
-        exchanged = sum(optimizer.exchange_pending() for optimizer in optimizers)
+        nodes = [node for _, node in nnx.iter_graph(call_args)]
+        optimizers = [node for node in nodes if isinstance(node, Optimizer)]
+        exchanged = sum(optimizer.exchange_pending(any(node is optimizer._link.model for node in nodes)) for optimizer in optimizers)
         if exchanged != made:  # an Optimizer updated in the step but not passed to it as an argument
             raise RuntimeError(f"{getattr(fun, '__name__', 'the step')} made {made} update(s) but {exchanged} reached "
                                "an Optimizer among its arguments: pass the Optimizer to the step")  # fmt: skip

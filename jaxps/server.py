@@ -18,7 +18,7 @@ from jaxps import coding
 from jaxps import rows as rows_lib
 from jaxps.client import Client, gather, remaining
 from jaxps.consistency import make_policy
-from jaxps.errors import ServerClosedError
+from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.failover import FAILURE_MODES, Supervisor
 from jaxps.filters import PushFilter
 from jaxps.plan import Assign, Plan, make_plan
@@ -390,6 +390,10 @@ class ParameterServer:
             clients = self._new_clients(workers)
             try:
                 return self._transport.run_workers(fn, clients, args)
+            except ShardDiedError as e:  # a worker process saw the shards stop as the server closed
+                if self._closed:
+                    raise ServerClosedError("the ParameterServer was closed while run_workers ran its workers") from e
+                raise
             finally:
                 self._finished.update(workers)
         finally:
@@ -491,8 +495,10 @@ class ParameterServer:
                 firsts = gather([ch.submit(Join(tuple(workers))) for ch in channels])
         versions = [[per_shard[k] for per_shard in firsts] for k in range(len(workers))]
         self._finished.difference_update(workers)
-        for w in workers:  # a cached client of theirs would not know about the join
-            self._clients.pop(w, None)
+        for w in workers:  # a cached client of theirs would not know about the join: it is done
+            old = self._clients.pop(w, None)
+            if old is not None:
+                old.replaced = True
         return [
             Client(
                 w, plan, channels, self._nonfinite, v, self._mode == "sync", self._encoder(), generation, self._keeps_pushes(),

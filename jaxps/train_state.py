@@ -12,6 +12,7 @@ The server holds `{"params": ..., "batch_stats": ...}`: params stepped by
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -19,7 +20,7 @@ from flax import struct
 from flax.training import train_state
 
 from jaxps.client import Client
-from jaxps.exchange import deferred, exchange, is_traced, record
+from jaxps.exchange import current, deferred, exchange, is_traced, record
 from jaxps.server import ParameterServer
 
 
@@ -59,8 +60,9 @@ class TrainState(train_state.TrainState):
         """
         if self.pending is None:
             return self
-        pulled = exchange(self.client, _variables(self.pending, self.batch_stats))
-        return self.replace(params=pulled["params"], batch_stats=pulled.get("batch_stats"), pending=None)
+        client = current(self.client, self.server)
+        pulled = exchange(client, _variables(self.pending, self.batch_stats))
+        return self.replace(params=pulled["params"], batch_stats=pulled.get("batch_stats"), pending=None, client=client)
 
     @classmethod
     def create(cls, *, apply_fn: Callable, params: Any, tx: Any, batch_stats: Any = None, **server_options) -> "TrainState":
@@ -82,14 +84,16 @@ def _variables(params: Any, batch_stats: Any) -> dict:
     return {"params": params} if batch_stats is None else {"params": params, "batch_stats": batch_stats}
 
 
-def jit(fun: Callable, **jit_kwargs) -> Callable:
+def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
     """`jax.jit(fun, **jit_kwargs)` for a step that calls `jaxps.TrainState.apply_gradients`.
 
     Every `TrainState` the compiled call returns with an update pending (at
     any depth of its result) is exchanged with the server before the call
     returns it, so the caller gets the pulled params, as with `jax.jit` and
-    flax's TrainState.
+    flax's TrainState. Works as `@jaxps.jit` and `@jaxps.jit(static_argnums=...)`.
     """
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
     is_pending = lambda x: isinstance(x, TrainState) and x.pending is not None  # noqa: E731
 
     def finish(_, out, made):

@@ -97,10 +97,20 @@ def _finite_flags(leaves: Sequence[jax.Array]) -> jax.Array:
 
 
 def _host_finite(x: np.ndarray) -> bool:
-    """One pass, no temporary: NaN and Inf make the sum non-finite (an overflowing sum is re-checked)."""
+    """One pass, no temporary: NaN and Inf make the sum non-finite (an overflowing sum is re-checked).
+
+    A contiguous float32 array is summed as its dot product with itself: BLAS's
+    `sdot` costs ~40% of numpy's pairwise float32 sum, and a sum of squares
+    cannot cancel an Inf (it overflows sooner: those arrays are re-checked too).
+    """
     if x.dtype in (np.float32, np.float64):
         with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(x.sum()):
+            if x.dtype == np.float32 and x.flags.c_contiguous:
+                flat = x.reshape(-1)
+                total = np.dot(flat, flat)
+            else:
+                total = x.sum()
+            if np.isfinite(total):
                 return True
     return bool(np.isfinite(x).all())
 

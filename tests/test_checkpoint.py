@@ -291,6 +291,49 @@ def test_replicated_scalars_must_agree(tmp_path):
     assert state["opt_state[0].count"] == 1
 
 
+def test_a_damaged_checkpoint_is_refused_naming_the_step_and_what(tmp_path):
+    """The array store keeps no checksum of its own: a data file overwritten with zeros read back as zeros.
+    Each array's CRC-32 is saved in its part's index and checked on reading; damaged JSON names its file; an
+    index without checksums (written before they were kept) still reads."""
+    import shutil
+
+    params = {"w": np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "b": np.ones(8, np.float32)}  # w: a data file
+    tx = optax.sgd(0.1, momentum=0.9)
+    plan = make_plan(params, 2)
+    leaves = jax.tree_util.tree_leaves(params)
+    views = [plan.view(s, [leaves[i] for i in ids]) for s, ids in enumerate(plan.shard_leaves)]
+    save_sharded(tmp_path / "good", 1, plan, [(view, tx.init(view)) for view in views])
+    expected = ck.restore(tmp_path / "good", params, tx, plan)[1]
+    w_shard = plan.paths["['w']"]
+    part = tmp_path / "good" / "1" / f"part_{w_shard}"
+    data = max((p for p in (part / "arrays" / "ocdbt.process_0").rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+
+    def damaged(what, how):
+        shutil.rmtree(tmp_path / "bad", ignore_errors=True)
+        shutil.copytree(tmp_path / "good", tmp_path / "bad")
+        how(tmp_path / "bad" / what.relative_to(tmp_path / "good"))
+        return tmp_path / "bad"
+
+    zeroed = damaged(data, lambda p: p.write_bytes(bytes(p.stat().st_size)))
+    with pytest.raises(ck.CheckpointError, match=r"step 1 in .*bad: params\['w'\] in part_\d is damaged: its bytes do not match the checksum"):
+        ck.restore(zeroed, params, tx, plan)
+    truncated = damaged(tmp_path / "good" / "1" / ck.METADATA, lambda p: p.write_text(p.read_text()[:40]))
+    with pytest.raises(ck.CheckpointError, match=rf"step 1 in .*bad cannot be read .*{ck.METADATA} is damaged \(JSONDecodeError"):
+        ck.restore(truncated, params, tx, plan)
+    index = part / "index" / "metadata"
+    truncated = damaged(index, lambda p: p.write_text(p.read_text()[:40]))
+    with pytest.raises(ck.CheckpointError, match=r"step 1 in .*bad: the index of part_\d cannot be read"):
+        ck.restore(truncated, params, tx, plan)
+
+    def without_checksums(p):
+        p.write_text(json.dumps({path: entry[:3] for path, entry in json.loads(p.read_text()).items()}))
+
+    older = damaged(index, without_checksums)
+    where = ck.read_index(older, ck.read_metadata(older))
+    assert all((crc is None) == (part == f"part_{w_shard}") for places in where.values() for part, _, _, crc in places)
+    helpers.assert_trees_equal(ck.restore(older, params, tx, plan)[1], expected)
+
+
 def test_shard_state_checks_the_view():
     params = helpers.params_tree()
     plan = make_plan(params, 2)

@@ -276,6 +276,23 @@ def test_copy_checked_copies_and_finds_nan_in_any_chunk(dtype, bad_at):
     assert dst.tobytes() == src.tobytes()  # bit for bit, NaN included
     assert finite == (where is None or dtype == np.int32)
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf", "huge"])
+@pytest.mark.parametrize("layout", ["flat", "2-d", "strided"])
+def test_host_finite_is_numpy_isfinite(dtype, bad, layout):
+    """The host check against numpy: one bad element anywhere is found; finite values whose sum (or sum of
+    squares) overflows ("huge") are finite; contiguous or not."""
+    from jaxps.validate import host_finite
+
+    x = np.linspace(-3, 3, 6 * 1001).astype(dtype).reshape(6, 1001)
+    if bad is not None:
+        value = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "huge": np.finfo(dtype).max}[bad]
+        x[4, 997] = value
+        x[1, 3] = value
+    x = {"flat": x.reshape(-1), "2-d": x, "strided": x[:, ::2]}[layout]
+    assert host_finite(x) == bool(np.isfinite(x).all())
+
+
 
 @pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf", "nan+1j", "huge"])
 def test_finite_flags_are_numpy_isfinite_per_leaf(bad):
@@ -408,6 +425,34 @@ def test_a_held_pull_whose_predecessor_a_reader_donated_still_steps():
                 jax.jit(lambda x: x + 1, donate_argnums=0)(x)  # the reader donates what it held
             del before
         assert_trees_equal(ps.pull(), expected, ulp=ULP)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("pinned", [True, False], ids=["cpu-pinned", "lent-copies"])
+def test_a_reader_that_donates_what_it_pulled_leaves_the_server_intact(mode, pinned):
+    """In-process, a pull lends the shard's own arrays. A reader that donates them to a jitted call of its own
+    (`donate_argnums`, as a TrainState step may) must not delete them: on CPU they are pinned, so JAX writes
+    the call's result into fresh memory; where they cannot be (`pinned=False`, as on other devices), the
+    reader gets copies. Either way the server keeps serving and the run is optax's."""
+    tx = optax.adam(1e-3)
+    donate = jax.jit(lambda tree: jax.tree.map(lambda x: x * 2, tree), donate_argnums=0)
+    with jaxps.ParameterServer(params_tree(), tx, shards=2, mode=mode, workers=1) as ps:
+        for channel in ps._channels:
+            channel._service.shard._pinnable = pinned
+        step, expected, opt_state = optax_oracle(tx), params_tree(), tx.init(params_tree())
+        kept = []  # every other pull after a donation, held to the end, untouched (no step writes into them)
+        for t in range(6):
+            pulled = ps.pull()
+            assert_trees_equal(donate(pulled), jax.tree.map(lambda x: x * 2, expected), ulp=ULP)
+            assert not pinned or not any(x.is_deleted() for x in jax.tree.leaves(pulled))
+            if t % 2:  # the same version again: the client no longer holds it if it was donated (deleted)
+                kept.append((ps.pull(), expected))
+            ps.push(grads_like(params_tree(), t)).result(timeout=30)
+            expected, opt_state = step(expected, opt_state, grads_like(params_tree(), t))
+        assert_trees_equal(ps.pull(), expected, ulp=ULP)
+        for held, then in kept:
+            assert_trees_equal(held, then, ulp=ULP)
+        assert_trees_equal(ps.params(), expected, ulp=ULP)
 
 
 def test_whole_tree_transforms_are_refused_by_name():

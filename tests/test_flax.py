@@ -144,6 +144,13 @@ def test_nnx_optimizer_in_a_plain_nnx_jit_or_twice_in_a_step_is_an_error_that_sa
             jaxps.nnx.jit(lambda m, o: o.update(m, nan_grad(m)))(model, opt)
         assert opt.server.step == 0 and int(opt.step[...]) == 0  # refused: nothing applied, nothing counted
         assert_trees_equal(nnx.as_pure(nnx.state(model, nnx.Param)), before)
+        clone = nnx.clone(model)  # a model other than the Optimizer's: refused, as eagerly, not pulled into the wrong one
+        with pytest.raises(ValueError, match="not given that model"):
+            jaxps.nnx.jit(lambda m, o: o.update(m, grad(m)))(clone, opt)
+        with pytest.raises(ValueError, match="serves the model it was built with"):
+            opt.update(clone, grad(clone))
+        assert opt.server.step == 0 and int(opt.step[...]) == 0
+        assert_trees_equal(nnx.as_pure(nnx.state(model, nnx.Param)), before)
         jaxps.nnx.jit(lambda m, o: o.update(m, grad(m)))(model, opt)
         assert opt.server.step == 1 and int(opt.step[...]) == 1
         assert_trees_equal(full_state(model), opt.server.params())
@@ -212,6 +219,10 @@ def test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_acros
             assert int(g.loss.count[...]) == 4 and int(g.accuracy.count[...]) == 32  # 2 workers x 2 batches (x 8)
             assert_trees_equal(g.compute(), e.compute(), ulp=ULP)  # sums in another order
         assert opt.server.step == 4
+        # the driver's model goes on: run_workers gave worker 0 a new client, which its next step pushes through
+        nnx_train_step(model, opt, new_metrics(), *batches(5, n=1)[0])
+        assert (opt.server.step, opt.server.stats()["pushes_dropped"]) == (5, 0)
+        assert_trees_equal(full_state(model), opt.server.params())
     finally:
         opt.server.close()
 
@@ -396,6 +407,13 @@ def test_train_state_in_a_plain_jax_jit_or_twice_in_a_step_is_an_error_that_says
         after = jaxps.jit(lambda s: {"state": linen_step(s, x, y), "n": 1})(state)["state"]  # found at any depth
         assert after.pending is None and after.server.step == 1 and int(after.step) == 1
         assert_trees_equal({"params": after.params, "batch_stats": after.batch_stats}, state.server.params())
+        # jax.jit's decorator form, donating the state as flax's guides do: the pulled params it donates are the
+        # server's own in-process (pinned: JAX copies instead), so the server keeps them
+        donating = jaxps.jit(static_argnames="scale", donate_argnums=0)(lambda s, scale: linen_step(s, x * scale, y))
+        for _ in range(2):
+            after = donating(after, scale=1.0)
+        assert after.server.step == 3 and int(after.step) == 3
+        assert_trees_equal({"params": after.params, "batch_stats": after.batch_stats}, state.server.params())
     finally:
         state.server.close()
 
@@ -444,6 +462,10 @@ def test_train_state_workers_sync_batch_stats_are_the_mean(where):
             out = [grad_fn(plain, *data[i][t]) for i in range(2)]
             plain = apply(plain, mean([g for g, _ in out]), mean([u["batch_stats"] for _, u in out]))
         assert_trees_equal(state.server.params(), {"params": plain.params, "batch_stats": plain.batch_stats})
+        # the driver's state goes on: run_workers gave worker 0 a new client, which its next step pushes through
+        state = linen_train_step(state, *batches(5, n=1)[0])
+        assert (state.server.step, state.server.stats()["pushes_dropped"], int(state.step)) == (3, 0, 1)
+        assert_trees_equal(state.server.params(), {"params": state.params, "batch_stats": state.batch_stats})
     finally:
         state.server.close()
 

@@ -277,6 +277,46 @@ def test_a_client_of_a_closed_server_fails_at_once(make_server):
     client.leave()  # a worker's final leave does not fail on a closed server
 
 
+def _push_until_closed(client, _):
+    while True:
+        client.push({k: np.ones_like(v) for k, v in client.pull().items()}).result(60)
+
+
+def test_closing_the_server_while_run_workers_runs_is_server_closed_not_a_death(make_server, capfd):
+    """`ps.close()` from another thread mid-run: `run_workers` raises `ServerClosedError` (worker processes
+    see their shards stop, which is not a shard's death), and no worker is reported as failed."""
+    ps = make_server(PARAMS, optax.sgd(1e-3), shards=2, mode="sync", workers=2)
+    threading.Timer(1.0, ps.close).start()
+    with pytest.raises(jaxps.ServerClosedError, match="closed"):
+        ps.run_workers(_push_until_closed, [None, None])
+    assert "failed" not in capfd.readouterr().err
+
+
+def test_requests_waiting_when_the_server_closes_raise_server_closed(make_server):
+    """A pull waiting for a sync step, and the push that step waits on, hear that the server closed."""
+    ps = make_server(PARAMS, optax.sgd(1.0), shards=2, mode="sync", workers=2)
+    c0, _ = ps.client(0), ps.client(1)
+    c0.pull()
+    push = c0.push(ONES)  # step 0 waits for worker 1
+    outcome = []
+
+    def pull():
+        try:
+            outcome.append(c0.pull())
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=pull)
+    t.start()
+    time.sleep(0.5)
+    assert not outcome  # waiting for step 0
+    ps.close()
+    t.join(30)
+    assert not t.is_alive() and isinstance(outcome[0], jaxps.ServerClosedError), outcome
+    with pytest.raises(jaxps.ServerClosedError):
+        push.result(30)
+
+
 # -- Ctrl-C ----------------------------------------------------------------------------------
 _CTRL_C = """
 import os, signal, sys, time

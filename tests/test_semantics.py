@@ -77,8 +77,10 @@ def test_sync_pull_waits_for_the_step(make_server):
     ga, gb = grads_like(params, 1, integer=True), grads_like(params, 2, integer=True)
     a.pull(), b.pull()
     fa = a.push(ga)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match=r"worker 0's pull \(in sync mode it waits for .*\) got no answer within 0.5 s"):
         a.pull(timeout=0.5)  # step 0 still needs worker 1
+    with pytest.raises(TimeoutError, match=r"the push got no answer within 0.2 s"):
+        fa.result(timeout=0.2)
     assert not fa.done()
     b.push(gb)
     assert fa.result(timeout=30) == "applied"
@@ -229,6 +231,26 @@ def test_a_worker_that_left_takes_part_again_from_the_current_step(make_server):
     assert phases == [[["applied"] * 2] * 2] * 4
     assert (ps.step, ps.stats()["pushes_dropped"]) == (8, 0)
     np.testing.assert_array_equal(np.asarray(ps.params()["w"]), np.full(3, 16.0, np.float32))  # 8 steps of the mean, 2
+
+
+def test_a_client_that_run_workers_replaced_refuses_and_its_leave_changes_nothing(make_server):
+    """The driver holds worker 0's client; run_workers gives worker 0 a new one (and it leaves at the end).
+    The old client's pushes would be a stale straggler's: refused, saying what to do, nothing changed; its
+    leave does not make the new client leave; the new client takes part from the current step."""
+    ps = make_server({"w": np.zeros(3, np.float32)}, optax.sgd(-1.0), mode="sync", workers=2)
+    old = ps.client(0)
+    old.pull()
+    ps.run_workers(lambda c, v: c.push({"w": np.full(3, v, np.float32)}).result(60), [1.0, 3.0])
+    for call in (old.pull, lambda: old.push({"w": np.ones(3, np.float32)})):
+        with pytest.raises(RuntimeError, match=r"worker 0's client was replaced: .* ps.client\(0\) gives it"):
+            call()
+    old.leave()
+    new = [ps.client(0), ps.client(1)]
+    assert new[0] is not old and not ps.client(0).left
+    pushes = [c.push({"w": np.full(3, v, np.float32)}) for c, v in zip(new, (1.0, 3.0))]
+    assert [push.result(60) for push in pushes] == ["applied"] * 2
+    assert (ps.step, ps.stats()["pushes_dropped"]) == (2, 0)
+    np.testing.assert_array_equal(np.asarray(ps.params()["w"]), np.full(3, 4.0, np.float32))
 
 
 def test_a_worker_joining_mid_step_counts_from_one_step_on_every_shard(make_server):

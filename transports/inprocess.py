@@ -25,7 +25,10 @@ class _FutureReply(Reply):
         self.future: concurrent.futures.Future = concurrent.futures.Future()
 
     def send(self, value: Any) -> None:
-        self.future.set_result(value)
+        try:
+            self.future.set_result(value)
+        except concurrent.futures.InvalidStateError:  # the server closed first: its waiters were told so
+            pass
 
 
 class InProcessChannel(ShardChannel):
@@ -35,6 +38,7 @@ class InProcessChannel(ShardChannel):
 
     def __init__(self, service: ShardService):
         self._service = service
+        self._waiting: set[concurrent.futures.Future] = set()  # requests the shard has not answered yet
 
     def submit(self, request, payload=None, timeout=None) -> concurrent.futures.Future:
         if self.closed:
@@ -44,7 +48,19 @@ class InProcessChannel(ShardChannel):
             self._service.handle(request, reply, payload)
         except Exception as e:
             reply.future.set_exception(e)
+        if not reply.future.done():  # e.g. a pull waiting for a sync step: told if the server closes first
+            self._waiting.add(reply.future)
+            reply.future.add_done_callback(self._waiting.discard)
         return reply.future
+
+    def close(self) -> None:
+        """As `ShardChannel.close`; requests still waiting for the shard raise `ServerClosedError`."""
+        self.closed = True
+        for future in list(self._waiting):
+            try:
+                future.set_exception(ServerClosedError("the ParameterServer is closed"))
+            except concurrent.futures.InvalidStateError:  # answered meanwhile
+                pass
 
     def __reduce__(self):
         raise TypeError(
@@ -97,7 +113,7 @@ class InProcessTransport:
                 results[i] = run_worker(fn, client, arg)
             except BaseException as e:
                 errors[i] = e
-                worker_failed(i, e, any(not done.is_set() for k, done in enumerate(finished) if k != i))
+                worker_failed(client, e, any(not done.is_set() for k, done in enumerate(finished) if k != i))
             finally:
                 finished[i].set()
 

@@ -117,8 +117,11 @@ def _worker_main(out, payload: bytes) -> None:
             ) from e
     except BaseException as e:
         msg = wire.Failure(0, wire.pack_error(e), traceback.format_exc())
-    out.send(msg)
-    out.close()
+    try:
+        out.send(msg)
+        out.close()
+    except OSError:  # the driver is gone (e.g. SIGTERM): nobody to tell
+        pass
 
 
 def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict) -> None:
@@ -348,7 +351,7 @@ class MultiprocessingTransport:
                         procs[i].join(5.0)
                         errors[i] = RuntimeError(f"worker {i}'s process died (exit code {procs[i].exitcode})")
                         leave_quietly(clients[i])  # so that the others' sync steps and ssp pulls go on
-                        worker_failed(i, errors[i], bool(pipes))
+                        worker_failed(clients[i], errors[i], bool(pipes))
                         continue
                     finally:
                         ours.close()
@@ -356,7 +359,7 @@ class MultiprocessingTransport:
                         results[i] = cloudpickle.loads(msg.value)
                     else:
                         errors[i] = wire.unpack_error(msg.error, msg.traceback, f"worker {i}")
-                        worker_failed(i, errors[i], bool(pipes))
+                        worker_failed(clients[i], errors[i], bool(pipes))
             for p in procs:
                 p.join()
         finally:

@@ -732,7 +732,7 @@ class RayTransport:
                             error.__cause__ = e
                         outcomes[index[ref]] = (None, error)
                         leave_quietly(clients[index[ref]])  # a task whose process died could not leave by itself
-                        worker_failed(index[ref], outcomes[index[ref]][1], bool(running))
+                        worker_failed(clients[index[ref]], outcomes[index[ref]][1], bool(running))
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
