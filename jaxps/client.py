@@ -8,6 +8,7 @@ channels are (multiprocessing, Ray), so it can travel into the worker.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import inspect
 import sys
@@ -64,7 +65,7 @@ def gather(waits: Sequence[Any], timeout: float | None = None, what: str = "the 
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         return [w.result(remaining(deadline)) for w in waits]
-    except TimeoutError as e:
+    except (TimeoutError, concurrent.futures.TimeoutError) as e:  # (one class from Python 3.11 on)
         if timeout is None:  # (a wait of its own ran out, e.g. for a shard being recovered: it says which)
             raise
         raise TimeoutError(f"{what} got no answer within {timeout:.3g} s" + (f": {e}" if str(e) else "")) from None

@@ -91,7 +91,12 @@ def deferred(jit: Callable, fun: Callable, finish: Callable[[Any, Any, int], Any
     `made` is the number of updates the step's trace recorded, an output of
     the compiled step itself, so `finish` can check that every one of them
     comes out of the call, once, whatever trace (shapes, static arguments) ran.
+
+    Donation (`donate_argnums`, `donate_argnames`) is not passed on: the
+    params a step gets were pulled, in-process the server's own arrays, and
+    its new params come from the server, so there is nothing to donate them to.
     """
+    jit_kwargs = {k: v for k, v in jit_kwargs.items() if k not in ("donate_argnums", "donate_argnames")}
 
     @functools.wraps(fun)
     def counted(*args, **kwargs):

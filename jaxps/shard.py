@@ -79,10 +79,6 @@ class Shard:
         # the shard donates its buffers, so it must own them: always copy
         self._params = config.plan.view(config.index, [self._own(x, copy=True) for x in leaves])
         self._own_refs = self._refcount(self._params)  # references to a leaf held by the shard's tree alone
-        # lent params are pinned (on CPU), or copied for each reader (elsewhere): see `_lend`
-        self._pins: list | None = None  # the current params' pins, once lent
-        self._spare_pins: list | None = None  # the spare's
-        self._pinnable = all(d.platform == "cpu" for x in jax.tree.leaves(self._params) for d in x.devices())
         # where each parameter lives (`device`, else where JAX put it): a pushed array elsewhere is moved there
         self._homes = [x.sharding for x in jax.tree.leaves(self._params)]
         if opt_state is None:
@@ -311,7 +307,7 @@ class Shard:
         with self._lock:
             self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
             self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
-            self._lent, self._spare_params, self._pins, self._spare_pins = False, None, None, None
+            self._lent, self._spare_params = False, None
             self._unsettled = []  # pushes after the checkpoint: gone with the rollback
             pushes, self._pushes = self._pushes, {}
             waiting, self._waiting = self._waiting, []
@@ -350,7 +346,7 @@ class Shard:
             if not self._frozen:
                 raise RuntimeError(f"shard {self.index} is not at a reshard's cut")
             self._moved = moved
-            self._params = self._opt_state = self._spare = self._spare_params = self._pins = self._spare_pins = None
+            self._params = self._opt_state = self._spare = self._spare_params = None
             answers = [*(done for done, _ in self._pushes.values()), *(done for _, done in self._waiting), *(p[4] for p in self._pulls if p[4])]
             answers += [answer for _, answer in self._deferred]
             self._pushes, self._waiting, self._pulls, self._deferred = {}, [], [], []
@@ -396,7 +392,7 @@ class Shard:
                 leaves, opt_state = restore_shard(self._plan, self._tx, self.index, state)
                 self._params = self._plan.view(self.index, [self._own(x, copy=True) for x in leaves])
                 self._opt_state = jax.tree.map(lambda x: self._own(x, copy=True), opt_state)
-                self._mirrored, self._spare_params, self._pins, self._spare_pins = True, None, None, None
+                self._mirrored, self._spare_params = True, None
             for mean in steps:
                 grads = self._plan.view(self.index, [jax.device_put(x, home) for x, home in zip(mean, self._homes)])
                 self._params, self._opt_state = self._update(self._steps, False, grads)
@@ -494,7 +490,8 @@ class Shard:
             grads = step.gradients
             if not grads:
                 continue
-            lent = self._lent and self._refcount(self._params) > self._own_refs + (self._pins is not None)
+            self._check_not_donated()
+            lent = self._lent and self._refcount(self._params) > self._own_refs
             if self._log is not None and (step.contributions[0].guard is not None or any(c.rows for c in step.contributions)):
                 raise RuntimeError(f"shard {self.index}: a row push or a push checked on the device cannot be sent to a standby")
             if any(c.rows for c in step.contributions if c.grads is not None):
@@ -513,17 +510,13 @@ class Shard:
         into the params before them if nobody holds those any more (a worker that holds each pull until its next
         push has dropped the one before), else into fresh memory (a page fault per 4 KB on CPU)."""
         spare, self._spare_params = self._spare_params, None
-        spare_pins, self._spare_pins = self._spare_pins, None  # (a pin holds a reference: counted until dropped)
         if not lent:
-            self._pins = None  # nobody else holds them: unpinned, the step may donate them
             return steps.donating(self._params, self._opt_state, *args)
-        if spare is not None and self._refcount(spare) <= self._own_refs + (spare_pins is not None):
-            spare_pins = None
-            out = steps.into(spare, self._params, self._opt_state, *args)
+        if spare is not None and self._refcount(spare) <= self._own_refs and not any(x.is_deleted() for x in jax.tree.leaves(spare)):
+            out = steps.into(spare, self._params, self._opt_state, *args)  # (a reader may have donated them: deleted)
         else:
             out = steps.lent(self._params, self._opt_state, *args)
-        # (once the step has run: never the params a failed step left in place)
-        self._spare_params, self._spare_pins, self._pins = self._params, self._pins, None
+        self._spare_params = self._params  # (once the step has run: never the params a failed step left in place)
         return out
 
     def _apply_guarded(self, step: Step, lent: bool) -> None:
@@ -561,27 +554,8 @@ class Shard:
             self._params, self._opt_state = self._update(self._steps, lent, grads)
             return
         update = self._lazy_lent if lent else self._lazy_donating
-        self._spare_params = self._spare_pins = None  # (lazy steps write fresh memory: no spare kept for them)
-        if not lent:
-            self._pins = None
+        self._spare_params = None  # (lazy steps write fresh memory: no spare kept for them)
         self._params, self._opt_state = update(self._params, self._opt_state, grads, ids)
-
-    def _lend(self) -> list:
-        """The params' leaves for a reader that keeps them (an in-process pull), which may donate them to a jitted
-        call of its own (`donate_argnums`, a drop-in's TrainState): that must not delete the shard's params.
-
-        On CPU the shard lends its own arrays, pinned by a numpy view of each (JAX does not donate a buffer
-        something else holds: the reader's call writes fresh memory instead), until it donates them itself,
-        once nobody holds them. Elsewhere it hands each reader copies of its own (on the device: one more copy of
-        the params per pull, at device memory speed).
-        """
-        leaves = jax.tree_util.tree_leaves(self._params)
-        if not self._pinnable:
-            return [jnp.array(x, copy=True) for x in leaves]
-        if self._pins is None:
-            self._pins = [np.asarray(x) for x in leaves]
-        self._lent = True
-        return leaves
 
     @staticmethod
     def _refcount(params: Any) -> int:
@@ -603,14 +577,27 @@ class Shard:
                     self._answer(*pending, outcome)
         self._serve_pulls()
 
+    def _check_not_donated(self) -> None:
+        """Raises if a reader donated the params it was lent (an in-process pull hands out the shard's own arrays)."""
+        if self._lent and any(x.is_deleted() for x in jax.tree_util.tree_leaves(self._params)):
+            raise RuntimeError(
+                f"shard {self.index}'s parameters were deleted: an in-process pull lends the server's own arrays, and "
+                "a jitted call donated them (donate_argnums); this server cannot go on (restore it from a checkpoint). "
+                "Pass a function that donates its input a copy (jax.tree.map(jnp.copy, pulled)); jaxps.jit and "
+                "jaxps.nnx.jit do not donate"
+            )
+
     def _serve_pulls(self) -> None:
         if self._frozen:  # a reshard's cut: pulls wait for the new shards, so a worker computes no more pushes
             return
+        if self._pulls:
+            self._check_not_donated()
         waiting = []
         for pull in self._pulls:
             worker, ready, lend, at_least, _ = pull
             if (worker is None or self._policy.pull_ready(self._clock, worker)) and self._clock.version >= at_least:
-                ready(self._clock.version, self._lend() if lend else jax.tree_util.tree_leaves(self._params))
+                ready(self._clock.version, jax.tree_util.tree_leaves(self._params))
+                self._lent = self._lent or lend
             else:
                 waiting.append(pull)
         self._pulls = waiting

@@ -407,8 +407,8 @@ def test_train_state_in_a_plain_jax_jit_or_twice_in_a_step_is_an_error_that_says
         after = jaxps.jit(lambda s: {"state": linen_step(s, x, y), "n": 1})(state)["state"]  # found at any depth
         assert after.pending is None and after.server.step == 1 and int(after.step) == 1
         assert_trees_equal({"params": after.params, "batch_stats": after.batch_stats}, state.server.params())
-        # jax.jit's decorator form, donating the state as flax's guides do: the pulled params it donates are the
-        # server's own in-process (pinned: JAX copies instead), so the server keeps them
+        # jax.jit's decorator form, donating the state as flax's guides do: not passed on (the state's params are
+        # the server's own in-process), so the server keeps them
         donating = jaxps.jit(static_argnames="scale", donate_argnums=0)(lambda s, scale: linen_step(s, x * scale, y))
         for _ in range(2):
             after = donating(after, scale=1.0)

@@ -27,8 +27,9 @@ class _FutureReply(Reply):
     def send(self, value: Any) -> None:
         try:
             self.future.set_result(value)
-        except concurrent.futures.InvalidStateError:  # the server closed first: its waiters were told so
-            pass
+        except concurrent.futures.InvalidStateError:
+            if not isinstance(self.future.exception(), ServerClosedError):  # (the server closed first: it was told so)
+                raise
 
 
 class InProcessChannel(ShardChannel):
@@ -51,16 +52,22 @@ class InProcessChannel(ShardChannel):
         if not reply.future.done():  # e.g. a pull waiting for a sync step: told if the server closes first
             self._waiting.add(reply.future)
             reply.future.add_done_callback(self._waiting.discard)
+            if self.closed:  # closed meanwhile, maybe before it was added: told here
+                self._fail(reply.future)
         return reply.future
+
+    @staticmethod
+    def _fail(future: concurrent.futures.Future) -> None:
+        try:
+            future.set_exception(ServerClosedError("the ParameterServer is closed"))
+        except concurrent.futures.InvalidStateError:  # answered meanwhile
+            pass
 
     def close(self) -> None:
         """As `ShardChannel.close`; requests still waiting for the shard raise `ServerClosedError`."""
         self.closed = True
         for future in list(self._waiting):
-            try:
-                future.set_exception(ServerClosedError("the ParameterServer is closed"))
-            except concurrent.futures.InvalidStateError:  # answered meanwhile
-                pass
+            self._fail(future)
 
     def __reduce__(self):
         raise TypeError(
