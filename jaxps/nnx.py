@@ -34,6 +34,9 @@ def _value_paths(model, values) -> list[str]:
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(_pure(model, values))[0]]
 
 
+_NOT_ITS_MODEL = "jaxps.nnx.Optimizer.update: this Optimizer serves the model it was built with"
+
+
 class Optimizer(nnx.Pytree):
     """`nnx.Optimizer` whose state lives on a `jaxps.ParameterServer`.
 
@@ -81,7 +84,7 @@ class Optimizer(nnx.Pytree):
             self._pending_count[...] += 1
         else:
             if model is not self._link.model:
-                raise ValueError("jaxps.nnx.Optimizer.update: this Optimizer serves the model it was built with, not this one")
+                raise ValueError(f"{_NOT_ITS_MODEL}, not this one")
             nnx.update(model, exchange(self._client(), pushed))
         self.step[...] += 1
 
@@ -106,8 +109,8 @@ class Optimizer(nnx.Pytree):
         try:
             if not model_passed:
                 raise ValueError(
-                    "jaxps.nnx.Optimizer.update: this Optimizer serves the model it was built with, and the step was "
-                    "not given that model (another one, e.g. a clone?): pass the Optimizer's own model (nothing was pushed)"
+                    f"{_NOT_ITS_MODEL}, and the step was not given that model (another one, e.g. a clone?): "
+                    "pass the Optimizer's own model (nothing was pushed)"
                 )
             if count > 1:
                 raise RuntimeError(

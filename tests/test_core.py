@@ -276,6 +276,7 @@ def test_copy_checked_copies_and_finds_nan_in_any_chunk(dtype, bad_at):
     assert dst.tobytes() == src.tobytes()  # bit for bit, NaN included
     assert finite == (where is None or dtype == np.int32)
 
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf", "huge"])
 @pytest.mark.parametrize("layout", ["flat", "2-d", "strided"])
@@ -291,7 +292,6 @@ def test_host_finite_is_numpy_isfinite(dtype, bad, layout):
         x[1, 3] = value
     x = {"flat": x.reshape(-1), "2-d": x, "strided": x[:, ::2]}[layout]
     assert host_finite(x) == bool(np.isfinite(x).all())
-
 
 
 @pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf", "nan+1j", "huge"])
