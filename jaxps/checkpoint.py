@@ -481,13 +481,11 @@ def commit(
 ) -> dict:
     """Driver, once every shard of `plan` has written its part: makes `step` complete, then applies retention.
 
-    Writes the metadata last and atomically; removes incomplete steps older
-    than `step`, and complete ones beyond the `keep` latest. Returns the metadata.
+    Writes the metadata last and atomically, then applies retention (`retain`). Returns the metadata.
     """
     from jaxps import __version__
 
-    if keep is not None and (not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+    check_keep(keep)
     root = location(directory)
     path = root / str(step)
     missing = [f"part_{k}" for k in range(plan.num_shards) if not _part_written(path / f"part_{k}")]
@@ -509,11 +507,25 @@ def commit(
         **({"extra": dict(extra)} if extra else {}),
     }
     _write_json(path / METADATA, metadata)
-    complete = steps(root)
-    for s, p in _step_dirs(root).items():
-        if (s < step and s not in complete) or (keep is not None and s in complete[:-keep]):
-            _remove_step(p)
+    retain(root, step, keep)
     return metadata
+
+
+def check_keep(keep: Any) -> None:
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+
+
+def retain(directory: str | os.PathLike, step: int, keep: int | None) -> None:
+    """Retention after saving `step`: removes the incomplete steps before it, and the complete ones up to it beyond
+    the `keep` newest (so never `step` itself). Complete steps after `step` (saved before an older step was
+    restored) are left alone: they are not this line of training's to count, nor to remove."""
+    root = location(directory)
+    complete = steps(root)
+    upto = [s for s in complete if s <= step]
+    for s, p in _step_dirs(root).items():
+        if (s < step and s not in complete) or (keep is not None and s in upto[:-keep]):
+            _remove_step(p)
 
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:

@@ -339,6 +339,8 @@ class Client:
             for s, ask in asks.items()
             if any(len(ids) for ids in ask.values()) or len(ask) < len(plan.shard_leaves[s])
         }
+        if not needed and self._sync:  # no rows at all: one shard still says when the step is done, as any sync pull waits
+            needed = {0: {"rows": tuple(asks[0].items())}}
         replies = self._fetch(needed, deadline)
         flat: list[Any] = [None] * len(plan.leaves)
         parts: dict[int, list] = {}
@@ -407,7 +409,17 @@ class Client:
         skipped = check and reject_nonfinite(self.plan, nonfinite_paths(self.plan.leaves, leaves), self._nonfinite)
         if skipped:
             return self._send([None] * len(self._links), True)
-        per_shard, state = self._encoder.encode(leaves)
+        per_shard, state, spoiled = self._encoder.encode(leaves)
+        if check and spoiled:  # finite gradients the filter made NaN or Inf: refused (or skipped) as those are
+            shown = [f"{s.path} ({s.describe()})" for s in (self.plan.leaves[i] for i in spoiled)]
+            if self._nonfinite == "raise":
+                raise PushError(
+                    f"push rejected, nothing was changed: the push filter made NaN or Inf of finite gradients in "
+                    f"{shown[:10]} (a cast overflows: float16 holds at most 65504; scale the gradients down, or use "
+                    "bfloat16); pass nonfinite='skip' to ParameterServer to skip such pushes instead, or "
+                    "nonfinite='allow' for a filter whose payload may hold them"
+                )
+            return self._send([None] * len(self._links), True)
         staged = [link.channel.stage(part, False) for link, part in zip(self._links, per_shard)]
         future = self._send(staged, False)
         self._encoder.state = state

@@ -33,8 +33,10 @@ class Encoder:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_encode": None}  # the compiled call is made again where it lands
 
-    def encode(self, leaves: Sequence[Any]) -> tuple[list[list], list]:
-        """Per shard, the flat payload arrays of `leaves` (the gradients), and the filter state after them.
+    def encode(self, leaves: Sequence[Any]) -> tuple[list[list], list, list[int]]:
+        """Per shard, the flat payload arrays of `leaves` (the gradients); the filter state after them; and the
+        positions of the filtered leaves whose payload holds NaN or Inf (finite gradients can overflow a
+        narrower dtype: float16 holds at most 65504).
 
         The state is not kept here: the client commits it once the push is sent.
         """
@@ -43,15 +45,21 @@ class Encoder:
             self.state = [f.init(_like(s)) if on else () for s, on in zip(self.plan.leaves, self.filtered)]
         if self._encode is None:
 
+            def finite(payload) -> jax.Array:
+                floats = [a for a in payload if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact)]
+                return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(a).all() for a in floats])) if floats else jax.numpy.bool_(True)
+
             def encode_all(leaves, states):
                 out = [f.encode(g, s) if on else ((g,), s) for g, s, on in zip(leaves, states, self.filtered)]
-                return [p for p, _ in out], [s for _, s in out]
+                flags = jax.numpy.stack([finite(p) if on else jax.numpy.bool_(True) for (p, _), on in zip(out, self.filtered)])
+                return [p for p, _ in out], [s for _, s in out], flags
 
             self._encode = jax.jit(encode_all)
-        payloads, state = self._encode(list(leaves), self.state)
+        payloads, state, flags = self._encode(list(leaves), self.state)
+        spoiled = [int(i) for i in np.flatnonzero(~np.asarray(flags))]
         if f.lengths is not None:
             payloads = [_trim(p, f.lengths) if on else p for p, on in zip(payloads, self.filtered)]
-        return [[a for i in ids for a in payloads[i]] for ids in self.plan.shard_leaves], state
+        return [[a for i in ids for a in payloads[i]] for ids in self.plan.shard_leaves], state, spoiled
 
 
 def _trim(payload: Sequence[Any], lengths) -> list:

@@ -106,9 +106,11 @@ class Clock:
 
     def restarted(self, version: int, applied: int, rolled_back: int = 0) -> "Clock":
         """This clock rolled back to a checkpoint of `applied` steps, going on at `version`, with `rolled_back`
-        unsettled pushes answered so; who has left stays left."""
+        unsettled pushes answered so; who has left stays left. Push counts start again from 0, and so does each
+        worker's count at its last join (as on a restarted shard: else ssp would count progress from joins
+        the counts no longer hold, and shards would disagree on who is ahead)."""
         fresh = Clock.start(self.workers, version, applied)
-        return dataclasses.replace(fresh, left=self.left, joined_at=self.joined_at, pushes_rolled_back=self.pushes_rolled_back + rolled_back)
+        return dataclasses.replace(fresh, left=self.left, pushes_rolled_back=self.pushes_rolled_back + rolled_back)
 
     def moved(self) -> "Clock":
         """This clock as the shards of a new plan start with it (`ps.reshard`): the same workers, counts and

@@ -92,10 +92,14 @@ class Supervisor:
         window: float = 60.0,
         poll: float = 0.1,
         log: Callable[[str], None] | None = None,
+        own_steps: Callable[[], set[int]] | None = None,
     ):
+        """`own_steps()`: the steps in `directory` this server saved or started from (default: all of them); a
+        recovery goes back to the latest of those still complete."""
         self._transport, self._channels = transport, list(channels)
         self._configs = [dataclasses.replace(c, leaves=[]) for c in configs]  # a restarted shard reads the checkpoint
         self._directory = directory
+        self._own_steps = own_steps
         self._exclusively = run_exclusively  # runs a function on the checkpoint thread, returns its result
         self._version = version  # the epoch's first version (the server's start)
         self._leads = leads
@@ -233,10 +237,11 @@ class Supervisor:
 
     def _recover(self, dead: list[int], transport: Any) -> None:
         started = time.monotonic()
-        steps = checkpoint.steps(self._directory)
-        if not steps:
-            raise RuntimeError(f"no checkpoint in {self._directory} to restart from")
-        step = steps[-1]
+        complete = checkpoint.steps(self._directory)
+        own = complete if self._own_steps is None else [s for s in complete if s in self._own_steps()]
+        if not own:
+            raise RuntimeError(f"no checkpoint of this server in {self._directory} to restart from (complete steps there: {complete})")
+        step = own[-1]
         live = [i for i in range(len(self._channels)) if i not in dead]
         before = gather([self._channels[i].submit(Stats(), timeout=60) for i in live], timeout=60)
         version = self._version = next_epoch(self._version)

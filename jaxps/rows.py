@@ -40,8 +40,8 @@ def check_ids(plan: Plan, rows: Mapping[str, Any], error: type[Exception]) -> di
         a = np.asarray(ids)
         if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
             raise error(f"{key} ({spec.describe()}): row ids must be a 1-D array of integers, got {a.dtype.name}{list(a.shape)}")
+        bad = a[(a < 0) | (a >= spec.shape[0])] if a.size else a  # (in their own dtype: uint64 beyond 2**63 wraps in int64)
         a = a.astype(np.int64)
-        bad = a[(a < 0) | (a >= spec.shape[0])]
         if bad.size:
             raise error(f"{key} ({spec.describe()}): row ids {bad[:10].tolist()} out of range; valid ids are 0 to {spec.shape[0] - 1}")
         out[i] = a

@@ -58,7 +58,7 @@ class Checkpointing:
         object.__setattr__(self, "directory", str(checkpoint.location(self.directory)))
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"Checkpointing(every=...) must be a positive int, got {self.every!r}")
-        if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 1):
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
             raise ValueError(f"Checkpointing(keep=...) must be a positive int or None, got {self.keep!r}")
 
 
@@ -69,6 +69,8 @@ class Saver:
         self._plan, self._channels, self._mode = plan, list(channels), mode
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxps-checkpoint")
         self._last: tuple[Path, int] | None = None  # (directory, step) of the last save of this server
+        self._own: dict[Path, set[int]] = {}  # per directory: the steps this server saved there or started from
+        self._warned: set[Path] = set()  # directories holding later steps of another line, said once
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._start_step = start_step
@@ -85,8 +87,18 @@ class Saver:
         return self._executor.submit(fn)
 
     def save(self, directory: str | os.PathLike, keep: int | None = None) -> concurrent.futures.Future:
-        """A future of the step saved into `directory`."""
+        """A future of the step saved into `directory` (a bad `keep` is refused here, before any work)."""
+        checkpoint.check_keep(keep)
         return self._executor.submit(self._save, checkpoint.location(directory), keep)
+
+    def started_from(self, directory: str | os.PathLike, step: int) -> None:
+        """This server was restored from `step` in `directory`: the first step of its line there."""
+        self._own.setdefault(checkpoint.location(directory), set()).add(step)
+
+    def own_steps(self, directory: str | os.PathLike) -> set[int]:
+        """The steps in `directory` this server saved or started from (where a fail-over may go back to: not the
+        newer steps of a line it left by restoring an older step, nor another run's)."""
+        return set(self._own.get(checkpoint.location(directory), ()))
 
     def every(self, config: Checkpointing, step_now) -> None:
         """Saves per `config` whenever `step_now()` has gone `config.every` steps beyond the last save."""
@@ -101,9 +113,8 @@ class Saver:
                 except Exception:
                     return  # the server is closed or a shard is gone
                 if step >= last + config.every:
-                    future = self.save(config.directory, config.keep)
                     try:
-                        last = future.result()
+                        last = self.save(config.directory, config.keep).result()
                     except Exception as e:
                         warnings.warn(f"jaxps: a checkpoint into {config.directory} failed: {e}", RuntimeWarning)
                         last = step
@@ -129,19 +140,30 @@ class Saver:
         if self._last == (root, step):
             # this server saved this very step there: the same state (steps only grow); drop the snapshots
             gather([ch.submit(WritePart(None, step)) for ch in self._channels])
+            checkpoint.retain(root, step, keep)
             return step
         self.write(root, step, version, keep)
         self._last = (root, step)
         return step
 
     def write(self, root: Path, step: int, version: int, keep: int | None) -> None:
-        """Writes the shards' snapshots of `step` (at `version`) into `root` as one checkpoint."""
+        """Writes the shards' snapshots of `step` (at `version`) into `root` as one checkpoint, of this server's own."""
         # a complete `step` there is another run's (this server restored an older step): the newest wins
         checkpoint.prepare(root, step, self._plan, replace=True)
         failures = [f for f in gather([ch.submit(WritePart(str(root), step)) for ch in self._channels]) if f]
         if failures:
             raise checkpoint.CheckpointError(f"step {step} in {root} was not saved:\n" + "\n".join(failures))
         checkpoint.commit(root, step, self._plan, mode=self._mode, keep=keep, extra={"version": version})
+        self._own.setdefault(root, set()).add(step)
+        newer = [s for s in checkpoint.steps(root) if s > step]
+        if newer and root not in self._warned:  # (once per directory: every later save would say it again)
+            self._warned.add(root)
+            warnings.warn(
+                f"jaxps: step {step} saved in {root}, which holds later steps {newer[:5]} of another line of training "
+                f"(saved before an older step was restored, or by another run): ParameterServer.restore({str(root)!r}) "
+                f"without step= restores step {newer[-1]}, not {step}; fail-over goes back to this server's own steps",
+                RuntimeWarning,
+            )
 
 
 def snapshots(channels: Sequence[Any], freeze: bool = False) -> list[dict]:

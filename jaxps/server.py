@@ -118,13 +118,13 @@ class ParameterServer:
         tx = with_values(tx, values, params, mode, workers)
         self._plan = make_plan(params, shards, assign, rows)
         leaves = jax.tree_util.tree_leaves(params)
-        check_shardable(tx, self._plan, leaves)
-        if self._plan.row_leaves:
+        if self._plan.row_leaves:  # (first: what they name is more precise than the step check's finding)
             if push_filter is not None:
                 raise ValueError("push_filter= together with row leaves (rows=) is not supported yet")
             for s, ids in enumerate(self._plan.shard_leaves):
                 view = self._plan.view(s, [jax.ShapeDtypeStruct(spec.shape, spec.dtype) for spec in self._plan.shard_specs(s)])
                 rows_lib.check_lazy(tx, view, [k for k, i in enumerate(ids) if self._plan.is_rows(i)])
+        check_shardable(tx, self._plan, leaves)
         filtered = None
         if push_filter is not None:
             is_value = tx.is_value if isinstance(tx, ValueTransform) else (lambda path, leaf: False)
@@ -454,13 +454,18 @@ class ParameterServer:
         return self._mode == "sync" and self._backup_workers > 0 and plan.num_shards > 1
 
     def _start_supervisor(self, configs: list, checkpoint: Checkpointing | None, restore, leads: bool) -> None:
-        """Fail-over: a first checkpoint now if there is none to go back to, the standbys, then the watch."""
+        """Fail-over: a first checkpoint of its own now if it was not restored from that directory, the standbys,
+        then the watch (which goes back only to this server's own steps there: never to another line's)."""
         try:
-            if checkpoint is not None and not ckpt.steps(checkpoint.directory):
+            if restore is not None:
+                self._saver.started_from(restore[0], restore[1])
+            if checkpoint is not None and not self._saver.own_steps(checkpoint.directory):
                 self.save(checkpoint.directory, keep=checkpoint.keep)
+            directory = None if checkpoint is None else str(checkpoint.directory)
             self._supervisor = Supervisor(
-                self._transport, self._channels, configs, None if checkpoint is None else str(checkpoint.directory), self._saver.run,
+                self._transport, self._channels, configs, directory, self._saver.run,
                 version=0 if restore is None else restore[2], leads=leads, replicas=self._replicas,
+                own_steps=None if directory is None else functools.partial(self._saver.own_steps, directory),
             )
             for s in range(len(configs)) if self._replicas else ():
                 self._saver.run(functools.partial(self._supervisor.start_standby, s, quiet=True))

@@ -544,11 +544,12 @@ class Shard:
             leaves, ids = pushed[0][0], dict(pushed[0][1])
         else:
             leaves, ids = row_ops.combine(pushed, self._row_positions, sizes)
-            leaves = [x / len(pushed) for x in leaves]  # as the dense mean: float32 / 2 stays float32
         leaves = list(leaves)
         size = row_ops.bucket(max((len(x) for x in ids.values()), default=0))  # one size for all: fewer compiled steps
         for k in ids:
             ids[k], leaves[k] = row_ops.pad_ids(ids[k], sizes[k], size), row_ops.pad_values(leaves[k], size)
+        if len(pushed) > 1:  # divided as the dense step's mean is (the same compiled division: the same bits)
+            leaves = self._mean([leaves], np.int32(len(pushed)))
         grads = jax.tree.unflatten(treedef, leaves)
         if not ids:  # every row leaf was pushed whole by someone: a dense step
             self._params, self._opt_state = self._update(self._steps, lent, grads)

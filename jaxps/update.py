@@ -168,16 +168,32 @@ def check_shardable(tx: optax.GradientTransformation, plan: Plan, leaves: Sequen
 
 
 def _sharded_agrees(tx, plan: Plan, leaves: list) -> jax.Array:
-    """Per leaf: whether two steps of `tx` on each shard's view give the steps on the whole tree (traced)."""
+    """Per leaf: whether two steps of `tx` on each shard's view give the steps on the whole tree (traced): the
+    parameters after them, and the first step's updates on their own scale (with a small learning rate, a
+    differing step would look like a rounding of the parameters).
+
+    The steps start from probe parameters, not from `leaves` (whose shapes and dtypes they take): from a table
+    of zeros, a whole-leaf rule (lamb's trust ratio) would step alike either way and pass unseen. They grow
+    along each leaf, so that a rule over a whole leaf sees its parts differ from it."""
     probes = [[_probe(x, i, k) for i, x in enumerate(leaves)] for k in range(2)]
+    leaves = [_probe(x, i, 2) * _ramp(x) for i, x in enumerate(leaves)]
     whole = _run_steps(tx, plan.merge(plan.split(leaves)), [plan.merge(plan.split(p)) for p in probes])
     parts, probe_parts = plan.split(leaves), [plan.split(p) for p in probes]
-    per_shard = [
-        jax.tree_util.tree_leaves(_run_steps(tx, plan.view(s, parts[s]), [plan.view(s, p[s]) for p in probe_parts]))
-        for s in range(plan.num_shards)
-    ]
-    got = jax.tree_util.tree_leaves(plan.merge(per_shard))
-    return jax.numpy.stack([_close(a, b) for a, b in zip(jax.tree_util.tree_leaves(whole), got)])
+    per_shard = [_run_steps(tx, plan.view(s, parts[s]), [plan.view(s, p[s]) for p in probe_parts]) for s in range(plan.num_shards)]
+    leaves_of = jax.tree_util.tree_leaves
+    agree = []
+    for k, outcome in enumerate(whole):  # the params after the steps, then the first step's updates
+        got = leaves_of(plan.merge([leaves_of(steps[k]) for steps in per_shard]))
+        agree.append(jax.numpy.stack([_close(a, b, of_scale=k > 0) for a, b in zip(leaves_of(outcome), got)]))
+    return jax.numpy.all(jax.numpy.stack(agree), axis=0)
+
+
+def _ramp(x: jax.Array) -> jax.Array:
+    """From 0.1 to 2 along `x`'s elements (in its dtype; ones for integer leaves)."""
+    jnp = jax.numpy
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.ones(x.shape, x.dtype)
+    return (0.1 + 1.9 * jax.lax.iota(jnp.float32, x.size) / max(x.size - 1, 1)).reshape(x.shape).astype(x.dtype)
 
 
 def _probe(x: jax.Array, i: int, k: int) -> jax.Array:
@@ -191,23 +207,38 @@ def _probe(x: jax.Array, i: int, k: int) -> jax.Array:
     return ((h.astype(jnp.float32) * 2.0**-32 - 0.5) * 200.0).reshape(x.shape).astype(x.dtype)
 
 
-def _close(a: jax.Array, b: jax.Array, rtol: float = 1e-5, atol: float = 1e-6) -> jax.Array:
-    """`np.allclose(a, b, rtol, atol, equal_nan=True)`, traced, in at least float32."""
+def _close(a: jax.Array, b: jax.Array, rtol: float = 1e-5, atol: float = 1e-6, of_scale: bool = False) -> jax.Array:
+    """`np.allclose(a, b, rtol, atol, equal_nan=True)`, traced, in at least float32. `of_scale`: `atol` is
+    `rtol` of `b`'s largest magnitude instead (updates, on their own scale). For dtypes narrower than float32,
+    within a few of their own ulps, of the value and of the leaf's scale: XLA may keep a fused chain in float32
+    in one program and round between steps in another (bfloat16's ulp is 2**-7, 0.8% of the value)."""
     jnp = jax.numpy
     if not jnp.issubdtype(a.dtype, jnp.inexact):
         return jnp.all(a == b)
-    wide = a.dtype if jnp.dtype(a.dtype).itemsize >= 4 else jnp.float32  # float8 types do not promote implicitly
+    narrow = jnp.dtype(a.dtype).itemsize < 4
+    if narrow:
+        rtol = max(rtol, 4 * float(jnp.finfo(a.dtype).eps))
+    wide = a.dtype if not narrow else jnp.float32  # float8 types do not promote implicitly
     a, b = a.astype(wide), b.astype(wide)
+    if of_scale or narrow:
+        atol = rtol * jnp.max(jnp.abs(b), initial=0.0)
     ok = (jnp.abs(a - b) <= atol + rtol * jnp.abs(b)) | (a == b) | (jnp.isnan(a) & jnp.isnan(b))
     return jnp.all(ok)
 
 
-def _run_steps(tx, params, grads_seq):
-    """`len(grads_seq)` optax steps from `tx.init` (traced)."""
+def _run_steps(tx, params, grads_seq) -> list:
+    """`len(grads_seq)` optax steps from `tx.init` (traced): `[the params after them, the first step's updates]`
+    (with value leaves, whose step is not `tx.update`'s, the params alone)."""
     opt_state = tx.init(params)
+    updates_seq = []
     for grads in grads_seq:
-        params, opt_state = apply_gradients(tx, params, opt_state, grads)
-    return params
+        if isinstance(tx, ValueTransform):
+            params, opt_state = tx.apply(params, opt_state, grads)
+            continue
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        updates_seq.append(updates)
+    return [params, *updates_seq[:1]]
 
 
 def _not_shardable_message(names: list[str], plan: Plan, differ: list[str] | None = None) -> str:

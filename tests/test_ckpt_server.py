@@ -16,7 +16,7 @@ import pytest
 import helpers
 import jaxps
 from jaxps import checkpoint as ck
-from jaxps.consistency import Async, Clock, Contribution, Sync, cut_of
+from jaxps.consistency import SSP, Async, Clock, Contribution, Sync, cut_of
 
 
 # -- the cut, pure ------------------------------------------------------------------
@@ -85,6 +85,25 @@ def test_sync_lagging_shard_closes_steps_up_to_the_cut_on_leave():
     assert not policy.reached(clock)
     clock, steps = policy.leave(clock, 1)  # worker 1 left: step 0 closes with worker 0 alone
     assert [s.version for s in steps] == [0] and policy.reached(clock)
+
+
+def test_after_a_rollback_ssp_counts_progress_as_a_restarted_shard_does():
+    # worker 0 pushed 3 times, worker 1 30 times, and both joined a second run_workers there; then a shard died
+    # and every shard rolled back: the live ones (`restarted`) and the restarted one (`start`) must agree
+    policy, clock = SSP(max_staleness=1), Clock.start(2)
+    for worker, n in ((0, 3), (1, 30)):
+        for k in range(n):
+            clock, _, _ = policy.push(clock, Contribution(worker, k, "g", 0))
+    for worker in (0, 1):
+        clock, _ = policy.leave(clock, worker)
+        clock, _ = policy.join(clock, worker)
+    live, restarted = clock.restarted(version=5, applied=5), Clock.start(2, version=5, applied=5)
+    for clock in (live, restarted):
+        clock, _, _ = policy.push(clock, Contribution(1, 0, "g", 5))
+        assert policy.pull_ready(clock, 0) and policy.pull_ready(clock, 1)  # worker 1 one push ahead: within 1
+        clock, _, _ = policy.push(clock, Contribution(1, 1, "g", 5))
+        assert policy.pull_ready(clock, 0) and not policy.pull_ready(clock, 1)  # two ahead: it waits, worker 0 not
+    assert live.joined_at == restarted.joined_at
 
 
 def test_restored_clock_starts_at_the_step():
@@ -217,6 +236,41 @@ def test_save_keep_and_repeated_save(make_server, tmp_path):
         assert ps.save(tmp_path / "ck", keep=2) == k + 1
     assert ps.save(tmp_path / "ck", keep=2) == 4  # nothing new: the same step, not written again
     assert ck.steps(tmp_path / "ck") == [3, 4]
+    assert ps.save(tmp_path / "ck", keep=1) == 4 and ck.steps(tmp_path / "ck") == [4]  # its keep= holds all the same
+
+
+def test_a_bad_keep_is_refused_before_anything_is_written(tmp_path):
+    with jaxps.ParameterServer(helpers.params_tree(), optax.sgd(0.1), shards=2) as ps:
+        for keep in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match=f"keep must be a positive int or None, got {keep!r}"):
+                ps.save(tmp_path / "ck", keep=keep)
+        assert not (tmp_path / "ck").exists()
+
+
+def test_saving_after_restoring_an_older_step_keeps_the_new_line_and_leaves_the_old_one(tmp_path):
+    """Steps 10, 20, 30 of a first run; a second restores step 10 and saves step 15 with keep=2: step 15 stays (it
+    used to be removed by its own retention, being older than 20 and 30), the later steps are left alone and
+    named in a warning, and retention counts only the steps up to the one saved."""
+    params, tx, d = helpers.params_tree(), optax.sgd(0.1), tmp_path / "ck"
+    with jaxps.ParameterServer(params, tx, shards=2) as ps:
+        for k in range(30):
+            push_all(ps, params, [k])
+            if (k + 1) % 10 == 0:
+                ps.save(d)
+    assert ck.steps(d) == [10, 20, 30]
+    with jaxps.ParameterServer.restore(d, params, tx, shards=2, step=10) as ps:
+        push_all(ps, params, range(100, 105))
+        with pytest.warns(RuntimeWarning, match=r"step 15 saved in .*, which holds later steps \[20, 30\].* restores step 30, not 15"):
+            assert ps.save(d, keep=2) == 15
+        assert ck.steps(d) == [10, 15, 20, 30]
+        saved = {15: ps.params()}
+        push_all(ps, params, range(105, 110))
+        assert ps.save(d, keep=2) == 20  # replaces the first run's step 20; retention: [15, 20] of the steps to 20
+        saved[20] = ps.params()
+        assert ck.steps(d) == [15, 20, 30]
+    for step, want in saved.items():
+        with jaxps.ParameterServer.restore(d, params, tx, shards=2, step=step) as restored:
+            helpers.assert_trees_equal(restored.params(), want)
 
 
 def test_each_save_holds_its_own_step_though_snapshots_reuse_their_arrays(tmp_path):

@@ -157,6 +157,45 @@ def test_a_push_in_flight_when_a_shard_dies_is_rolled_back(tmp_path, restarting)
         ps.close()
 
 
+def _sync_steps(ps, n):
+    """`n` sync steps of the oracle's gradients, both workers pushing from this thread."""
+    clients = [ps.client(w) for w in range(WORKERS)]
+    for _ in range(n):
+        params = [c.pull(timeout=120) for c in clients]
+        futures = [c.push(_grads(p, w)) for w, (c, p) in enumerate(zip(clients, params))]
+        assert [f.result(120) for f in futures] == ["applied"] * WORKERS
+
+
+@pytest.mark.parametrize("start", ["restored from an older step", pytest.param("fresh", marks=pytest.mark.slow)])
+def test_fail_over_goes_back_to_this_servers_own_checkpoints_only(tmp_path, start):
+    """The directory holds steps 10 and 20 of an earlier run. A server restored from step 10 (or a fresh one) that
+    loses a shard at step 13 (or 3) goes back to its own latest checkpoint, 10 (or 0), never forward to step 20
+    of a line that is not its own."""
+    d = tmp_path / "ck"
+    with jaxps.ParameterServer(_params(), optax.sgd(1.0), shards=2, mode="sync", workers=WORKERS, assign=_assign) as first:
+        for _ in range(2):
+            _sync_steps(first, 10)
+            first.save(d)
+    assert jaxps.checkpoint.steps(d) == [10, 20]
+    kw = dict(shards=2, transport="multiprocessing", mode="sync", workers=WORKERS, assign=_assign, on_shard_failure="restart")
+    kw["checkpoint"] = jaxps.Checkpointing(d, every=1000)
+    if start == "fresh":
+        with pytest.warns(RuntimeWarning, match=r"step 0 saved in .*, which holds later steps \[10, 20\]"):
+            ps = jaxps.ParameterServer(_params(), optax.sgd(1.0), **kw)
+    else:
+        ps = jaxps.ParameterServer.restore(d, _params(), optax.sgd(1.0), step=10, **kw)
+    try:
+        own = ps.step
+        _sync_steps(ps, 3)
+        _kill(ps, 0)
+        wait_for(lambda: ps.stats()["restarts"] == 1, 120)
+        assert ps.step == own and ps.stats()["rolled_back_to"] == [own]
+        _sync_steps(ps, STEPS - own)
+        _assert_as_if_nothing_died(ps)
+    finally:
+        ps.close()
+
+
 def test_a_shard_that_keeps_dying_ends_the_run_saying_so(tmp_path, restarting):
     ps = _server(tmp_path, restarting)
     try:

@@ -153,6 +153,28 @@ def test_filter_state_is_the_clients_and_a_bad_push_changes_nothing():
     ps.close()
 
 
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_gradients_a_float16_filter_overflows_are_refused_like_nan(nonfinite):
+    # 1e5 is finite in float32 and Inf in float16: the push is refused (or skipped), never applied as Inf
+    params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+    tx = optax.adam(1e-3)
+    with jaxps.ParameterServer(params, tx, shards=2, push_filter=filters.precision(jnp.float16), nonfinite=nonfinite) as ps:
+        client = ps.client(0)
+        client.pull()
+        big = {"w": jnp.array([1.0, 1e5, 2.0]), "b": jnp.ones(2)}
+        if nonfinite == "raise":
+            with pytest.raises(jaxps.PushError, match=r"the push filter made NaN or Inf of finite gradients in \[\"\['w'\] \(float32\[3\]\)\"\]"):
+                client.push(big)
+        else:
+            assert client.push(big).result() == "skipped"
+        assert ps.step == 0 and ps.stats()["pushes_applied"] == 0
+        assert_trees_equal(ps.params(), params)
+        small = {"w": jnp.array([1.0, 6e4, 2.0]), "b": jnp.ones(2)}  # in float16's range: applied, as float16
+        assert client.push(small).result() == "applied"
+        expected, _ = optax_oracle(tx)(params, tx.init(params), cast(small, jnp.float16))
+        assert_trees_equal(ps.params(), expected)
+
+
 def test_value_leaves_cross_unfiltered():
     params = {"w": jnp.ones((4,)), "batch_stats": {"mean": jnp.zeros((4,))}}
     ps = jaxps.ParameterServer(params, optax.sgd(1.0), values="batch_stats", push_filter=filters.top_k(0.25, error_feedback=False))

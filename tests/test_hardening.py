@@ -161,7 +161,10 @@ def test_another_user_cannot_connect(endpoint_server):
                 os.setuid(65534)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(5)
-                sock.connect(ps._channels[0].endpoint.address)
+                try:
+                    sock.connect(ps._channels[0].endpoint.address)
+                except PermissionError:  # (multiprocessing: the socket is in a directory only its user can enter)
+                    os._exit(0)
                 os._exit(0 if sock.recv(1) == b"" else 1)  # closed at once, before any challenge
             except BaseException:
                 os._exit(2)
@@ -176,6 +179,149 @@ def test_another_user_cannot_connect(endpoint_server):
     with _connect(opened[0]) as sock:  # the uid check reads the peer's credentials: here, the shard's own user
         assert wire.peer_uid(sock) == os.getuid()
     _pull_in_a_new_thread(ps, timeout=10)
+
+
+def _fork_as_nobody(fn) -> int:
+    """Starts `fn()` in a forked child as user 65534 (nobody); its pid. Its exit status: fn's return value, 99 if
+    it raised."""
+    import warnings
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fork with JAX threads: the child runs no JAX
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.setuid(65534)
+            os._exit(fn())
+        except BaseException:
+            os._exit(99)
+    return pid
+
+
+def _as_nobody(fn) -> int:
+    """Runs `fn()` as user 65534 (nobody) and returns its exit status."""
+    return os.WEXITSTATUS(os.waitpid(_fork_as_nobody(fn), 0)[1])
+
+
+def test_another_user_cannot_take_a_dead_shards_address(tmp_path):
+    # multiprocessing, on_shard_failure="restart": the shard is SIGKILLed; another user tries to bind its address
+    # (to be the one its clients reconnect to, or to keep it from coming back), and cannot: it is restarted there
+    ps = jaxps.ParameterServer(
+        PARAMS, optax.sgd(1.0), shards=2, transport="multiprocessing", on_shard_failure="restart",
+        checkpoint=jaxps.Checkpointing(tmp_path, every=1),
+    )
+    try:
+        ps.push(ONES).result(30)
+        address = ps._channels[0].endpoint.address
+        socket_dir = os.path.dirname(address)
+        assert os.stat(socket_dir).st_mode & 0o777 == 0o700 and os.stat(socket_dir).st_uid == os.getuid()
+        os.kill(ps._transport.pids[0], signal.SIGKILL)
+
+        def bind():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(address)
+            except PermissionError:
+                return 0
+            return 1
+
+        assert _as_nobody(bind) == 0
+        pulled = ps.pull(timeout=60)  # restarted at its address (from the last checkpoint: step 0 or 1)
+        np.testing.assert_array_equal(np.asarray(pulled["a"]), PARAMS["a"] - ps.step)
+        assert ps._channels[0].endpoint.address == address
+    finally:
+        ps.close()
+    assert not os.path.exists(socket_dir)
+
+
+def test_a_client_answers_only_a_listener_of_its_own_user():
+    from jaxps.transports import wire
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user")
+    address = f"\0jaxps_test_{os.getpid()}_impostor"
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def impostor():  # binds the address a client is about to use, and waits for the client to try
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(address)
+        sock.listen(8)
+        os.write(ready_w, b"x")
+        os.read(done_r, 1)
+        return 0
+
+    pid = _fork_as_nobody(impostor)
+    os.close(ready_w)  # (the child's copy only: a child that fails reads as the end of the pipe)
+    os.close(done_r)
+    try:
+        assert os.read(ready_r, 1) == b"x", "the impostor could not listen"
+        endpoint = wire.Endpoint(address, os.urandom(32), (), pid)
+        with pytest.raises(PermissionError, match="user 65534, not this user's shard"):
+            wire.connect(endpoint, timeout=5)
+    finally:
+        os.write(done_w, b"x")
+        assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 0
+        os.close(ready_r)
+        os.close(done_w)
+
+
+def test_a_full_accept_queue_is_a_timeout_not_a_dead_shard():
+    # others flooding a shard's socket fill its accept queue; a client waits for room until its deadline
+    from jaxps.transports import wire
+
+    address = f"\0jaxps_test_{os.getpid()}_full"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)  # and never accepts
+    flood = []
+    try:
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            flood.append(sock)
+            try:
+                sock.connect(address)
+            except BlockingIOError:
+                break
+            assert len(flood) < 1000, "the queue never filled"
+        t = time.monotonic()
+        with pytest.raises(TimeoutError, match="within 0.5 s \\(its queue stayed full\\)"):
+            wire.connect(wire.Endpoint(address, os.urandom(32), (), os.getpid()), timeout=0.5)
+        assert 0.4 < time.monotonic() - t < 5
+    finally:
+        for sock in flood:
+            sock.close()
+        listener.close()
+
+
+def test_a_shards_endpoint_does_not_show_its_secret(endpoint_server):
+    ps, _ = endpoint_server
+    endpoint = ps._channels[0].endpoint
+    assert endpoint.authkey.hex() not in repr(endpoint) and repr(endpoint.authkey) not in repr(endpoint)
+    assert f"pid={endpoint.pid}" in repr(endpoint)
+
+
+def test_closing_leaves_another_users_segments_alone(tmp_path):
+    # another user who read a server's prefix creates segments named with it; they are not the server's to remove
+    ps = jaxps.ParameterServer(PARAMS, optax.sgd(1.0), shards=2, transport="multiprocessing")
+    prefix = ps._transport.shm_prefix
+    path = f"/dev/shm/{prefix}s0p1c0_theirs"
+    try:
+        if os.getuid() != 0:
+            pytest.skip("needs root to act as another user")
+        with open(path, "wb"):
+            pass
+        os.chown(path, 65534, 65534)
+        ps.pull()
+        ps.close()
+        assert os.path.exists(path)
+    finally:
+        ps.close()
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def test_connecting_honours_the_pull_timeout(endpoint_server):
@@ -289,6 +435,33 @@ def test_closing_the_server_while_run_workers_runs_is_server_closed_not_a_death(
     threading.Timer(1.0, ps.close).start()
     with pytest.raises(jaxps.ServerClosedError, match="closed"):
         ps.run_workers(_push_until_closed, [None, None])
+    assert "failed" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "transport, recovery",
+    [
+        ("multiprocessing", "restart"),
+        pytest.param("multiprocessing", "standby", marks=pytest.mark.slow),
+        pytest.param("ray", "restart", marks=pytest.mark.slow),
+        pytest.param("ray", "standby", marks=pytest.mark.slow),
+    ],
+)
+def test_closing_a_server_that_recovers_shards_ends_run_workers_at_once(request, transport, recovery, tmp_path, capfd):
+    """With fail-over on, worker processes could take their stopped shards for dead ones being recovered and wait
+    out the recovery's patience (300 s): `close()` still ends `run_workers` with `ServerClosedError` at once."""
+    if transport == "ray":
+        request.getfixturevalue("ray_session")
+    kw = {"replicas": 1} if recovery == "standby" else {"on_shard_failure": "restart", "checkpoint": jaxps.Checkpointing(tmp_path, every=1000)}
+    ps = jaxps.ParameterServer(PARAMS, optax.sgd(1e-3), shards=2, mode="sync", workers=2, transport=transport, **kw)
+    try:
+        threading.Timer(2.0, ps.close).start()
+        started = time.monotonic()
+        with pytest.raises(jaxps.ServerClosedError, match="closed"):
+            ps.run_workers(_push_until_closed, [None, None])
+        assert time.monotonic() - started < 30
+    finally:
+        ps.close()
     assert "failed" not in capfd.readouterr().err
 
 

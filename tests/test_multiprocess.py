@@ -40,12 +40,13 @@ def _segments(prefix):
     return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
-def _assert_clean(pids, prefix, within=10.0):
+def _assert_clean(pids, prefix, within=10.0, socket_dir=None):
     deadline = time.monotonic() + within
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [p for p in pids if _alive(p)], "shard processes left running"
     assert not _segments(prefix), "shared-memory segments left behind"
+    assert socket_dir is None or not os.path.exists(socket_dir), "the shards' socket directory left behind"
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def server():
     for ps in made:
         ps.close()
     for ps in made:
-        _assert_clean(ps._transport.pids, ps._transport.shm_prefix)
+        _assert_clean(ps._transport.pids, ps._transport.shm_prefix, socket_dir=ps._transport.socket_dir)
 
 
 def _conn(ps, shard=0):
@@ -454,7 +455,7 @@ def test_start_timeout():
     transport = MultiprocessingTransport(start_timeout=0.01)
     with pytest.raises(RuntimeError, match="did not start within 0.01 s"):
         jaxps.ParameterServer(PARAMS, optax.sgd(0.1), transport=transport)
-    _assert_clean(transport.pids, transport.shm_prefix)
+    _assert_clean(transport.pids, transport.shm_prefix, socket_dir=transport.socket_dir)
 
 
 _SCRIPT = """
@@ -466,7 +467,7 @@ if __name__ == "__main__":
                                transport="multiprocessing")
     ps.push({"w": np.ones(1000, np.float32)}).result(60)
     ps.pull()
-    print(ps._transport.shm_prefix, *ps._transport.pids, flush=True)
+    print(ps._transport.shm_prefix, ps._transport.socket_dir, *ps._transport.pids, flush=True)
     %s
 """
 
@@ -488,7 +489,7 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        prefix, *pids = proc.stdout.readline().split()
+        prefix, socket_dir, *pids = proc.stdout.readline().split()
         pids = [int(p) for p in pids]
         assert pids, proc.communicate(timeout=60)
         if ending.startswith("held"):
@@ -503,6 +504,7 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
         if proc.poll() is None:
             proc.kill()
     _assert_clean(pids, prefix)
+    assert not os.path.exists(socket_dir), os.listdir(socket_dir)  # the shards' sockets, and their directory
     assert "leaked" not in err and "resource_tracker" not in err, err
     if ending == "pass":
         assert proc.returncode == 0, err

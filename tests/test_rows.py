@@ -140,13 +140,38 @@ def test_sync_averages_row_pushes_over_the_workers(make_server):
     assert_trees_equal(ps.params(), expected, ulp=ULP)
 
 
+def test_a_sync_step_of_row_pushes_is_the_dense_step_bit_for_bit_with_three_workers():
+    # SGD, 3 workers (a mean by 3 rounds): the step with row pushes is the dense step of the same gradients,
+    # bit for bit, on the row leaves and on the dense leaf beside them
+    params, ids = table_params(), np.arange(ROWS)
+    grads = [row_grads(ids, seed) for seed in range(3)]
+    out = {}
+    for name, kw in (("rows", {"rows": ["emb", "bias"]}), ("dense", {})):
+        with jaxps.ParameterServer(params, optax.sgd(1.0), shards=2, mode="sync", workers=3, **kw) as ps:
+            futures = [
+                ps.client(w).push(g, **({"rows": {"emb": ids, "bias": ids}} if kw else {})) for w, g in enumerate(grads)
+            ]
+            assert [f.result(30) for f in futures] == ["applied"] * 3
+            out[name] = ps.params()
+    assert_trees_equal(out["rows"], out["dense"])
+
+
 BAD_ROWS = {
     "out of range": ({"emb": [1, ROWS], "bias": [1, 2]}, r"\['emb'\] \(float32\[40, 3\]\): row ids \[40\] out of range; valid ids are 0 to 39"),
     "negative": ({"emb": [-1, 2], "bias": [1, 2]}, r"row ids \[-1\] out of range"),
+    "beyond int64": ({"emb": np.array([1, 2**63 + 5], np.uint64), "bias": [1, 2]}, r"row ids \[9223372036854775813\] out of range"),
     "rows and ids differ": ({"emb": [1, 2, 3], "bias": [1, 2]}, r"\['emb'\].*a row push of 3 ids needs a gradient of shape \[3, 3\], got float32\[2, 3\]"),
     "not a row leaf": ({"w": [0], "bias": [1, 2]}, r"rows= names 'w', which is not a row leaf; the row leaves are \[\"\['bias'\]\", \"\['emb'\]\"\]"),
     "not integers": ({"emb": [0.5, 1.0], "bias": [1, 2]}, r"row ids must be a 1-D array of integers, got float64\[2\]"),
 }
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_pull_of_no_rows_is_an_empty_table_in_every_mode(make_server, mode):
+    params = {"emb": table_params()["emb"]}  # a tree of one row leaf: no shard holds anything else to pull
+    ps = make_server(params, optax.sgd(0.1), shards=2, rows=["emb"], mode=mode, workers=1)
+    got = ps.client(0).pull(rows={"emb": []}, timeout=60)
+    assert got["emb"].shape == (0, DIM) and got["emb"].dtype == np.float32
 
 
 def test_bad_rows_change_nothing_and_the_server_keeps_serving(make_server):
@@ -217,3 +242,24 @@ def test_what_row_leaves_do_not_support_is_refused_at_once():
         with pytest.raises(jaxps.NotShardableError, match=r"reduces over whole leaves, and row leaves \(rows=\) are split.*\['emb'\]"):
             jaxps.ParameterServer(params, optax.lamb(1e-2), shards=shards, rows=["emb"])
     jaxps.ParameterServer(params, optax.adam(1e-2), rows=["emb"]).close()  # elementwise: accepted
+    for dtype in (jnp.float32, jnp.bfloat16):  # a table of zeros, the usual start of a bias table: refused all the same
+        zeros = {"bias": jnp.zeros((ROWS,), dtype)}
+        for tx in (optax.lamb(1e-2), optax.lamb(1e-3), optax.lars(1e-3)):
+            with pytest.raises(jaxps.NotShardableError, match=r"reduces over whole leaves.*\['bias'\]"):
+                jaxps.ParameterServer(zeros, tx, rows=["bias"])
+
+
+@pytest.mark.parametrize("tx", [optax.sgd(0.5), optax.adam(0.1)], ids=["sgd", "adam"])
+def test_a_bfloat16_table_is_a_row_leaf_and_its_row_pushes_are_its_dense_pushes(tx):
+    # lazy Adam and SGD on a bfloat16 table: a push of every row is the dense push, bit for bit
+    params = {"emb": jnp.asarray(np.random.default_rng(0).standard_normal((9, 2)), jnp.bfloat16)}
+    g = np.random.default_rng(1).standard_normal((9, 2)).astype(jnp.bfloat16)
+    out = []
+    for kw, push in (({"rows": ["emb"], "shards": 2}, {"rows": {"emb": np.arange(9)}}), ({}, {})):
+        with jaxps.ParameterServer(params, tx, **kw) as ps:
+            client = ps.client(0)
+            for _ in range(2):
+                client.push({"emb": g}, **push).result()
+            out.append(ps.params())
+    assert out[0]["emb"].dtype == jnp.bfloat16
+    assert_trees_equal(out[0], out[1])

@@ -28,6 +28,7 @@ import errno
 import itertools
 import mmap
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -58,9 +59,13 @@ class EndpointServer:
         prefix: str | None = None,
         authkey: bytes | None = None,
         tcp_host: str | None = None,
+        socket_dir: str | None = None,
     ):
-        """`prefix` names the segments and (on Linux) the socket: a shard restarted with its prefix and
-        `authkey` is reached at the same endpoint. `tcp_host`: also serve over TCP, bound to that address."""
+        """`prefix` names the segments and the socket. `socket_dir`: a directory only this user can enter (the
+        server's), where the socket is a file: a shard restarted with its prefix and `authkey` in the same
+        directory is reached at the same endpoint, and no other user can take that address meanwhile. Without
+        it the socket is abstract (Linux; its name is random) or in a directory of its own. `tcp_host`: also
+        serve over TCP, bound to that address."""
         self.service = service
         self.layout = tuple(layout)
         self.prefix = prefix or f"jaxps_{uuid.uuid4().hex[:16]}_"
@@ -75,20 +80,25 @@ class EndpointServer:
         self._ids = itertools.count()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._socket_dir = None
-        if sys.platform.startswith("linux"):  # abstract: no file to leave behind; peers checked by uid
+        if socket_dir is not None:  # the server's own directory: a dead predecessor's socket file is replaced
+            address = os.path.join(socket_dir, f"{self.prefix}s{service.shard.index}")
+            if os.path.exists(address):
+                os.unlink(address)
+        elif sys.platform.startswith("linux"):  # abstract: no file to leave behind; peers checked by uid
             address = f"\0{self.prefix}s{service.shard.index}"
         else:  # a socket file in a directory only this user can enter
             self._socket_dir = tempfile.mkdtemp(prefix="jaxps_")
             address = os.path.join(self._socket_dir, "shard")
         self._listener.bind(address)
-        self._listener.listen(64)
+        self._socket_file = _identity(address) if socket_dir is not None else None
+        self._listener.listen(socket.SOMAXCONN)  # (a flood of connections from others waits in the queue)
         self._listeners = [self._listener]
         tcp = None
         if tcp_host is not None:
             family = socket.AF_INET6 if ":" in tcp_host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
             listener.bind((tcp_host, 0))
-            listener.listen(64)
+            listener.listen(socket.SOMAXCONN)
             self._listeners.append(listener)
             tcp = (tcp_host, listener.getsockname()[1])
         self.endpoint = wire.Endpoint(address, authkey or os.urandom(32), self.layout, os.getpid(), node, tcp)
@@ -127,7 +137,8 @@ class EndpointServer:
             return
         if streamed:
             return self._serve_streamed(conn, deadline)
-        name = f"{self.prefix}s{self.service.shard.index}p{os.getpid()}c{next(self._ids)}"
+        # a random part: another user who reads the prefix cannot take the names first (O_EXCL would refuse them)
+        name = f"{self.prefix}s{self.service.shard.index}p{os.getpid()}c{next(self._ids)}_{secrets.token_hex(8)}"
         names = (f"{name}_push", f"{name}_pull0")
         bufs = []
         try:
@@ -191,6 +202,20 @@ class EndpointServer:
             listener.close()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self._socket_file is not None and _identity(self._socket_file[0]) == self._socket_file:  # (not a successor's)
+            try:
+                os.unlink(self._socket_file[0])
+            except OSError:
+                pass
+
+
+def _identity(path: str) -> tuple | None:
+    """`(path, device, inode)` of a file, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, st.st_dev, st.st_ino)
 
 
 def serve(service: ShardService, layout, **options) -> EndpointServer:

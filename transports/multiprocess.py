@@ -18,8 +18,10 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -47,9 +49,10 @@ def standby_died(index: int, pid: int) -> ShardDiedError:
     return ShardDiedError(f"shard {index}'s standby (pid {pid}) has died")
 
 
-def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None, primary: tuple | None = None) -> None:
+def _shard_main(ctrl, payload: bytes, prefix: str, socket_dir: str | None, authkey: bytes | None = None, primary: tuple | None = None) -> None:
     """A shard process: reports its endpoint (or its traceback), serves, exits on 'stop' or its parent's end.
 
+    Its socket is a file in the server's `socket_dir`, a directory only this user can enter.
     A restarted shard gets its predecessor's `authkey` (and `prefix`): it serves at the same endpoint.
     A standby gets its primary's `(prefix, authkey)`: once it takes over, it serves there too.
     """
@@ -63,10 +66,10 @@ def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None,
         if config.restore is None and config.leaves is not None:
             config = dataclasses.replace(config, leaves=config.leaves.load())
         service = ShardService(Shard(config))
-        servers = [serve(service, config.plan.layout(config.index), prefix=prefix, authkey=authkey)]
+        servers = [serve(service, config.plan.layout(config.index), prefix=prefix, authkey=authkey, socket_dir=socket_dir)]
         if primary is not None:
             layout = config.plan.layout(config.index)
-            service.on_take_over = lambda: servers.append(serve(service, layout, prefix=primary[0], authkey=primary[1]))
+            service.on_take_over = lambda: servers.append(serve(service, layout, prefix=primary[0], authkey=primary[1], socket_dir=socket_dir))
     except BaseException:
         ctrl.send(wire.Refused(traceback.format_exc()))
         return
@@ -77,6 +80,11 @@ def _shard_main(ctrl, payload: bytes, prefix: str, authkey: bytes | None = None,
         pass
     for server in servers:
         server.stop()
+    try:  # the last shard to stop removes the directory (its parent may have been killed)
+        if socket_dir is not None:
+            os.rmdir(socket_dir)
+    except OSError:
+        pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # serving threads may be inside JAX; do not wait for them
@@ -124,7 +132,21 @@ def _worker_main(out, payload: bytes) -> None:
         pass
 
 
-def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict) -> None:
+def _socket_dir() -> str | None:
+    """A new directory for the shards' sockets, mode 0700: another user can neither reach nor take an address
+    there. Short (a socket's path holds ~107 bytes): the temporary directory, $XDG_RUNTIME_DIR or /tmp; None if
+    none can be made (the sockets are then abstract, Linux's, under a random name; a client still answers only
+    a listener of its own user)."""
+    for parent in (tempfile.gettempdir(), os.environ.get("XDG_RUNTIME_DIR"), "/tmp"):
+        if parent and len(parent) <= 48:
+            try:
+                return tempfile.mkdtemp(prefix="jaxps_", dir=parent)
+            except OSError:
+                continue
+    return None
+
+
+def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict, socket_dir: str | None) -> None:
     procs = [*procs, *(p for p, _, _ in standbys.values())]
     ctrls = [*ctrls, *(ctrl for _, ctrl, _ in standbys.values())]
     channels = [*channels, *(channel for _, _, channel in standbys.values())]
@@ -144,6 +166,8 @@ def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict) -> None:
     for ctrl in ctrls:
         ctrl.close()
     shm.sweep(prefix)
+    if socket_dir is not None:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 class MultiprocessingTransport:
@@ -170,6 +194,7 @@ class MultiprocessingTransport:
         self._standbys_started = 0
         self._finalizer: weakref.finalize | None = None
         self.shm_prefix: str | None = None  # every segment of this server is named with it
+        self.socket_dir: str | None = None  # the shards' sockets: a directory only this user can enter
 
     @property
     def pids(self) -> list[int]:
@@ -180,9 +205,10 @@ class MultiprocessingTransport:
         if self._finalizer is not None:
             raise RuntimeError("this transport has already been started")
         prefix = self.shm_prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
+        self.socket_dir = _socket_dir()
         if self._recovery is not None:
             self._recovery = self._recovery._replace(given_up=f"{prefix}given_up")
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._ctrls, self._channels, prefix, self._standbys)
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._ctrls, self._channels, prefix, self._standbys, self.socket_dir)
         inits = []
         try:
             for config in configs:
@@ -216,7 +242,7 @@ class MultiprocessingTransport:
         ours, theirs = self._ctx.Pipe()
         p = self._ctx.Process(
             target=_shard_main,
-            args=(theirs, payload, prefix or self.shm_prefix, authkey, primary),
+            args=(theirs, payload, prefix or self.shm_prefix, self.socket_dir, authkey, primary),
             name=f"jaxps-shard-{config.index}{'-standby' if primary else ''}",
             daemon=True,
         )
@@ -234,7 +260,7 @@ class MultiprocessingTransport:
         """Before `start`: clients wait up to `timeout` s for a dead shard to be restarted (or, `standby`, taken
         over by its standby), instead of failing."""
         if not sys.platform.startswith("linux"):
-            raise NotImplementedError("restarting shards needs Linux (a restarted shard serves at its predecessor's socket)")
+            raise NotImplementedError("restarting shards needs Linux (clients learn that a shard will not come back through /dev/shm)")
         self._recovery = Recovery(timeout, "", standby)  # the segment's name is known once `start` picks the prefix
 
     # -- hot standby (`ParameterServer(replicas=1)`) ---------------------------------------
@@ -273,6 +299,11 @@ class MultiprocessingTransport:
             p.kill()
         p.join(5.0)
         ctrl.close()
+        if self.socket_dir is not None and not p.is_alive():  # its socket file (a killed process leaves it)
+            try:
+                os.unlink(channel.endpoint.address)
+            except OSError:
+                pass
 
     def promote(self, i: int) -> None:
         """Shard `i`'s primary died: its standby takes over, serving where clients reached the primary."""
@@ -296,7 +327,8 @@ class MultiprocessingTransport:
         p, ours = self._spawn(config, self._endpoints[i].authkey)
         self._procs[i], self._ctrls[i] = p, ours
         endpoint = self._await_ready(i, p, ours, time.monotonic() + self.start_timeout)
-        assert endpoint.address == self._endpoints[i].address, (endpoint, self._endpoints[i])
+        if endpoint.address != self._endpoints[i].address:  # (a bug if ever seen: clients reconnect to the old address)
+            raise RuntimeError(f"shard {i} restarted at {endpoint.address!r}, not at its predecessor's {self._endpoints[i].address!r}")
 
     def give_up(self, reason: str) -> None:
         """Dead shards stay dead: clients waiting for one raise `ShardDiedError(reason)`."""

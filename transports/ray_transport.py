@@ -476,6 +476,22 @@ def _sweep(endpoint: wire.Endpoint | None) -> None:
         shm.sweep(f"{address[1:]}p{endpoint.pid}c", tracked=False)
 
 
+def _cancel(refs: list, timeout: float = 5.0) -> None:
+    """Cancels running tasks and collects their ends (Ray logs a failed task's error nobody fetched); quietly, as
+    the session may be shutting down meanwhile."""
+    try:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    except Exception:
+        return
+    for ref in done:
+        try:
+            ray.get(ref)
+        except Exception:
+            pass
+
+
 def _await_death(actors: list, timeout: float) -> None:
     """Waits until the killed `actors` answer no more calls (`ray.kill` only asks)."""
     deadline = time.monotonic() + timeout
@@ -549,6 +565,7 @@ class RayTransport:
         self._recovery: Recovery | None = None
         self._watches: list = []  # per shard: a call that fails once its actor is dead
         self._given_up = None
+        self._closed = False
         self._names: dict[int, str] = {}  # per shard: its actor's name, where it changed (a standby took over)
         self._standbys: dict[int, tuple] = {}  # per shard: (actor, watch, channel) of its standby
 
@@ -721,7 +738,15 @@ class RayTransport:
         try:  # let every worker finish, as threads would
             while running:
                 # in short waits: a signal (Ctrl-C) is raised only between them
-                done, running = ray.wait(running, num_returns=1, timeout=0.2)
+                try:
+                    done, running = ray.wait(running, num_returns=1, timeout=0.2)
+                except Exception:
+                    if not self._closed:
+                        raise
+                    done = []  # (the session this transport started is being shut down)
+                if self._closed and running and not done:  # (a task waiting for a shard's recovery would wait it out)
+                    _cancel(running)
+                    raise ServerClosedError("the ParameterServer was closed while run_workers ran its workers")
                 for ref in done:
                     try:
                         outcomes[index[ref]] = (ray.get(ref), None)
@@ -744,6 +769,7 @@ class RayTransport:
 
     def close(self) -> None:
         """Kills the shard actors; shuts Ray down if a transport started it and this was its last user. Idempotent."""
+        self._closed = True  # (a `run_workers` under way cancels its tasks)
         actors, self._actors = self._actors, []
         channels, self._channels = self._channels, []
         self._watches = []

@@ -47,6 +47,13 @@ def create(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def _owned(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.getuid()
+    except OSError:  # gone meanwhile
+        return False
+
+
 def attach(name: str) -> mmap.mmap:
     """Maps an existing segment; its creator keeps ownership of the name."""
     fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
@@ -68,9 +75,10 @@ def unlink(name: str, tracked: bool = True) -> None:
 
 
 def sweep(prefix: str, tracked: bool = True) -> list[str]:
-    """Unlinks every segment whose name starts with `prefix`; returns their names."""
+    """Unlinks every segment of this user whose name starts with `prefix`; returns their names. (Another
+    user's, named alike to get in the way, are not this server's to remove, even where it could.)"""
     try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix) and _owned(os.path.join(SHM_DIR, n))]
     except OSError:
         return []
     for name in names:
@@ -87,7 +95,9 @@ def write_text(name: str, text: str) -> None:
 
 
 def read_text(name: str) -> str | None:
-    """The text `write_text` left in segment `name`, or None if there is none."""
+    """The text `write_text` left in segment `name`, or None if there is none (or only another user's)."""
+    if not _owned(os.path.join(SHM_DIR, name)):
+        return None
     try:
         buf = attach(name)
     except FileNotFoundError:

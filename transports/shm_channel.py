@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import os
 import threading
 import time
 import weakref
@@ -397,9 +398,19 @@ class SharedMemoryChannel(ShardChannel):
     def gone(self) -> Exception:
         if self.closed:
             return ServerClosedError("the ParameterServer is closed")
+        if self._server_gone():
+            return ServerClosedError("the ParameterServer was closed (or its driver ended): its shards' socket directory is gone")
         if self.recovery is not None:
             return died_during_request(self.index, self.recovery.standby)
         return self.died()
+
+    def _server_gone(self) -> bool:
+        """Whether the directory of the shard's socket is gone: its server was closed, or its driver and shards
+        ended (no restart can come: a restarted shard serves in that directory). An abstract socket cannot say."""
+        address = self.endpoint.address
+        if self.tcp or not isinstance(address, str) or address.startswith("\0"):  # (over TCP: another machine's path)
+            return False
+        return not os.path.isdir(os.path.dirname(address))
 
     def conn(self, timeout: float | None = None, wait: bool = True) -> _Conn:
         """This thread's connection, made on first use (within `timeout` seconds).
@@ -428,7 +439,7 @@ class SharedMemoryChannel(ShardChannel):
                 reason = shm.read_text(self.recovery.given_up)
                 if reason is not None:
                     raise ShardDiedError(reason) from None
-                if self.closed:
+                if self.closed or self._server_gone():
                     raise self.gone() from None
                 if time.monotonic() >= deadline:
                     raise not_back from None

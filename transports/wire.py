@@ -56,6 +56,9 @@ class Endpoint(NamedTuple):
     node: str | None = None  # the Ray node it runs on, if any
     tcp: tuple[str, int] | None = None  # (node address, port) for clients on other machines, if served
 
+    def __repr__(self) -> str:  # never the secret
+        return f"Endpoint(address={self.address!r}, pid={self.pid}, node={self.node!r}, tcp={self.tcp!r}, {len(self.layout)} leaves)"
+
 
 # -- client -> endpoint ----------------------------------------------------------------
 class Call(NamedTuple):
@@ -349,23 +352,34 @@ def accept(sock: socket.socket, authkey: bytes, timeout: float = HANDSHAKE_TIMEO
 
 def connect(endpoint: Endpoint, timeout: float | None = None, tcp: bool = False) -> connection.Connection:
     """The client's side: connects (to `endpoint.tcp` if `tcp`) and authenticates within `timeout` seconds
-    (default `CONNECT_TIMEOUT`)."""
+    (default `CONNECT_TIMEOUT`). On a Unix socket, it answers only a listener of its own user."""
     timeout = CONNECT_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     if tcp and endpoint.tcp is None:
         raise ValueError("this shard's endpoint is not served over TCP")
-    sock = socket.socket(socket.AF_INET6 if tcp and ":" in endpoint.tcp[0] else socket.AF_INET if tcp else socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(max(timeout, 1e-3))
-        if tcp:
-            tune_tcp(sock)
-        sock.connect(tuple(endpoint.tcp) if tcp else endpoint.address)
-    except socket.timeout:
+    while True:
+        sock = socket.socket(socket.AF_INET6 if tcp and ":" in endpoint.tcp[0] else socket.AF_INET if tcp else socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            if tcp:
+                tune_tcp(sock)
+            sock.connect(tuple(endpoint.tcp) if tcp else endpoint.address)
+            break
+        except BlockingIOError:  # a Unix socket's accept queue is full (others flooding it): room comes, or the deadline
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the shard's endpoint did not accept a connection within {timeout} s (its queue stayed full)") from None
+            time.sleep(0.005)
+        except socket.timeout:
+            sock.close()
+            raise TimeoutError(f"the shard's endpoint did not accept a connection within {timeout} s") from None
+        except BaseException:
+            sock.close()
+            raise
+    uid = peer_uid(sock)
+    if uid is not None and uid != os.getuid():  # not our shard: another user holds its address
         sock.close()
-        raise TimeoutError(f"the shard's endpoint did not accept a connection within {timeout} s") from None
-    except BaseException:
-        sock.close()
-        raise
+        raise PermissionError(f"a process of user {uid}, not this user's shard, listens at the shard's address {endpoint.address!r}")
     try:
         return _authenticated(sock, endpoint.authkey, False, max(1e-3, deadline - time.monotonic()))
     except (EOFError, OSError) as e:
