@@ -130,12 +130,16 @@ def wait_for(predicate, seconds=20.0) -> bool:
 
 
 def gone(pid: int) -> bool:
-    """Whether process `pid` has ended."""
+    """Whether process `pid` has ended (a zombie, not yet reaped by its parent, has)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @contextlib.contextmanager
