@@ -511,9 +511,9 @@ def commit(
     return metadata
 
 
-def check_keep(keep: Any) -> None:
+def check_keep(keep: Any, what: str = "keep") -> None:
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+        raise ValueError(f"{what} must be a positive int or None, got {keep!r}")
 
 
 def retain(directory: str | os.PathLike, step: int, keep: int | None) -> None:

@@ -58,8 +58,7 @@ class Checkpointing:
         object.__setattr__(self, "directory", str(checkpoint.location(self.directory)))
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"Checkpointing(every=...) must be a positive int, got {self.every!r}")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
-            raise ValueError(f"Checkpointing(keep=...) must be a positive int or None, got {self.keep!r}")
+        checkpoint.check_keep(self.keep, "Checkpointing(keep=...)")
 
 
 class Saver:
