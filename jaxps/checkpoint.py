@@ -45,6 +45,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import numbers
 import os
 import re
 import shutil
@@ -512,7 +513,7 @@ def commit(
 
 
 def check_keep(keep: Any, what: str = "keep") -> None:
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1):
         raise ValueError(f"{what} must be a positive int or None, got {keep!r}")
 
 
@@ -532,13 +533,14 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
     """The metadata of `step` (default: the latest complete step) in `directory`."""
     root = location(directory)
     if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {root} " + ("is a file" if root.exists() else "does not exist"))
     complete = steps(root)
     if not complete:
         raise FileNotFoundError(f"{root} holds no complete checkpoint")
-    if step is None:
-        step = complete[-1]
-    elif step not in complete:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+        raise TypeError(f"step must be an int (a complete step of {root}: {complete}) or None for the latest, got {step!r}")
+    step = complete[-1] if step is None else int(step)
+    if step not in complete:
         raise FileNotFoundError(f"{root} has no complete checkpoint for step {step}; complete steps: {complete}")
     others = [s for s in complete if s != step]
     metadata = _read_json(root / str(step) / METADATA, f"step {step} in {root} cannot be read (other complete steps: {others})")

@@ -697,6 +697,31 @@ def run_worker(fn, client: Client, arg: Any) -> Any:
     return result
 
 
+def unpicklable_worker(client: Client, fn: Any, arg: Any, error: Exception, dumps, where: str) -> TypeError:
+    """The error for a worker that cannot be sent to `where` (its process, its Ray task): names what does not pickle."""
+    def pickles(obj: Any) -> bool:
+        try:
+            dumps(obj)
+            return True
+        except Exception:
+            return False
+
+    what = "its function" if not pickles(fn) else "its argument" if not pickles(arg) else "its client"
+    return TypeError(
+        f"worker {client.worker} cannot be sent to {where}: {what} cannot be pickled ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}). Workers need a function defined in a module or a script "
+        "(under `if __name__ == '__main__':`) and arguments that pickle (no locks, open files, threads or generators)"
+    )
+
+
+def unpicklable_result(client: Client, result: Any, error: Exception) -> TypeError:
+    """The error for a worker's result that cannot be pickled back to the driver."""
+    return TypeError(
+        f"worker {client.worker}'s result ({type(result).__name__}) cannot be pickled back to the driver ({error}): "
+        "return plain data (numbers, arrays, lists, dicts)"
+    )
+
+
 def worker_failed(client: Client, error: BaseException, others_running: bool) -> None:
     """Says on stderr that `client`'s worker failed while others go on (`run_workers` raises its error once they are
     done: a worker's failure does not stop the others, as a worker's death does not)."""

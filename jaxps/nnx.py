@@ -48,7 +48,7 @@ class Optimizer(nnx.Pytree):
     back into `model` in place: at once when called eagerly; inside a step
     compiled with `jaxps.nnx.jit`, as that step returns. An Optimizer serves
     the model it was built with. `step` counts this optimizer's updates
-    (`server.step` the server's).
+    (`server.step` the server's), and after `run_workers` is the server's.
     """
 
     def __init__(self, model, tx: optax.GradientTransformation | Client, *, wrt: Any = nnx.Param, values: Any = nnx.BatchStat, **server_options):
@@ -130,7 +130,8 @@ class Optimizer(nnx.Pytree):
         streams are worker i's: each stream's key folded with `i` on the first
         call, and continued where the worker left off on later calls.
         `optimizer_i` is worker i's Optimizer. Afterwards `model` holds the
-        server's state (parameters and value leaves). If every result is a metric
+        server's state (parameters and value leaves), and `step` the server's
+        step (the updates that state holds). If every result is a metric
         (`nnx.Metric`, `nnx.MultiMetric`) or a dict, they come back merged by
         `merge_metrics`; else as a list.
         """
@@ -140,6 +141,7 @@ class Optimizer(nnx.Pytree):
         results = self.server.run_workers(_worker, jobs)
         self._link.rng_states.update({i: state for i, (_, state) in enumerate(results)})
         nnx.update(model, self.server.params())
+        self.step[...] = jnp.asarray(self.server.step, self.step[...].dtype)  # the updates `model` now holds
         results = [r for r, _ in results]
         if results and all(isinstance(r, (nnx.Metric, dict)) for r in results):
             return merge_metrics(results)

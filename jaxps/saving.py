@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import numbers
 import os
 import threading
 import warnings
@@ -56,9 +57,13 @@ class Checkpointing:
     def __post_init__(self):
         # a relative path is the caller's: made absolute now, since the shards and the fail-over get it as it is
         object.__setattr__(self, "directory", str(checkpoint.location(self.directory)))
-        if not isinstance(self.every, int) or self.every < 1:
+        if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
             raise ValueError(f"Checkpointing(every=...) must be a positive int, got {self.every!r}")
+        object.__setattr__(self, "every", int(self.every))
+        if isinstance(self.poll, bool) or not isinstance(self.poll, numbers.Real) or not 0 < self.poll < float("inf"):
+            raise ValueError(f"Checkpointing(poll=...) must be a positive number of seconds, got {self.poll!r}")
         checkpoint.check_keep(self.keep, "Checkpointing(keep=...)")
+        object.__setattr__(self, "keep", None if self.keep is None else int(self.keep))
 
 
 class Saver:

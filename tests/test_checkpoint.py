@@ -230,7 +230,14 @@ def test_missing_directory_step_or_complete_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no complete checkpoint for step 4; complete steps: \[3, 5\]"):
         ck.restore(tmp_path, params, tx, plan, step=4)
     assert ck.restore(tmp_path, params, tx, plan, step=3)[0]["step"] == 3
+    assert ck.restore(tmp_path, params, tx, plan, step=np.int64(3))[0]["step"] == 3
     assert ck.restore(tmp_path, params, tx, plan)[0]["step"] == 5
+    for step in ("3", 3.0, True):
+        with pytest.raises(TypeError, match=rf"step must be an int \(a complete step of {tmp_path}: \[3, 5\]\)"):
+            ck.restore(tmp_path, params, tx, plan, step=step)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileNotFoundError, match=f"checkpoint directory {tmp_path / 'file'} is a file"):
+        ck.restore(tmp_path / "file", params, tx, plan)
 
 
 def test_retention_keeps_the_latest_k(tmp_path):

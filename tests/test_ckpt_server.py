@@ -245,6 +245,10 @@ def test_a_bad_keep_is_refused_before_anything_is_written(tmp_path):
             with pytest.raises(ValueError, match=f"keep must be a positive int or None, got {keep!r}"):
                 ps.save(tmp_path / "ck", keep=keep)
         assert not (tmp_path / "ck").exists()
+    for bad in (dict(every=True), dict(every=2.0), dict(every=1, poll=0), dict(every=1, poll=-1.0), dict(every=1, keep=0)):
+        with pytest.raises(ValueError, match=r"Checkpointing\((every|poll|keep)=\.\.\.\) must be a positive"):
+            jaxps.Checkpointing(tmp_path / "ck", **bad)
+    assert jaxps.Checkpointing(tmp_path / "ck", every=np.int64(5), keep=np.int64(2)).keep == 2
 
 
 def test_saving_after_restoring_an_older_step_keeps_the_new_line_and_leaves_the_old_one(tmp_path):

@@ -157,6 +157,29 @@ def test_a_push_in_flight_when_a_shard_dies_is_rolled_back(tmp_path, restarting)
         ps.close()
 
 
+def test_a_push_after_a_restart_reaches_the_restarted_shard_not_its_dead_predecessor(tmp_path):
+    """A thread's connection to the dead shard is found dead before a push is staged on it: the push goes to the
+    restarted shard and is applied by every shard alike (else: applied on one, "rolled_back" on the other, and
+    every later save waits for a cut the shards can never reach)."""
+    zeros = {"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}
+    ps = jaxps.ParameterServer(
+        zeros, optax.sgd(1.0), shards=2, transport="multiprocessing", assign=lambda path, leaf: int(path == "['b']"),
+        checkpoint=jaxps.Checkpointing(tmp_path, every=10**6), on_shard_failure="restart",
+    )
+    try:
+        ones = jax.tree.map(np.ones_like, zeros)
+        assert ps.push(ones).result(60) == "applied"  # this thread has a connection to each shard now
+        _kill(ps, 1)
+        assert wait_for(lambda: ps.stats()["restarts"] == 1, 120)
+        assert ps.push(ones).result(60) == "applied"
+        assert [s["steps"] for s in ps.stats()["shards"]] == [1, 1]
+        for leaf in ps.params().values():  # rolled back to step 0, then one push
+            np.testing.assert_array_equal(np.asarray(leaf), -np.ones(4, np.float32))
+        assert ps.save(tmp_path, wait=False).result(60) == 1  # and this thread's saves are served
+    finally:
+        ps.close()
+
+
 def _sync_steps(ps, n):
     """`n` sync steps of the oracle's gradients, both workers pushing from this thread."""
     clients = [ps.client(w) for w in range(WORKERS)]

@@ -218,10 +218,10 @@ def test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_acros
             assert isinstance(g, nnx.MultiMetric)
             assert int(g.loss.count[...]) == 4 and int(g.accuracy.count[...]) == 32  # 2 workers x 2 batches (x 8)
             assert_trees_equal(g.compute(), e.compute(), ulp=ULP)  # sums in another order
-        assert opt.server.step == 4
+        assert opt.server.step == 4 and int(opt.step[...]) == 4  # the updates the driver's model now holds
         # the driver's model goes on: run_workers gave worker 0 a new client, which its next step pushes through
         nnx_train_step(model, opt, new_metrics(), *batches(5, n=1)[0])
-        assert (opt.server.step, opt.server.stats()["pushes_dropped"]) == (5, 0)
+        assert (opt.server.step, opt.server.stats()["pushes_dropped"], int(opt.step[...])) == (5, 0, 5)
         assert_trees_equal(full_state(model), opt.server.params())
     finally:
         opt.server.close()

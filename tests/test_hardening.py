@@ -412,13 +412,25 @@ def _push_until_closed(client, _):
         client.push({k: np.ones_like(v) for k, v in client.pull().items()}).result(60)
 
 
+def _push_or_compute_until_closed(client, _):
+    if client.worker == 2:
+        time.sleep(BUSY_S)  # a long computation, no pull or push
+    _push_until_closed(client, _)
+
+
+BUSY_S = 40
+
+
 def test_closing_the_server_while_run_workers_runs_is_server_closed_not_a_death(make_server, capfd):
     """`ps.close()` from another thread mid-run: `run_workers` raises `ServerClosedError` (worker processes
-    see their shards stop, which is not a shard's death), and no worker is reported as failed."""
-    ps = make_server(PARAMS, optax.sgd(1e-3), shards=2, mode="sync", workers=2)
+    see their shards stop, which is not a shard's death), and no worker is reported as failed; without waiting
+    for a worker busy away from the server (in-process: a thread cannot be stopped, it is waited for 5 s)."""
+    ps = make_server(PARAMS, optax.sgd(1e-3), shards=2, mode="async")
     threading.Timer(1.0, ps.close).start()
+    started = time.monotonic()
     with pytest.raises(jaxps.ServerClosedError, match="closed"):
-        ps.run_workers(_push_until_closed, [None, None])
+        ps.run_workers(_push_or_compute_until_closed, [None, None, None])
+    assert time.monotonic() - started < BUSY_S / 2
     assert "failed" not in capfd.readouterr().err
 
 

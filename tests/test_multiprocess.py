@@ -6,6 +6,7 @@ import operator
 import os
 import pickle
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from helpers import assert_trees_equal, grads_like, params_tree, wait_for
 
 import jaxps
-from jaxps.transports import shm_channel
+from jaxps.transports import multiprocess, shm_channel
 from jaxps.transports.multiprocess import POOL, MultiprocessingTransport
 
 PARAMS = {"a": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(5, np.float32), "c": np.float32(2.0)}
@@ -461,12 +462,15 @@ def test_start_timeout():
 _SCRIPT = """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, whatever the runner ignores
+import typing
 import numpy as np, optax, jaxps
+class Params(typing.NamedTuple):  # a class of __main__ in the tree: the shards rebuild it (cloudpickle >= 3)
+    w: typing.Any
 if __name__ == "__main__":
-    ps = jaxps.ParameterServer({"w": np.zeros(1000, np.float32)}, optax.sgd(0.1), shards=1,
+    ps = jaxps.ParameterServer(Params(np.zeros(1000, np.float32)), optax.sgd(0.1), shards=1,
                                transport="multiprocessing")
-    ps.push({"w": np.ones(1000, np.float32)}).result(60)
-    ps.pull()
+    ps.push(Params(np.ones(1000, np.float32))).result(60)
+    assert isinstance(ps.pull(), Params)
     print(ps._transport.shm_prefix, ps._transport.socket_dir, *ps._transport.pids, flush=True)
     %s
 """
@@ -478,11 +482,12 @@ if __name__ == "__main__":
         "pass",  # exits without close(): atexit cleans up
         "time.sleep(120)",  # SIGKILLed: the shard notices its parent is gone
         "held = [ps.pull() for _ in range(6)]; print(flush=True); time.sleep(120)",  # the same, with a full pool
-        "while True: ps.push({'w': np.ones(1000, np.float32)}); ps.pull()",  # Ctrl-C
+        "while True: ps.push(Params(np.ones(1000, np.float32))); ps.pull()",  # Ctrl-C
+        "time.sleep(120) # and its shards with it",  # SIGKILL to the group: the next server sweeps the socket directory
     ],
-    ids=["exit-without-close", "parent-killed", "parent-killed-holding-pulls", "ctrl-c"],
+    ids=["exit-without-close", "parent-killed", "parent-killed-holding-pulls", "ctrl-c", "group-killed"],
 )
-def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
+def test_no_leftovers_when_the_parent_goes(tmp_path, ending, monkeypatch):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(_SCRIPT % ending))
     proc = subprocess.Popen(
@@ -494,7 +499,9 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
         assert pids, proc.communicate(timeout=60)
         if ending.startswith("held"):
             assert proc.stdout.readline() == "\n", proc.communicate(timeout=60)  # the pulls are held
-        if "time.sleep" in ending:
+        if "shards with it" in ending:
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif "time.sleep" in ending:
             proc.kill()
         elif ending.startswith("while"):
             time.sleep(0.5)
@@ -504,10 +511,45 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending):
         if proc.poll() is None:
             proc.kill()
     _assert_clean(pids, prefix)
+    if "shards with it" in ending:  # nobody was left to remove it: what a later server's sweep removes
+        assert os.path.isdir(socket_dir)
+        parent = os.path.dirname(socket_dir)
+        assert socket_dir not in multiprocess.sweep_socket_dirs(parent)  # not yet: it might be a server starting
+        monkeypatch.setattr(multiprocess, "LEFT_FOR_S", 0.0)
+        assert socket_dir in multiprocess.sweep_socket_dirs(parent)
     assert not os.path.exists(socket_dir), os.listdir(socket_dir)  # the shards' sockets, and their directory
     assert "leaked" not in err and "resource_tracker" not in err, err
     if ending == "pass":
         assert proc.returncode == 0, err
+
+
+def test_the_sweep_leaves_socket_directories_that_may_be_in_use(tmp_path, monkeypatch):
+    """Only a directory named for a process gone, untouched a while, with no socket anyone listens on is swept."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone_pid, old = int(ended.stdout), time.time() - 2 * multiprocess.LEFT_FOR_S
+    made = {}
+    for name, pid in [("left", gone_pid), ("young", gone_pid), ("listened", gone_pid), ("mine", os.getpid()), ("odd", gone_pid)]:
+        made[name] = tmp_path / f"jaxps_{pid}_{name}"
+        made[name].mkdir(mode=0o700)
+    sockets = []
+    for name in ("left", "listened"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(made[name] / "s0"))
+        sockets.append(s)
+    sockets[1].listen()
+    sockets[0].close()  # bound, never listening: as a killed shard leaves its socket
+    (made["odd"] / "notes.txt").write_text("not a socket")
+    try:
+        for name, path in made.items():
+            if name != "young":
+                os.utime(path, (old, old))
+        assert multiprocess.sweep_socket_dirs(str(tmp_path)) == [str(made["left"])]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(str(made[n].name) for n in made if n != "left")
+    finally:
+        sockets[1].close()
+    made_now = multiprocess._socket_dir()  # a server's: named for the process that made it
+    os.rmdir(made_now)
+    assert os.path.basename(made_now).startswith(f"jaxps_{os.getpid()}_")
 
 
 def test_large_numpy_push_with_nan_is_staged_then_rejected(server):

@@ -80,6 +80,28 @@ def test_run_workers_runs_ray_tasks_in_order_of_args():
         np.testing.assert_array_equal(ps.params()["a"], np.full((4, 3), 5.0, np.float32))
 
 
+def _identity(client, arg):
+    return arg
+
+
+def _an_event(client, arg):
+    return threading.Event() if arg == 1 else arg
+
+
+def test_what_cannot_cross_to_or_from_a_worker_task_is_named():
+    """As on multiprocessing: the worker and what does not pickle, not Ray's own message; the others leave."""
+    lock = threading.Lock()
+    with _server(mode="sync", workers=2) as ps:
+        with pytest.raises(TypeError, match="worker 0 cannot be sent to its Ray task: its function cannot be pickled"):
+            ps.run_workers(lambda client, arg: lock.acquire(), [0, 1])
+        with pytest.raises(TypeError, match="worker 1 cannot be sent to its Ray task: its argument cannot be pickled"):
+            ps.run_workers(_identity, [1, lock])
+        with pytest.raises(TypeError, match=r"worker 1's result \(Event\) cannot be pickled back to the driver"):
+            ps.run_workers(_an_event, [0, 1])
+        assert ps.push(ONES).result(30) == "applied" and ps.step == 1  # nobody left joined: the step did not wait
+        assert ps.run_workers(_identity, [7, 8]) == [7, 8]
+
+
 def test_a_worker_task_whose_process_dies_leaves_so_the_others_go_on():
     def work(client, steps):
         import os

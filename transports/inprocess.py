@@ -86,6 +86,7 @@ def _read_checkpoints(configs: Sequence[ShardConfig]) -> dict[int, tuple[dict, f
 
 
 STOP_WAIT_S = 5.0  # how long an interrupted `run_workers` waits for its workers to stop
+CLOSED_POLL_S = 0.1  # how often a `run_workers` looks whether the server was closed meanwhile
 
 
 class InProcessTransport:
@@ -93,6 +94,7 @@ class InProcessTransport:
 
     def __init__(self, device: Any = None):
         self._device = device
+        self._closed = False  # a `run_workers` under way raises (its threads stop at their next pull or push)
 
     def start(self, configs: Sequence[ShardConfig]) -> list[InProcessChannel]:
         """The shards, built on this thread (under its JAX settings: `jax.default_device`, `jax.enable_x64`);
@@ -132,8 +134,10 @@ class InProcessTransport:
             t.start()
         try:
             for done in finished:
-                done.wait()
-        except BaseException:  # KeyboardInterrupt
+                while not done.wait(CLOSED_POLL_S):
+                    if self._closed:
+                        raise ServerClosedError("the ParameterServer was closed while run_workers ran its workers")
+        except BaseException:  # KeyboardInterrupt, or the server closed
             for c in clients:
                 c.interrupt()
             deadline = time.monotonic() + STOP_WAIT_S
@@ -145,4 +149,4 @@ class InProcessTransport:
         return results
 
     def close(self) -> None:
-        pass
+        self._closed = True

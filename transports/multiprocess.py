@@ -18,8 +18,11 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import re
 import shutil
 import signal
+import socket
+import stat
 import sys
 import tempfile
 import time
@@ -31,8 +34,9 @@ from typing import Any, Callable, Sequence
 
 import cloudpickle
 
-from jaxps.errors import ShardDiedError
+from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import TakeOver
+from jaxps.client import unpicklable_result, unpicklable_worker
 from jaxps.transport import ShardConfig, leave_quietly, run_worker, worker_failed
 from jaxps.transports import shm, wire
 from jaxps.transports.endpoint import POOL  # noqa: F401  (re-exported: the pull-buffer pool size)
@@ -95,20 +99,7 @@ def _payload(fn: Callable, client: Any, arg: Any) -> bytes:
     try:
         return cloudpickle.dumps((fn, client, arg))
     except Exception as e:
-        what = "its function" if not _picklable(fn) else "its argument" if not _picklable(arg) else "its client"
-        raise TypeError(
-            f"worker {client.worker} cannot be sent to its process: {what} cannot be pickled ({type(e).__name__}: {e}). "
-            "Workers need a function defined in a module or a script (under `if __name__ == '__main__':`) and "
-            "arguments that pickle (no locks, open files, threads or generators)"
-        ) from e
-
-
-def _picklable(obj: Any) -> bool:
-    try:
-        cloudpickle.dumps(obj)
-        return True
-    except Exception:
-        return False
+        raise unpicklable_worker(client, fn, arg, e, cloudpickle.dumps, "its process") from e
 
 
 def _worker_main(out, payload: bytes) -> None:
@@ -119,10 +110,7 @@ def _worker_main(out, payload: bytes) -> None:
         try:
             msg = wire.Answer(0, cloudpickle.dumps(result))
         except Exception as e:
-            raise TypeError(
-                f"worker {client.worker}'s result ({type(result).__name__}) cannot be pickled back to the driver ({e}): "
-                "return plain data (numbers, arrays, lists, dicts)"
-            ) from e
+            raise unpicklable_result(client, result, e) from e
     except BaseException as e:
         msg = wire.Failure(0, wire.pack_error(e), traceback.format_exc())
     try:
@@ -136,14 +124,72 @@ def _socket_dir() -> str | None:
     """A new directory for the shards' sockets, mode 0700: another user can neither reach nor take an address
     there. Short (a socket's path holds ~107 bytes): the temporary directory, $XDG_RUNTIME_DIR or /tmp; None if
     none can be made (the sockets are then abstract, Linux's, under a random name; a client still answers only
-    a listener of its own user)."""
+    a listener of its own user). Named for this process, so that a later server can tell it was left behind."""
     for parent in (tempfile.gettempdir(), os.environ.get("XDG_RUNTIME_DIR"), "/tmp"):
         if parent and len(parent) <= 48:
+            sweep_socket_dirs(parent)
             try:
-                return tempfile.mkdtemp(prefix="jaxps_", dir=parent)
+                return tempfile.mkdtemp(prefix=f"jaxps_{os.getpid()}_", dir=parent)
             except OSError:
                 continue
     return None
+
+
+CLOSED_POLL_S = 0.1  # how often a `run_workers` looks whether the server was closed meanwhile
+_SOCKET_DIR = re.compile(r"jaxps_(\d+)_\w+$")
+LEFT_FOR_S = 60.0  # a socket directory untouched this long, whose process is gone, may be swept
+
+
+def sweep_socket_dirs(parent: str) -> list[str]:
+    """Removes the socket directories in `parent` that servers killed with their shards left (SIGKILL to the
+    whole process group: nobody was left to remove them); returns their paths. Only this user's, named for a
+    process that no longer runs here, untouched for `LEFT_FOR_S` seconds, holding only sockets nobody listens
+    on (a server of another PID namespace sharing the directory still answers on its sockets)."""
+    swept = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return swept
+    for name in names:
+        match, path = _SOCKET_DIR.match(name), os.path.join(parent, name)
+        if match is None or _runs(int(match.group(1))):
+            continue
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or time.time() - info.st_mtime < LEFT_FOR_S:
+                continue
+            entries = [os.path.join(path, e) for e in os.listdir(path)]
+        except OSError:
+            continue
+        if all(_dead_socket(e) for e in entries):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
+def _runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: it runs
+        pass
+    return True
+
+
+def _dead_socket(path: str) -> bool:
+    """Whether `path` is a Unix socket that nobody listens on."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:  # a full queue, a timeout: someone listens
+        return False
+    return False
 
 
 def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict, socket_dir: str | None) -> None:
@@ -193,6 +239,7 @@ class MultiprocessingTransport:
         self._standbys: dict[int, tuple] = {}  # shard index -> (process, control pipe, channel) of its standby
         self._standbys_started = 0
         self._finalizer: weakref.finalize | None = None
+        self._closed = False  # a `run_workers` under way stops its workers' processes and raises
         self.shm_prefix: str | None = None  # every segment of this server is named with it
         self.socket_dir: str | None = None  # the shards' sockets: a directory only this user can enter
 
@@ -375,7 +422,9 @@ class MultiprocessingTransport:
                     theirs.close()  # the child has its copy (or never started)
                 procs.append(p)
             while pipes:
-                for ours in connection.wait(list(pipes)):
+                if self._closed:  # its workers' processes are stopped below, however busy
+                    raise ServerClosedError("the ParameterServer was closed while run_workers ran its workers")
+                for ours in connection.wait(list(pipes), timeout=CLOSED_POLL_S):
                     i = pipes.pop(ours)
                     try:
                         msg = ours.recv()
@@ -407,5 +456,6 @@ class MultiprocessingTransport:
 
     def close(self) -> None:
         """Stops the shard processes and removes every shared-memory segment. Idempotent."""
+        self._closed = True
         if self._finalizer is not None:
             self._finalizer()

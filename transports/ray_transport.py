@@ -55,6 +55,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorAlreadyExistsError, GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
+from jaxps.client import unpicklable_worker
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline
 from jaxps.transport import ShardChannel, Staged, leave_quietly, worker_failed
@@ -183,9 +184,15 @@ class _GivenUp:
 
 @ray.remote
 def _run_worker(fn, client, arg):
+    from jaxps.client import unpicklable_result
     from jaxps.transport import run_worker
 
-    return run_worker(fn, client, arg)
+    result = run_worker(fn, client, arg)
+    try:  # (Ray's own error, raised as it pickles the result, would not say whose or what)
+        ray.cloudpickle.dumps(result)
+    except Exception as e:
+        raise unpicklable_result(client, result, e) from e
+    return result
 
 
 # -- the client's side ---------------------------------------------------------------
@@ -727,7 +734,10 @@ class RayTransport:
         refs = []
         try:
             for c, a in zip(clients, args):
-                refs.append(task.remote(fn, c, a))
+                try:
+                    refs.append(task.remote(fn, c, a))
+                except TypeError as e:  # Ray's message names neither the worker nor what does not pickle
+                    raise unpicklable_worker(c, fn, a, e, ray.cloudpickle.dumps, "its Ray task") from e
         except BaseException:  # (e.g. an argument Ray cannot pickle): none runs, all leave
             for ref in refs:
                 ray.cancel(ref, force=True)

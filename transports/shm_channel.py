@@ -327,6 +327,23 @@ class _Conn:
     def dead(self) -> bool:
         return self._dead
 
+    def alive(self) -> bool:
+        """Whether the shard may still be at the other end: answers already there are read, without waiting, so a
+        connection its shard closed (it died) is found dead now, before a request is staged or sent on it."""
+        if self._dead or not self._lock.acquire(blocking=False):  # (busy: another call of this thread is reading)
+            return not self._dead
+        try:
+            while not self._dead and self._c.poll(0):
+                self._handle(wire.recv(self._c))
+        except (OSError, EOFError, ValueError):
+            self._die()
+        except BaseException:
+            self._break()
+            raise
+        finally:
+            self._lock.release()
+        return not self._dead
+
     def _die(self, error: Callable[[], Exception] | None = None) -> None:
         self._dead = True
         recovering = error is None and self.channel.recovery is not None and not self.channel.closed
@@ -416,12 +433,14 @@ class SharedMemoryChannel(ShardChannel):
         """This thread's connection, made on first use (within `timeout` seconds).
 
         With `recovery`, a dead shard's connection is made anew, waiting for
-        the restarted shard (unless not `wait`).
+        the restarted shard (unless not `wait`). It is found dead before it
+        is used: a push staged on the connection of a shard restarted since
+        would be answered "rolled_back" while the other shards apply it.
         """
         if self.closed:
             raise self.gone()
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.broken or (conn.dead and self.recovery is not None):
+        if conn is None or conn.broken or (self.recovery is not None and not conn.alive()):
             conn = self._local.conn = self._connect(timeout, wait)
             self._conns.add(conn)
         return conn
