@@ -722,6 +722,13 @@ def unpicklable_result(client: Client, result: Any, error: Exception) -> TypeErr
     )
 
 
+def closed_while_running(errors: dict[int, BaseException]) -> BaseException:
+    """What `run_workers` raises when the server is closed while its workers run: the error of the first worker that
+    failed on its own (`errors`: by worker), if one did, else `ServerClosedError`."""
+    own = [errors[i] for i in sorted(errors) if not isinstance(errors[i], ServerClosedError)]
+    return own[0] if own else ServerClosedError("the ParameterServer was closed while run_workers ran its workers")
+
+
 def worker_failed(client: Client, error: BaseException, others_running: bool) -> None:
     """Says on stderr that `client`'s worker failed while others go on (`run_workers` raises its error once they are
     done: a worker's failure does not stop the others, as a worker's death does not)."""

@@ -60,7 +60,7 @@ class Checkpointing:
         if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
             raise ValueError(f"Checkpointing(every=...) must be a positive int, got {self.every!r}")
         object.__setattr__(self, "every", int(self.every))
-        if isinstance(self.poll, bool) or not isinstance(self.poll, numbers.Real) or not 0 < self.poll < float("inf"):
+        if isinstance(self.poll, bool) or not isinstance(self.poll, numbers.Real) or not 0 < self.poll <= threading.TIMEOUT_MAX:
             raise ValueError(f"Checkpointing(poll=...) must be a positive number of seconds, got {self.poll!r}")
         checkpoint.check_keep(self.keep, "Checkpointing(keep=...)")
         object.__setattr__(self, "keep", None if self.keep is None else int(self.keep))

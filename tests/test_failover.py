@@ -180,6 +180,37 @@ def test_a_push_after_a_restart_reaches_the_restarted_shard_not_its_dead_predece
         ps.close()
 
 
+def test_a_push_staged_on_a_shard_that_dies_before_it_is_sent_is_rolled_back(tmp_path, monkeypatch):
+    """The other way round: staged on the live connection, the shard killed before the push is submitted to it.
+    Its part is answered as lost with the shard ("rolled_back"), and the rollback takes back the other's."""
+    from jaxps.transports import shm_channel
+
+    zeros = {"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}
+    ps = jaxps.ParameterServer(
+        zeros, optax.sgd(1.0), shards=2, transport="multiprocessing", assign=lambda path, leaf: int(path == "['b']"),
+        checkpoint=jaxps.Checkpointing(tmp_path, every=10**6), on_shard_failure="restart",
+    )
+    submit, killed = shm_channel.SharedMemoryChannel.submit, []
+
+    def kill_then_submit(channel, request, payload=None, timeout=None):
+        if channel.index == 1 and isinstance(request, jaxps.service.Push) and not killed:
+            killed.append(_kill(ps, 1))
+            assert wait_for(lambda: gone(killed[0]))
+        return submit(channel, request, payload, timeout)
+
+    try:
+        ones = jax.tree.map(np.ones_like, zeros)
+        monkeypatch.setattr(shm_channel.SharedMemoryChannel, "submit", kill_then_submit)
+        assert ps.push(ones).result(120) == "rolled_back"
+        monkeypatch.undo()
+        assert wait_for(lambda: ps.stats()["restarts"] == 1, 120)
+        for leaf in ps.params().values():
+            np.testing.assert_array_equal(np.asarray(leaf), np.zeros(4, np.float32))
+        assert ps.push(ones).result(60) == "applied" and ps.save(tmp_path, wait=False).result(60) == 1
+    finally:
+        ps.close()
+
+
 def _sync_steps(ps, n):
     """`n` sync steps of the oracle's gradients, both workers pushing from this thread."""
     clients = [ps.client(w) for w in range(WORKERS)]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_equal, params_tree
+from helpers import assert_trees_equal, params_tree, wait_for
 
 import jaxps
 
@@ -412,26 +412,51 @@ def _push_until_closed(client, _):
         client.push({k: np.ones_like(v) for k, v in client.pull().items()}).result(60)
 
 
-def _push_or_compute_until_closed(client, _):
+def _push_or_compute_until_closed(client, flag):
     if client.worker == 2:
+        open(flag, "w").close()
         time.sleep(BUSY_S)  # a long computation, no pull or push
-    _push_until_closed(client, _)
+    _push_until_closed(client, None)
 
 
 BUSY_S = 40
 
 
-def test_closing_the_server_while_run_workers_runs_is_server_closed_not_a_death(make_server, capfd):
-    """`ps.close()` from another thread mid-run: `run_workers` raises `ServerClosedError` (worker processes
-    see their shards stop, which is not a shard's death), and no worker is reported as failed; without waiting
-    for a worker busy away from the server (in-process: a thread cannot be stopped, it is waited for 5 s)."""
-    ps = make_server(PARAMS, optax.sgd(1e-3), shards=2, mode="async")
-    threading.Timer(1.0, ps.close).start()
+@pytest.mark.parametrize("mode", ["async", pytest.param("sync", marks=pytest.mark.slow)])
+def test_closing_the_server_while_run_workers_runs_is_server_closed_not_a_death(make_server, mode, tmp_path, capfd):
+    """`ps.close()` from another thread mid-run (async: once steps are applied; sync: while the others wait in a step
+    for the busy one): `run_workers` raises `ServerClosedError` (worker processes see their shards stop, which is not
+    a shard's death), and no worker is reported as failed; without waiting for a worker busy away from the server
+    (in-process: a thread cannot be stopped, it is waited for 5 s)."""
+    ps = make_server(PARAMS, optax.sgd(1e-3), shards=2, mode=mode, workers=3)
+    flag = str(tmp_path / "busy")
+
+    def close_once_under_way():
+        wait_for(lambda: os.path.exists(flag) and (mode == "sync" or ps.step > 0), 60)
+        time.sleep(0.3)
+        ps.close()
+
+    threading.Thread(target=close_once_under_way, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(jaxps.ServerClosedError, match="closed"):
-        ps.run_workers(_push_or_compute_until_closed, [None, None, None])
+        ps.run_workers(_push_or_compute_until_closed, [flag] * 3)
     assert time.monotonic() - started < BUSY_S / 2
     assert "failed" not in capfd.readouterr().err
+
+
+def _fail_or_compute(client, flag):
+    if client.worker == 0:
+        raise ValueError("worker 0's own error")
+    _push_or_compute_until_closed(client, flag)
+
+
+@pytest.mark.slow
+def test_a_worker_error_from_before_the_close_is_what_run_workers_raises(make_server, tmp_path):
+    ps = make_server(PARAMS, optax.sgd(1e-3), shards=2, mode="async", workers=3)
+    flag = str(tmp_path / "busy")
+    threading.Thread(target=lambda: (wait_for(lambda: os.path.exists(flag), 60), time.sleep(0.5), ps.close()), daemon=True).start()
+    with pytest.raises(ValueError, match="worker 0's own error"):
+        ps.run_workers(_fail_or_compute, [flag] * 3)
 
 
 @pytest.mark.parametrize(

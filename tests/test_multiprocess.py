@@ -5,6 +5,7 @@ import multiprocessing
 import operator
 import os
 import pickle
+import shutil
 import signal
 import socket
 import struct
@@ -523,22 +524,32 @@ def test_no_leftovers_when_the_parent_goes(tmp_path, ending, monkeypatch):
         assert proc.returncode == 0, err
 
 
-def test_the_sweep_leaves_socket_directories_that_may_be_in_use(tmp_path, monkeypatch):
-    """Only a directory named for a process gone, untouched a while, with no socket anyone listens on is swept."""
+def test_the_sweep_leaves_socket_directories_that_may_be_in_use(tmp_path):
+    """Only a directory named for a process gone, untouched a while, whose lock nobody holds and with no socket anyone
+    listens on is swept; whatever else lies there, a server still starts."""
+    import fcntl
+
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone_pid, old = int(ended.stdout), time.time() - 2 * multiprocess.LEFT_FOR_S
+    names = {"left": gone_pid, "young": gone_pid, "listened": gone_pid, "mine": os.getpid(), "odd": gone_pid,
+             "locked": gone_pid, "unlocked": gone_pid, "huge": 10**30}  # fmt: skip
     made = {}
-    for name, pid in [("left", gone_pid), ("young", gone_pid), ("listened", gone_pid), ("mine", os.getpid()), ("odd", gone_pid)]:
+    for name, pid in names.items():
         made[name] = tmp_path / f"jaxps_{pid}_{name}"
         made[name].mkdir(mode=0o700)
+        if name != "unlocked":  # (no lock file: not a server's, or one still being made)
+            (made[name] / multiprocess.LOCK).touch()
     sockets = []
-    for name in ("left", "listened"):
+    for name in ("left", "listened", "locked", "unlocked"):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(made[name] / "s0"))
         sockets.append(s)
     sockets[1].listen()
-    sockets[0].close()  # bound, never listening: as a killed shard leaves its socket
+    for s in (sockets[0], sockets[2], sockets[3]):
+        s.close()  # bound, never listening: as a killed shard leaves its socket
     (made["odd"] / "notes.txt").write_text("not a socket")
+    held = os.open(made["locked"] / multiprocess.LOCK, os.O_RDONLY)  # a live driver, of another PID namespace say
+    fcntl.flock(held, fcntl.LOCK_EX)
     try:
         for name, path in made.items():
             if name != "young":
@@ -547,9 +558,18 @@ def test_the_sweep_leaves_socket_directories_that_may_be_in_use(tmp_path, monkey
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(str(made[n].name) for n in made if n != "left")
     finally:
         sockets[1].close()
-    made_now = multiprocess._socket_dir()  # a server's: named for the process that made it
-    os.rmdir(made_now)
-    assert os.path.basename(made_now).startswith(f"jaxps_{os.getpid()}_")
+        os.close(held)
+    made_now, lock = multiprocess._socket_dir()  # a server's: named for the process that made it, and locked
+    try:
+        assert os.path.basename(made_now).startswith(f"jaxps_{os.getpid()}_")
+        assert os.listdir(made_now) == [multiprocess.LOCK]
+        probe = os.open(os.path.join(made_now, multiprocess.LOCK), os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(probe)
+    finally:
+        os.close(lock)
+        shutil.rmtree(made_now)
 
 
 def test_large_numpy_push_with_nan_is_staged_then_rejected(server):

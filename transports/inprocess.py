@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from jaxps.checkpoint import side_by_side
 from jaxps.errors import ServerClosedError
 from jaxps.shard import checkpoint_paths, read_checkpoint
+from jaxps.client import closed_while_running
 from jaxps.transport import Reply, Shard, ShardChannel, ShardConfig, ShardService, run_worker, worker_failed
 
 
@@ -137,12 +138,14 @@ class InProcessTransport:
                 while not done.wait(CLOSED_POLL_S):
                     if self._closed:
                         raise ServerClosedError("the ParameterServer was closed while run_workers ran its workers")
-        except BaseException:  # KeyboardInterrupt, or the server closed
+        except BaseException as e:  # KeyboardInterrupt, or the server closed
             for c in clients:
                 c.interrupt()
             deadline = time.monotonic() + STOP_WAIT_S
             for done in finished:
                 done.wait(max(0.0, deadline - time.monotonic()))
+            if isinstance(e, ServerClosedError):
+                raise closed_while_running(dict(errors)) from None
             raise
         if errors:
             raise errors[min(errors)]

@@ -15,6 +15,7 @@ the next call on its channel raises `ShardDiedError`.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import multiprocessing
 import os
@@ -34,9 +35,9 @@ from typing import Any, Callable, Sequence
 
 import cloudpickle
 
-from jaxps.errors import ServerClosedError, ShardDiedError
+from jaxps.errors import ShardDiedError
 from jaxps.service import TakeOver
-from jaxps.client import unpicklable_result, unpicklable_worker
+from jaxps.client import closed_while_running, unpicklable_result, unpicklable_worker
 from jaxps.transport import ShardConfig, leave_quietly, run_worker, worker_failed
 from jaxps.transports import shm, wire
 from jaxps.transports.endpoint import POOL  # noqa: F401  (re-exported: the pull-buffer pool size)
@@ -84,11 +85,8 @@ def _shard_main(ctrl, payload: bytes, prefix: str, socket_dir: str | None, authk
         pass
     for server in servers:
         server.stop()
-    try:  # the last shard to stop removes the directory (its parent may have been killed)
-        if socket_dir is not None:
-            os.rmdir(socket_dir)
-    except OSError:
-        pass
+    if socket_dir is not None:  # (its parent may have been killed)
+        _remove_when_last(socket_dir)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # serving threads may be inside JAX; do not wait for them
@@ -120,21 +118,30 @@ def _worker_main(out, payload: bytes) -> None:
         pass
 
 
-def _socket_dir() -> str | None:
+def _socket_dir() -> tuple[str | None, int | None]:
     """A new directory for the shards' sockets, mode 0700: another user can neither reach nor take an address
     there. Short (a socket's path holds ~107 bytes): the temporary directory, $XDG_RUNTIME_DIR or /tmp; None if
     none can be made (the sockets are then abstract, Linux's, under a random name; a client still answers only
-    a listener of its own user). Named for this process, so that a later server can tell it was left behind."""
+    a listener of its own user). Named for this process, and locked (the file descriptor returned holds the lock
+    on its `LOCK` file) for as long as the server runs: a later server can tell when it was left behind."""
     for parent in (tempfile.gettempdir(), os.environ.get("XDG_RUNTIME_DIR"), "/tmp"):
         if parent and len(parent) <= 48:
             sweep_socket_dirs(parent)
             try:
-                return tempfile.mkdtemp(prefix=f"jaxps_{os.getpid()}_", dir=parent)
+                path = tempfile.mkdtemp(prefix=f"jaxps_{os.getpid()}_", dir=parent)
             except OSError:
                 continue
-    return None
+            try:
+                lock = os.open(os.path.join(path, LOCK), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            return path, lock
+    return None, None
 
 
+LOCK = "lock"  # the file in a socket directory that its server's driver holds locked (`flock`) while it runs
 CLOSED_POLL_S = 0.1  # how often a `run_workers` looks whether the server was closed meanwhile
 _SOCKET_DIR = re.compile(r"jaxps_(\d+)_\w+$")
 LEFT_FOR_S = 60.0  # a socket directory untouched this long, whose process is gone, may be swept
@@ -142,37 +149,55 @@ LEFT_FOR_S = 60.0  # a socket directory untouched this long, whose process is go
 
 def sweep_socket_dirs(parent: str) -> list[str]:
     """Removes the socket directories in `parent` that servers killed with their shards left (SIGKILL to the
-    whole process group: nobody was left to remove them); returns their paths. Only this user's, named for a
-    process that no longer runs here, untouched for `LEFT_FOR_S` seconds, holding only sockets nobody listens
-    on (a server of another PID namespace sharing the directory still answers on its sockets)."""
+    whole process group: nobody was left to remove them); returns their paths. Never fails."""
     swept = []
     try:
         names = os.listdir(parent)
     except OSError:
         return swept
     for name in names:
-        match, path = _SOCKET_DIR.match(name), os.path.join(parent, name)
-        if match is None or _runs(int(match.group(1))):
-            continue
+        path = os.path.join(parent, name)
         try:
-            info = os.lstat(path)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or time.time() - info.st_mtime < LEFT_FOR_S:
-                continue
-            entries = [os.path.join(path, e) for e in os.listdir(path)]
-        except OSError:
+            if _left_behind(path):
+                shutil.rmtree(path, ignore_errors=True)
+                swept.append(path)
+        except Exception:  # (whatever another process left there, a server still starts)
             continue
-        if all(_dead_socket(e) for e in entries):
-            shutil.rmtree(path, ignore_errors=True)
-            swept.append(path)
     return swept
 
 
+def _left_behind(path: str) -> bool:
+    """Whether socket directory `path` was left by a server that no longer runs: this user's, named for a process
+    gone, untouched for `LEFT_FOR_S` seconds, its `LOCK` free (a driver holds it while it runs, in whatever PID
+    namespace), and holding only sockets nobody listens on."""
+    match = _SOCKET_DIR.match(os.path.basename(path))
+    if match is None:
+        return False
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or time.time() - info.st_mtime < LEFT_FOR_S:
+        return False
+    if _runs(int(match.group(1))):
+        return False
+    entries = os.listdir(path)
+    if LOCK not in entries or not all(_dead_socket(os.path.join(path, e)) for e in entries if e != LOCK):
+        return False
+    fd = os.open(os.path.join(path, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its server runs
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def _runs(pid: int) -> bool:
+    """Whether process `pid` runs here (or might: another user's, or a number no process can have)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # another user's: it runs
+    except (OSError, OverflowError, ValueError):
         pass
     return True
 
@@ -192,7 +217,24 @@ def _dead_socket(path: str) -> bool:
     return False
 
 
-def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict, socket_dir: str | None) -> None:
+def _remove_when_last(socket_dir: str) -> None:
+    """A shard that stops removes its server's socket directory if it is the last one there and the driver that
+    locked it is gone (it was killed: otherwise the driver removes it as it closes the server)."""
+    try:
+        if os.listdir(socket_dir) != [LOCK]:
+            return
+        fd = os.open(os.path.join(socket_dir, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        os.unlink(os.path.join(socket_dir, LOCK))
+        os.rmdir(socket_dir)
+    except OSError:  # the driver holds it, or another shard got there first
+        pass
+
+
+def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict, socket_dir: str | None, lock: int | None) -> None:
     procs = [*procs, *(p for p, _, _ in standbys.values())]
     ctrls = [*ctrls, *(ctrl for _, ctrl, _ in standbys.values())]
     channels = [*channels, *(channel for _, _, channel in standbys.values())]
@@ -214,6 +256,7 @@ def _shutdown(procs, ctrls, channels, prefix: str, standbys: dict, socket_dir: s
     shm.sweep(prefix)
     if socket_dir is not None:
         shutil.rmtree(socket_dir, ignore_errors=True)
+        os.close(lock)
 
 
 class MultiprocessingTransport:
@@ -252,10 +295,12 @@ class MultiprocessingTransport:
         if self._finalizer is not None:
             raise RuntimeError("this transport has already been started")
         prefix = self.shm_prefix = f"jaxps_{uuid.uuid4().hex[:16]}_"
-        self.socket_dir = _socket_dir()
+        self.socket_dir, lock = _socket_dir()
         if self._recovery is not None:
             self._recovery = self._recovery._replace(given_up=f"{prefix}given_up")
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._ctrls, self._channels, prefix, self._standbys, self.socket_dir)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._procs, self._ctrls, self._channels, prefix, self._standbys, self.socket_dir, lock
+        )
         inits = []
         try:
             for config in configs:
@@ -422,9 +467,10 @@ class MultiprocessingTransport:
                     theirs.close()  # the child has its copy (or never started)
                 procs.append(p)
             while pipes:
-                if self._closed:  # its workers' processes are stopped below, however busy
-                    raise ServerClosedError("the ParameterServer was closed while run_workers ran its workers")
-                for ours in connection.wait(list(pipes), timeout=CLOSED_POLL_S):
+                ready = connection.wait(list(pipes), timeout=CLOSED_POLL_S)
+                if self._closed and not ready:  # its workers' processes are stopped below, however busy
+                    raise closed_while_running(errors)
+                for ours in ready:
                     i = pipes.pop(ours)
                     try:
                         msg = ours.recv()

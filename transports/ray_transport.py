@@ -55,7 +55,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorAlreadyExistsError, GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
-from jaxps.client import unpicklable_worker
+from jaxps.client import closed_while_running, unpicklable_worker
 from jaxps.errors import ServerClosedError, ShardDiedError
 from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline
 from jaxps.transport import ShardChannel, Staged, leave_quietly, worker_failed
@@ -189,10 +189,25 @@ def _run_worker(fn, client, arg):
 
     result = run_worker(fn, client, arg)
     try:  # (Ray's own error, raised as it pickles the result, would not say whose or what)
-        ray.cloudpickle.dumps(result)
+        _ResultProbe(_Discard(), protocol=5, buffer_callback=lambda buffer: False).dump(result)
     except Exception as e:
         raise unpicklable_result(client, result, e) from e
     return result
+
+
+class _Discard:
+    def write(self, data) -> int:
+        return len(data)
+
+
+class _ResultProbe(ray.cloudpickle.CloudPickler):
+    """Pickles a worker's result to nowhere, to see that it pickles: arrays' bytes are left out (out of band), and
+    Ray's own handles are left to Ray (pickling one here would register it with Ray, as a reference to keep)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (ray.ObjectRef, ray.actor.ActorHandle)):
+            return type(None), ()
+        return super().reducer_override(obj)
 
 
 # -- the client's side ---------------------------------------------------------------
@@ -756,7 +771,7 @@ class RayTransport:
                     done = []  # (the session this transport started is being shut down)
                 if self._closed and running and not done:  # (a task waiting for a shard's recovery would wait it out)
                     _cancel(running)
-                    raise ServerClosedError("the ParameterServer was closed while run_workers ran its workers")
+                    raise closed_while_running({i: error for i, (_, error) in outcomes.items() if error is not None})
                 for ref in done:
                     try:
                         outcomes[index[ref]] = (ray.get(ref), None)

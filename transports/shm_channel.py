@@ -330,7 +330,7 @@ class _Conn:
     def alive(self) -> bool:
         """Whether the shard may still be at the other end: answers already there are read, without waiting, so a
         connection its shard closed (it died) is found dead now, before a request is staged or sent on it."""
-        if self._dead or not self._lock.acquire(blocking=False):  # (busy: another call of this thread is reading)
+        if self._dead or not self._lock.acquire(blocking=False):  # (busy: another thread is reading its answers)
             return not self._dead
         try:
             while not self._dead and self._c.poll(0):
@@ -429,18 +429,19 @@ class SharedMemoryChannel(ShardChannel):
             return False
         return not os.path.isdir(os.path.dirname(address))
 
-    def conn(self, timeout: float | None = None, wait: bool = True) -> _Conn:
+    def conn(self, timeout: float | None = None, wait: bool = True, look: bool = True) -> _Conn:
         """This thread's connection, made on first use (within `timeout` seconds).
 
         With `recovery`, a dead shard's connection is made anew, waiting for
-        the restarted shard (unless not `wait`). It is found dead before it
-        is used: a push staged on the connection of a shard restarted since
-        would be answered "rolled_back" while the other shards apply it.
+        the restarted shard (unless not `wait`). With `look`, it is found dead
+        before it is used: a push staged on the connection of a shard
+        restarted since would be answered "rolled_back" while the other shards
+        apply it.
         """
         if self.closed:
             raise self.gone()
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.broken or (self.recovery is not None and not conn.alive()):
+        if conn is None or conn.broken or (self.recovery is not None and (conn.dead or (look and not conn.alive()))):
             conn = self._local.conn = self._connect(timeout, wait)
             self._conns.add(conn)
         return conn
@@ -465,7 +466,11 @@ class SharedMemoryChannel(ShardChannel):
                 time.sleep(0.05)
 
     def stage(self, leaves, check: bool) -> Staged:
-        conn = self.conn()
+        conn = self.conn(look=False)
+        if self.recovery is not None and not conn.alive():  # it died since this thread last heard from it
+            if self.recovery.standby:  # the pushes lost with it (answered so just now) go first
+                raise LostWithShard()
+            conn = self.conn()
         try:
             return conn.stage(leaves, check)
         except ShardDiedError:
@@ -476,7 +481,9 @@ class SharedMemoryChannel(ShardChannel):
             return self.conn().stage(leaves, check)  # on the restarted shard
 
     def submit(self, request, payload=None, timeout=None) -> _Pending:
-        conn = self.conn(timeout, wait=isinstance(request, (Push, *RESENT_AFTER_RESTART)))
+        # a push staged by `stage` goes on the connection it was staged on, dead or not (then answered as lost)
+        staged = isinstance(request, Push) and not request.skipped and payload is None
+        conn = self.conn(timeout, wait=isinstance(request, (Push, *RESENT_AFTER_RESTART)), look=not staged)
         if payload is not None:  # a push whose leaves were not staged here
             conn.stage(payload, False)
         try:
