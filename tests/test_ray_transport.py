@@ -330,6 +330,27 @@ def _evil_pickle(marker):
     return pickle.dumps(Evil())
 
 
+def test_a_tcp_client_that_abandons_a_pull_or_stops_reading_holds_up_nobody():
+    """A pull's 40 MB outgrow the sockets' buffers: the shard writes them on a thread of the connection's own, so a
+    client that gave up on them (`pull(timeout=0)`) can still push, and others are served meanwhile."""
+    n = 10_000_000
+    with jaxps.ParameterServer(
+        {"a": np.zeros(n, np.float32)}, optax.sgd(-1.0), shards=1, transport="ray", transport_options={"data_path": "tcp"}
+    ) as ps:
+        quitter, other = ps.client(0), ps.client(1)
+        ones = {"a": np.ones(n, np.float32)}
+        assert other.push(ones).result(60) == "applied"
+        for _ in range(3):  # (a pull may be answered at once, before the timeout: then it was not abandoned)
+            try:
+                quitter.pull(timeout=0)
+            except TimeoutError:
+                break
+        assert quitter.push(ones).result(30) == "applied"
+        assert other.push(ones).result(30) == "applied"
+        assert float(other.pull(timeout=30)["a"][-1]) == 3.0
+        assert float(quitter.pull(timeout=30)["a"][0]) == 3.0
+
+
 def test_tcp_endpoint_binds_the_node_address_and_reads_nothing_before_the_key(tmp_path):
     import socket
     from multiprocessing import connection

@@ -12,8 +12,9 @@ no segment name outlives a handshake and a killed process leaks nothing.
 With `tcp_host`, the endpoint also listens on TCP at that address (the
 node's own, never a wildcard) for clients on other machines: the same
 handshake and requests; arrays stream over the socket (`wire.send_arrays`)
-into the connection's own push buffer, and a pull's leaves are written
-straight from the shard's arrays.
+into the connection's own push buffer, and a pull's leaves are copied into
+a buffer of the connection's own and written from there by its writer
+thread (a client that stops reading stalls nothing but its connection).
 
 Robustness: the accept loops never end while the endpoint serves. A peer of
 another user, a failed or stalled handshake (cut off after
@@ -28,6 +29,7 @@ import errno
 import itertools
 import mmap
 import os
+import queue
 import secrets
 import shutil
 import socket
@@ -45,6 +47,7 @@ from jaxps.service import Pull, Reply, ShardService
 from jaxps.transports import packed, shm, wire
 
 POOL = 4  # pull buffers per connection, at most
+WRITER_STOP_S = 10.0  # how long a streamed connection that ends waits for its writer thread
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -255,8 +258,17 @@ class _Connection:
         self._lock = threading.Lock()  # taken after the shard's lock, never before
         self._live_pull: int | None = None  # the one pull whose leaves will be read (an earlier one is abandoned)
         self._closed = False
+        # streamed: what goes to the peer is written by a thread of its own (`_write_out`), from a queue, so that a
+        # peer that stops reading holds up nobody (not the shard's lock, not this connection's reading of requests);
+        # a pull's leaves go from a buffer of the connection's own, copied there under the shard's lock
+        self._outbox: queue.SimpleQueue | None = queue.SimpleQueue() if self._streamed else None
+        self._out_views: list[np.ndarray] | None = None
 
     def run(self) -> None:
+        writer = None
+        if self._streamed:
+            writer = threading.Thread(target=self._write_out, name="jaxps-shard-writer", daemon=True)
+            writer.start()
         try:
             while True:
                 try:
@@ -275,6 +287,12 @@ class _Connection:
                 self._server.release([f"{self._name}_pull{i}" for i in range(len(self._pull_views))])  # a grow cut short
             with self._lock:
                 self._closed = True
+            if writer is not None:  # stopped before the socket is closed (its number could be another's next)
+                self._outbox.put(None)
+                wire.cut(self._conn)  # (a write to a peer that stopped reading fails now)
+                writer.join(WRITER_STOP_S)
+            with self._lock:
+                self._out_views = None
                 self._push_views = self._pull_views = []
                 for b in self._bufs:
                     try:
@@ -328,11 +346,28 @@ class _Connection:
         with self._lock:
             self._send_locked(message)
 
-    def _send_locked(self, message) -> None:
-        if not self._closed:
+    def _send_locked(self, message, arrays: list | None = None) -> None:
+        if self._closed:
+            return
+        if self._outbox is not None:
+            return self._outbox.put((message, arrays))
+        try:
+            wire.send(self._conn, message)
+        except OSError:  # the client is gone, or the message went out in part: `run` sees EOF next
+            wire.cut(self._conn)
+
+    def _write_out(self) -> None:
+        """A streamed connection's writer: sends what `_send_locked` queued, in order, until the connection ends."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            message, arrays = item
             try:
                 wire.send(self._conn, message)
-            except OSError:  # the client is gone, or the message went out in part: `run` sees EOF next
+                if arrays is not None:
+                    wire.send_arrays(self._conn, arrays)
+            except (OSError, ValueError):  # the client is gone, or a message went out in part: `run` sees EOF next
                 wire.cut(self._conn)
 
     def deliver(self, rid: int, buffer: int, version: int, leaves: list) -> None:
@@ -341,12 +376,13 @@ class _Connection:
             if self._closed or rid != self._live_pull:
                 return
             self._live_pull = None
-            if self._streamed:  # the leaves' bytes follow the message, straight from the shard's arrays
-                self._send_locked(wire.Pulled(rid, version))
-                try:
-                    wire.send_arrays(self._conn, [np.ascontiguousarray(x) for x in leaves])
-                except OSError:
-                    wire.cut(self._conn)
+            if self._streamed:  # the leaves' bytes follow the message, from the connection's own buffer
+                if self._out_views is None:
+                    self._bufs.append(mmap.mmap(-1, max(self._server.size, 1)))
+                    self._out_views = shm.views(self._bufs[-1], self._server.layout, self._server.offsets)
+                for view, x in zip(self._out_views, leaves):  # (a pull still being written out is an abandoned one)
+                    np.copyto(view, np.asarray(x))
+                self._send_locked(wire.Pulled(rid, version), self._out_views)
                 return
             if self._server.flat is not None:  # back to back: one copy
                 flat = packed.flat_view(self._bufs[1 + buffer], self._server.flat, self._server.layout)
