@@ -113,8 +113,10 @@ def check_tpu_capacity(workers: int, tpu_per_worker: float, cpus_per_worker: flo
     stall the run forever. (jaxps refuses a worker asking for resources that
     no node has, but not more workers than the nodes run at once.)
     """
+    if tpu_per_worker <= 0 or cpus_per_worker < 0:
+        raise ValueError(f"a worker holds a positive number of TPU chips and no negative CPUs, got {tpu_per_worker} and {cpus_per_worker}")
     slots = worker_slots(tpu_per_worker, cpus_per_worker)
-    if workers > slots:
+    if slots == 0 or workers > slots:
         hosts = {node[:8]: r for node, r in tpu_hosts().items()}
         raise ValueError(
             f"{workers} workers of {tpu_per_worker} TPU and {cpus_per_worker} CPU each do not fit at once: "
@@ -283,8 +285,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_checkpoint_dir(args.checkpoint_dir)
     except ValueError as e:
         p.error(str(e))
+    for name in ("workers", "tpu_per_worker"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.cpus_per_worker < 0:
+        p.error(f"--cpus-per-worker cannot be negative, got {args.cpus_per_worker}")
     if args.fake_tpu:
-        args.tpu_per_worker = args.tpu_per_worker or 2
+        args.tpu_per_worker = 2 if args.tpu_per_worker is None else args.tpu_per_worker
         args.shard_resource = args.shard_resource or "ps"
     return args
 
@@ -298,10 +305,10 @@ def main(argv=None) -> dict:
         ray.init(address=args.address, logging_level="warning")
     try:
         hosts = tpu_hosts()
-        tpu = args.tpu_per_worker or min((r["TPU"] for r in hosts.values()), default=0)
-        if not tpu:
+        if not hosts:
             raise SystemExit("no node of the Ray cluster advertises a TPU resource (try --fake-tpu)")
-        workers = args.workers or worker_slots(tpu, args.cpus_per_worker)
+        tpu = args.tpu_per_worker if args.tpu_per_worker is not None else min(r["TPU"] for r in hosts.values())
+        workers = args.workers if args.workers is not None else max(1, worker_slots(tpu, args.cpus_per_worker))
         check_tpu_capacity(workers, tpu, args.cpus_per_worker)
         print(f"Ray: {len(ray.nodes())} node(s), TPU hosts {[f'{n[:8]}: {r}' for n, r in hosts.items()]}"
               + (" (a fake TPU resource: no TPU is used)" if args.fake_tpu else ""))  # fmt: skip

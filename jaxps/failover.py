@@ -261,4 +261,5 @@ class Supervisor:
         self.recoveries.steps_lost += max(0, lost)
         self.recoveries.last_recovery_s = took
         self.recoveries.rolled_back_to.append(step)
-        self._log(f"jaxps: shard {', '.join(map(str, dead))} restarted; every shard is at step {step} ({lost} steps lost) after {took:.1f} s")
+        told = f"{lost} steps lost" if before else "every shard had died: the steps applied beyond it are not known"
+        self._log(f"jaxps: shard {', '.join(map(str, dead))} restarted; every shard is at step {step} ({told}) after {took:.1f} s")

@@ -385,6 +385,8 @@ def test_tcp_endpoint_binds_the_node_address_and_reads_nothing_before_the_key(tm
         assert not marker.exists()
         with pytest.raises(ValueError, match="data_path"):
             RayTransport(data_path="udp")
+        with pytest.raises(ValueError, match="shared_memory=False means data_path='object_store'; it contradicts data_path='tcp'"):
+            RayTransport(data_path="tcp", shared_memory=False)
         _pull_push(ps.client(0), 2)  # and it keeps serving the real clients
         np.testing.assert_array_equal(ps.params()["b"], np.full(5, 2.0, np.float32))
 

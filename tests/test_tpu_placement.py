@@ -191,6 +191,15 @@ def test_the_example_refuses_more_tpu_than_the_cluster_has_at_once(fake_tpu_ray)
         tpu_vm.check_tpu_capacity(1, 8)
     with pytest.raises(ValueError, match=r"3 workers of 2 TPU .* hold 2"):
         tpu_vm.check_tpu_capacity(3, 2)
+    with pytest.raises(ValueError, match=r"a worker holds a positive number of TPU chips"):
+        tpu_vm.check_tpu_capacity(1, 0)
+
+
+@pytest.mark.parametrize("flag, value", [("--tpu-per-worker", "0"), ("--workers", "0"), ("--cpus-per-worker", "-1")])
+def test_the_example_refuses_zero_or_negative_sizes_instead_of_a_default(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        tpu_vm.parse_args(["--fake-tpu", flag, value])
+    assert flag in capsys.readouterr().err
 
 
 def test_a_worker_asking_more_tpu_than_any_node_has_is_refused_at_once(fake_tpu_ray, tmp_path):

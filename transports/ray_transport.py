@@ -182,6 +182,10 @@ class _GivenUp:
         return self._reason
 
 
+RESTART_TRIES = 3  # a restarted shard actor that dies before it serves is placed again, up to this many times in all
+RESTART_PAUSE_S = 2.0  # between those tries (Ray marks a lost node dead within seconds)
+
+
 @ray.remote
 def _run_worker(fn, client, arg):
     from jaxps.client import unpicklable_result
@@ -579,6 +583,8 @@ class RayTransport:
         self._init_options = dict(init_options or {})
         self._worker_options = {**DEFAULT_WORKER_OPTIONS, **(worker_options or {})}
         self._start_timeout = start_timeout
+        if not shared_memory and data_path not in ("auto", "object_store"):
+            raise ValueError(f"shared_memory=False means data_path='object_store'; it contradicts data_path={data_path!r}: give one of them")
         self._data_path = data_path if shared_memory else "object_store"
         self._actors: list = []
         self._channels: list[RayChannel] = []
@@ -710,16 +716,27 @@ class RayTransport:
         """A new actor for shard `config.index` (from `config.restore`), wherever its resources fit, under the dead one's name."""
         i = config.index
         self._bury(i)
-        deadline = time.monotonic() + 10.0
-        while True:
+        for attempt in range(RESTART_TRIES):
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    actor = self._new_actor(config)
+                    break
+                except ActorAlreadyExistsError:  # Ray frees a dead actor's name a moment after it stops answering
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
             try:
-                actor = self._new_actor(config)
+                endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
                 break
-            except ActorAlreadyExistsError:  # Ray frees a dead actor's name a moment after it stops answering
-                if time.monotonic() > deadline:
+            except RayActorError:  # e.g. placed on the node just lost, which Ray had not marked dead yet: placed again
+                if attempt == RESTART_TRIES - 1:
                     raise
-                time.sleep(0.1)
-        endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
+                time.sleep(RESTART_PAUSE_S)
         self._actors[i], self._watches[i] = actor, actor.watch.remote()
         self._channels[i].rebind(actor, endpoint)
 
