@@ -211,6 +211,31 @@ def test_a_push_staged_on_a_shard_that_dies_before_it_is_sent_is_rolled_back(tmp
         ps.close()
 
 
+@pytest.mark.slow
+def test_a_restarted_ray_actor_that_dies_before_it_serves_is_placed_again(tmp_path, ray_session, monkeypatch):
+    """As when Ray places it on the node just lost: the restart tries again, and the run goes on."""
+    from jaxps.transports.ray_transport import RayTransport
+
+    ps = _server(tmp_path, "ray")
+    new_actor, made = RayTransport._new_actor, []
+
+    def dies_at_first(transport, config):
+        actor = new_actor(transport, config)
+        made.append(actor)
+        if len(made) == 1:
+            ray_session.kill(actor, no_restart=True)
+        return actor
+
+    try:
+        _sync_steps(ps, 2)
+        monkeypatch.setattr(RayTransport, "_new_actor", dies_at_first)
+        _kill(ps, 1, "ray.kill")
+        assert wait_for(lambda: ps.stats()["restarts"] == 1, 120) and len(made) == 2
+        _sync_steps(ps, 1)
+    finally:
+        ps.close()
+
+
 def _sync_steps(ps, n):
     """`n` sync steps of the oracle's gradients, both workers pushing from this thread."""
     clients = [ps.client(w) for w in range(WORKERS)]

@@ -263,6 +263,7 @@ class _Connection:
         # a pull's leaves go from a buffer of the connection's own, copied there under the shard's lock
         self._outbox: queue.SimpleQueue | None = queue.SimpleQueue() if self._streamed else None
         self._out_views: list[np.ndarray] | None = None
+        self._newest_pull: int | None = None  # the client's latest pull: an earlier one still queued is not written
 
     def run(self) -> None:
         writer = None
@@ -287,7 +288,7 @@ class _Connection:
                 self._server.release([f"{self._name}_pull{i}" for i in range(len(self._pull_views))])  # a grow cut short
             with self._lock:
                 self._closed = True
-            if writer is not None:  # stopped before the socket is closed (its number could be another's next)
+            if writer is not None:  # it closes the socket once done (before, its number could be another's next)
                 self._outbox.put(None)
                 wire.cut(self._conn)  # (a write to a peer that stopped reading fails now)
                 writer.join(WRITER_STOP_S)
@@ -299,7 +300,8 @@ class _Connection:
                         b.close()
                     except BufferError:  # a view is still alive; the mapping goes with it
                         pass
-                self._conn.close()
+                if writer is None:
+                    self._conn.close()
 
     def _receive(self, call) -> list[np.ndarray] | Exception | None:
         """A streamed push's arrays, read off the socket into the push buffer (an error: read past, then raised)."""
@@ -326,7 +328,7 @@ class _Connection:
             if not self._streamed and not 0 <= call.buffer < len(self._pull_views):
                 raise ValueError(f"no pull buffer {call.buffer}")
             with self._lock:  # an earlier pull not served yet is abandoned: its buffer may be reused
-                self._live_pull = call.rid
+                self._live_pull = self._newest_pull = call.rid
         if arrays is None:
             arrays = self._push_views if call.layout is None else self._payload_views(call.layout)
         borrowed = True
@@ -349,26 +351,32 @@ class _Connection:
     def _send_locked(self, message, arrays: list | None = None) -> None:
         if self._closed:
             return
-        if self._outbox is not None:
-            return self._outbox.put((message, arrays))
+        if self._outbox is not None:  # pickled here (its errors are the caller's), written by `_write_out`
+            return self._outbox.put((wire.encode(message), arrays, message.rid if isinstance(message, wire.Pulled) else None))
         try:
             wire.send(self._conn, message)
         except OSError:  # the client is gone, or the message went out in part: `run` sees EOF next
             wire.cut(self._conn)
 
     def _write_out(self) -> None:
-        """A streamed connection's writer: sends what `_send_locked` queued, in order, until the connection ends."""
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            message, arrays = item
-            try:
-                wire.send(self._conn, message)
-                if arrays is not None:
-                    wire.send_arrays(self._conn, arrays)
-            except (OSError, ValueError):  # the client is gone, or a message went out in part: `run` sees EOF next
-                wire.cut(self._conn)
+        """A streamed connection's writer: sends what `_send_locked` queued, in order, until the connection ends
+        (then closes its socket). A pull the client has since given up on (it asked for a newer one) is dropped."""
+        try:
+            while True:
+                item = self._outbox.get()
+                if item is None:
+                    return
+                encoded, arrays, pull = item
+                if pull is not None and pull != self._newest_pull:
+                    continue
+                try:
+                    wire.write(self._conn, encoded)
+                    if arrays is not None:
+                        wire.send_arrays(self._conn, arrays)
+                except Exception:  # the client is gone, or a message went out in part: `run` sees EOF next
+                    wire.cut(self._conn)
+        finally:
+            self._conn.close()
 
     def deliver(self, rid: int, buffer: int, version: int, leaves: list) -> None:
         """Copies a pull's leaves into its buffer (under the shard's lock: one consistent version)."""

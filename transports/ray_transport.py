@@ -729,13 +729,13 @@ class RayTransport:
             try:
                 endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
                 break
-            except RayActorError:  # e.g. placed on the node just lost, which Ray had not marked dead yet: placed again
-                if attempt == RESTART_TRIES - 1:
-                    raise
+            except (RayActorError, GetTimeoutError) as e:  # e.g. placed on the node just lost, not yet marked dead
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass
+                if attempt == RESTART_TRIES - 1 or not isinstance(e, RayActorError) or getattr(e, "actor_init_failed", False):
+                    raise  # (its shard could not start: trying again would fail alike)
                 time.sleep(RESTART_PAUSE_S)
         self._actors[i], self._watches[i] = actor, actor.watch.remote()
         self._channels[i].rebind(actor, endpoint)

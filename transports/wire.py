@@ -211,15 +211,30 @@ class _Pickler(pickle.Pickler):
 def send(conn: connection.Connection, message: Any) -> None:
     """Sends a message (after the handshake). Its large arrays (a `Mirror`'s gradients, a state's arrays) are
     written straight from their memory behind it, not copied into the pickle and out again on the other side."""
+    write(conn, encode(message))
+
+
+class Encoded(NamedTuple):
+    """A message pickled by `encode`, but for its large arrays' bytes (`raws`, read when it is written)."""
+
+    head: bytes
+    raws: list
+
+
+def encode(message: Any) -> Encoded:
+    """The pickling half of `send` (its errors are the caller's): what `write` then sends."""
     buffers: list = []
     pickled = io.BytesIO()
     _Pickler(pickled, protocol=5, buffer_callback=lambda b: b.raw().nbytes < OUT_OF_BAND_BYTES or buffers.append(b)).dump(message)
-    head = pickled.getvalue()
-    if not buffers:
-        return conn.send_bytes(head)
-    raws = [np.frombuffer(b.raw(), np.uint8) for b in buffers]
-    conn.send(OutOfBand(head, tuple(r.size for r in raws)))
-    send_arrays(conn, raws)
+    return Encoded(pickled.getvalue(), [np.frombuffer(b.raw(), np.uint8) for b in buffers])
+
+
+def write(conn: connection.Connection, encoded: Encoded) -> None:
+    """The writing half of `send`."""
+    if not encoded.raws:
+        return conn.send_bytes(encoded.head)
+    conn.send(OutOfBand(encoded.head, tuple(r.size for r in encoded.raws)))
+    send_arrays(conn, encoded.raws)
 
 
 def recv(conn: connection.Connection) -> Any:
