@@ -130,9 +130,13 @@ def evaluate(params, images, labels, batch_size=2000):
 # -- one training run ------------------------------------------------------------------
 def kill_shard_at(ps, step, mode):
     """Kills shard 0's process (found from the server's stats) once the server has applied `step` updates."""
-    while ps.step < step:
-        time.sleep(0.05)
-    pid = ps.stats()["shards"][0]["where"]["pid"]
+    try:
+        while ps.step < step:
+            time.sleep(0.05)
+        pid = ps.stats()["shards"][0]["where"]["pid"]
+    except jaxps.ServerClosedError:  # the run ended first
+        print(f"[{mode}] --kill-shard-at {step}: the run ended at a lower step; nothing was killed", flush=True)
+        return
     print(f"[{mode}] step {ps.step}: killing shard 0 (pid {pid}) with SIGKILL", flush=True)
     os.kill(pid, signal.SIGKILL)
 
@@ -247,6 +251,7 @@ def train(args, data, mode, log):
     print(
         f"[{mode}] bytes per push {stats['bytes_pushed'] / gradients:,.0f}"
         f"{' with push filter ' + args.push_filter if args.push_filter else ''}, pulled {stats['bytes_pulled']:,} in all"
+        + (" (a replaced shard counts bytes from its start: fewer than crossed)" if stats.get("restarts") or stats.get("takeovers") else "")
     )
     return summary
 
@@ -290,14 +295,14 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay to 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="fashion_mnist", choices=datasets.DATASETS)
-    p.add_argument("--data-dir", default=None, help="a folder with the four IDX files (default: look in the usual places)")
+    p.add_argument("--data-dir", default=None, help="a folder with the four IDX files (if not given: look in the usual places)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test examples")
     p.add_argument("--eval-every", type=int, default=100, help="test every K server updates (0: only at the end)")
     p.add_argument("--log", default=None, metavar="FILE.jsonl", help="append a JSON line per evaluation and per run")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot test accuracy against wall time")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="save into DIR as training goes; resume from it if it holds a checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="save every N server updates")
+    p.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="save every N server updates (one save at a time: while one is written, later ones wait for it)")
     p.add_argument(
         "--kill-shard-at", type=int, default=None, metavar="STEP",
         help="multiprocessing: SIGKILL shard 0 at update STEP; it is restarted from the latest checkpoint (in a temporary "
@@ -319,6 +324,13 @@ def parse_args(argv=None):
         p.error("--workers, --shards, --steps and --batch-size must be positive")
     if args.checkpoint_every < 1:
         p.error("--checkpoint-every must be positive")
+    for flag in ("train_limit", "test_limit", "kill_shard_at"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.eval_every < 0 or args.max_staleness < 0:
+        p.error("--eval-every and --max-staleness cannot be negative")
+    if not 0 < args.lr < float("inf"):
+        p.error(f"--lr must be a positive number, got {args.lr}")
     if args.replicas and args.transport == "inprocess":
         p.error("--replicas 1 keeps standbys in processes of their own: use it with --transport multiprocessing or ray")
     if args.checkpoint_dir and args.compare:

@@ -286,7 +286,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.workers, args.shards, args.steps, args.batch_size, args.dim) < 1:
         p.error("--workers, --shards, --steps, --batch-size and --dim must be positive")
+    if args.limit is not None and args.limit < MIN_RATINGS:
+        p.error(f"--limit must be at least {MIN_RATINGS} (the test split is a tenth of the ratings), got {args.limit}")
+    if args.eval_every < 0 or args.max_staleness < 0:
+        p.error("--eval-every and --max-staleness cannot be negative")
+    if not 0 < args.lr < float("inf"):
+        p.error(f"--lr must be a positive number, got {args.lr}")
     return args
+
+
+MIN_RATINGS = 20
 
 
 def main(argv=None):

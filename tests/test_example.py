@@ -173,3 +173,20 @@ def test_push_filter_sends_fewer_bytes_per_push(capsys):
     assert "with push filter topk:0.01+bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mnist.main(argv + ["--push-filter", "topk:2"])
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--test-limit", "0"], "--test-limit must be positive"),
+        (["--train-limit", "-100"], "--train-limit must be positive"),
+        (["--eval-every", "-1"], "--eval-every and --max-staleness cannot be negative"),
+        (["--mode", "ssp", "--max-staleness", "-1"], "--eval-every and --max-staleness cannot be negative"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--transport", "multiprocessing", "--kill-shard-at", "-5"], "--kill-shard-at must be positive"),
+    ],
+)
+def test_bad_option_values_are_refused_before_anything_runs(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        mnist.parse_args(argv)
+    assert says in capsys.readouterr().err

@@ -91,3 +91,18 @@ def test_example_learns_and_pushes_only_the_batch_rows(transport, tmp_path, caps
     assert png.stat().st_size > 1000
     out = capsys.readouterr().out
     assert "MovieLens-100k from" in out and "test RMSE" in out
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--limit", "5"], "--limit must be at least 20"),
+        (["--limit", "-100"], "--limit must be at least 20"),
+        (["--eval-every", "-1"], "--eval-every and --max-staleness cannot be negative"),
+        (["--lr", "0"], "--lr must be a positive number"),
+    ],
+)
+def test_bad_option_values_are_refused_before_anything_runs(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        movielens.parse_args(argv)
+    assert says in capsys.readouterr().err

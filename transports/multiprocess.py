@@ -79,13 +79,14 @@ def _shard_main(ctrl, payload: bytes, prefix: str, socket_dir: str | None, authk
         ctrl.send(wire.Refused(traceback.format_exc()))
         return
     ctrl.send(wire.Serving(servers[0].endpoint))
+    orphaned = False
     try:
         ctrl.recv()  # Stop, or EOF once the parent is gone
     except (EOFError, OSError):
-        pass
+        orphaned = True
     for server in servers:
         server.stop()
-    if socket_dir is not None:  # (its parent may have been killed)
+    if socket_dir is not None and orphaned:  # (else the parent removes it as it closes the server)
         _remove_when_last(socket_dir)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -217,20 +218,29 @@ def _dead_socket(path: str) -> bool:
     return False
 
 
-def _remove_when_last(socket_dir: str) -> None:
-    """A shard that stops removes its server's socket directory if it is the last one there and the driver that
-    locked it is gone (it was killed: otherwise the driver removes it as it closes the server)."""
+def _remove_when_last(socket_dir: str, within: float = 5.0) -> None:
+    """A shard whose parent is gone removes its server's socket directory if it is the last one there, once the
+    parent's lock on it is free (a process that ends closes its files one by one: the lock may go a moment after
+    the pipe that told the shard)."""
     try:
         if os.listdir(socket_dir) != [LOCK]:
             return
         fd = os.open(os.path.join(socket_dir, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            deadline = time.monotonic() + within
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return
+                    time.sleep(0.02)
         finally:
             os.close(fd)
         os.unlink(os.path.join(socket_dir, LOCK))
         os.rmdir(socket_dir)
-    except OSError:  # the driver holds it, or another shard got there first
+    except OSError:  # another shard got there first
         pass
 
 
