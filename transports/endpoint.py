@@ -289,8 +289,8 @@ class _Connection:
             with self._lock:
                 self._closed = True
             if writer is not None:  # it closes the socket once done (before, its number could be another's next)
-                self._outbox.put(None)
                 wire.cut(self._conn)  # (a write to a peer that stopped reading fails now)
+                self._outbox.put(None)
                 writer.join(WRITER_STOP_S)
             with self._lock:
                 self._out_views = None
