@@ -182,14 +182,24 @@ def _left_behind(path: str) -> bool:
     entries = os.listdir(path)
     if LOCK not in entries or not all(_dead_socket(os.path.join(path, e)) for e in entries if e != LOCK):
         return False
-    fd = os.open(os.path.join(path, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+    return _lock_free(path)  # (held: its server runs)
+
+
+def _lock_free(socket_dir: str, within: float = 0.0) -> bool:
+    """Whether the `LOCK` of `socket_dir` can be taken (trying for up to `within` s): no driver holds it."""
+    fd = os.open(os.path.join(socket_dir, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held: its server runs
-        return False
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
     finally:
         os.close(fd)
-    return True
 
 
 def _runs(pid: int) -> bool:
@@ -223,21 +233,8 @@ def _remove_when_last(socket_dir: str, within: float = 5.0) -> None:
     parent's lock on it is free (a process that ends closes its files one by one: the lock may go a moment after
     the pipe that told the shard)."""
     try:
-        if os.listdir(socket_dir) != [LOCK]:
+        if os.listdir(socket_dir) != [LOCK] or not _lock_free(socket_dir, within):
             return
-        fd = os.open(os.path.join(socket_dir, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            deadline = time.monotonic() + within
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        return
-                    time.sleep(0.02)
-        finally:
-            os.close(fd)
         os.unlink(os.path.join(socket_dir, LOCK))
         os.rmdir(socket_dir)
     except OSError:  # another shard got there first

@@ -717,15 +717,7 @@ class RayTransport:
         i = config.index
         self._bury(i)
         for attempt in range(RESTART_TRIES):
-            deadline = time.monotonic() + 10.0
-            while True:
-                try:
-                    actor = self._new_actor(config)
-                    break
-                except ActorAlreadyExistsError:  # Ray frees a dead actor's name a moment after it stops answering
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            actor = self._new_named_actor(config)
             try:
                 endpoint = ray.get(actor.endpoint.remote(), timeout=self._start_timeout)
                 break
@@ -739,6 +731,17 @@ class RayTransport:
                 time.sleep(RESTART_PAUSE_S)
         self._actors[i], self._watches[i] = actor, actor.watch.remote()
         self._channels[i].rebind(actor, endpoint)
+
+    def _new_named_actor(self, config):
+        """`_new_actor`, once Ray has freed the dead actor's name (a moment after it stops answering; 10 s at most)."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                return self._new_actor(config)
+            except ActorAlreadyExistsError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def _bury(self, i: int) -> None:
         """Makes sure shard `i`'s (dead) actor is gone for good, and leaves none of its shared memory behind."""

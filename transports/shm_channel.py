@@ -276,18 +276,28 @@ class _Conn:
             step = _SLICE if left is None else min(left, _SLICE)
             if self._lock.acquire(timeout=step):
                 try:
-                    if not ready() and not self._dead and self._c.poll(step):
-                        self._handle(wire.recv(self._c))
-                except (OSError, EOFError, ValueError):
-                    self._die()
-                except BaseException:
-                    self._break()
-                    raise
+                    if not ready():
+                        self._read_answer(step)
                 finally:
                     self._lock.release()
             if not ready() and left is not None and time.monotonic() >= deadline:
                 return False
         return True
+
+    def _read_answer(self, within: float) -> bool:
+        """(Under the lock.) Reads and handles one answer if one comes within `within` s; whether one did. A
+        connection that ended, or a message cut short, makes it dead; an interrupt breaks it."""
+        try:
+            if self._dead or not self._c.poll(within):
+                return False
+            self._handle(wire.recv(self._c))
+            return True
+        except (OSError, EOFError, ValueError):
+            self._die()
+            return False
+        except BaseException:
+            self._break()
+            raise
 
     def _handle(self, message) -> None:
         rid = message.rid
@@ -333,13 +343,8 @@ class _Conn:
         if self._dead or not self._lock.acquire(blocking=False):  # (busy: another thread is reading its answers)
             return not self._dead
         try:
-            while not self._dead and self._c.poll(0):
-                self._handle(wire.recv(self._c))
-        except (OSError, EOFError, ValueError):
-            self._die()
-        except BaseException:
-            self._break()
-            raise
+            while self._read_answer(0):
+                pass
         finally:
             self._lock.release()
         return not self._dead
