@@ -39,7 +39,10 @@ from jaxps.service import Lead, Leave, Replicate, RollBack, Stats
 from jaxps.shard import ShardConfig
 
 STANDBY_RETRY = 10.0  # seconds before a standby that could not start is tried again
-STANDBY_REACH = 60.0  # seconds the supervisor waits to reach a shard's primary before feeding it a new standby
+STANDBY_REACH = 60.0  # seconds the supervisor waits for a shard's primary to answer before feeding it a new standby
+# seconds the supervisor waits to reach (connect to) a shard: one that died meanwhile is not waited for, as its
+# recovery would be this thread's own work
+REACH = 10.0
 EPOCH = 1 << 32  # versions of one epoch; a rollback starts the next
 FAILURE_MODES = ("raise", "restart")
 
@@ -218,7 +221,7 @@ class Supervisor:
             # known dead: the wait for its recovery would be this thread's wait for itself.
             if i in self._transport.dead():
                 raise ShardDiedError(f"shard {i}'s primary died while its new standby started")
-            self._channels[i].call(Stats(), timeout=STANDBY_REACH)
+            self._channels[i].submit(Stats(), timeout=REACH).result(STANDBY_REACH)
             self._channels[i].call(Replicate(channel), timeout=600)
         except Exception as e:  # noqa: BLE001
             self._retry[i] = time.monotonic() + STANDBY_RETRY
@@ -243,7 +246,7 @@ class Supervisor:
             raise RuntimeError(f"no checkpoint of this server in {self._directory} to restart from (complete steps there: {complete})")
         step = own[-1]
         live = [i for i in range(len(self._channels)) if i not in dead]
-        before = gather([self._channels[i].submit(Stats(), timeout=60) for i in live], timeout=60)
+        before = gather([self._channels[i].submit(Stats(), timeout=REACH) for i in live], timeout=60)
         version = self._version = next_epoch(self._version)
         self._log(f"jaxps: shard {', '.join(map(str, dead))} died; rolling every shard back to step {step} of {self._directory}")
         index = checkpoint.read_index(self._directory, checkpoint.read_metadata(self._directory, step))  # once, for all shards

@@ -218,6 +218,11 @@ def lost_answer(request: Any, standby: bool) -> Any:
     return None
 
 
+def shorter(a: float | None, b: float | None) -> float | None:
+    """The shorter of two timeouts (None: no limit)."""
+    return b if a is None else a if b is None else min(a, b)
+
+
 def recovery_deadline(index: int, recovery_timeout: float, timeout: float | None) -> tuple[float, Exception]:
     """Until when a channel waits for shard `index` to be recovered, and what it raises then: the caller's own
     `timeout`, if shorter, ends the wait with `TimeoutError` (the supervisor's requests must not wait out the

@@ -107,7 +107,8 @@ class ShardChannel:
     def submit(self, request: Any, payload: Any = None, timeout: float | None = None) -> Waitable:
         """Sends `request` (a push with `payload`, what `stage` returned); returns at once.
 
-        `timeout` bounds the time to reach the shard (e.g. to connect), not the answer.
+        `timeout` bounds the time to reach the shard (e.g. to connect; with fail-over, to reach a dead shard's
+        successor, also when the request is sent again after its shard died under it), not the answer.
         """
         raise NotImplementedError
 

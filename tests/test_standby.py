@@ -319,6 +319,41 @@ def test_a_shard_that_dies_while_its_new_standby_starts_ends_the_run_saying_so()
         assert time.monotonic() - started < 30
 
 
+
+def test_a_primary_that_dies_just_before_the_supervisor_feeds_it_a_new_standby_is_not_waited_for():
+    """The window of the test above opened on purpose: the primary dies after the supervisor last saw it alive and
+    before it reaches it to feed a new standby. Reaching it does not wait for a recovery only the supervisor itself
+    could run (it waited 60 s, and `close()` with it): the run ends with `ShardDiedError`, and `close()` is prompt."""
+    ps = _server("multiprocessing", replicas=1)
+    transport = ps._transport
+    start_standby, dead, hidden, killed = transport.start_standby, transport.dead, [], threading.Event()
+    primary = _where(ps, 1)["pid"]
+
+    def start_standby_then_kill_the_primary(config):
+        channel = start_standby(config)
+        os.kill(primary, signal.SIGKILL)
+        assert wait_for(lambda: gone(primary), 20)
+        hidden.append(config.index)  # from the supervisor's next look, which is its last before reaching the primary
+        killed.set()
+        return channel
+
+    def dead_but_hidden():
+        found = dead()
+        return [i for i in found if i != hidden.pop()] if hidden else found
+
+    transport.start_standby, transport.dead = start_standby_then_kill_the_primary, dead_but_hidden
+    try:
+        _kill(ps, 1, "standby")
+        assert killed.wait(60)
+        started = time.monotonic()
+        with pytest.raises(jaxps.ShardDiedError, match="shard 1"):
+            ps.client(0).pull(timeout=120)
+        assert time.monotonic() - started < 40
+    finally:
+        started = time.monotonic()
+        ps.close()
+        assert time.monotonic() - started < 15
+
 def _steps(ps, clients, n):
     """`n` sync steps driven from this thread: every client pulls, then pushes, then each push is answered."""
     for _ in range(n):

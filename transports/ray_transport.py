@@ -57,7 +57,7 @@ from ray.exceptions import ActorAlreadyExistsError, GetTimeoutError, RayActorErr
 
 from jaxps.client import closed_while_running, unpicklable_worker
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Moved, Pull, Push, Reply, Stats, TakeOver, died_during_request, lost_answer, recovery_deadline, shorter
 from jaxps.transport import ShardChannel, Staged, leave_quietly, worker_failed
 from jaxps.transports import shm, wire
 from jaxps.transports.shm_channel import SharedMemoryChannel
@@ -414,7 +414,7 @@ class RayChannel(ShardChannel):
             if self.recovery is None or self.closed:
                 raise
             future = _Failed(sys.exc_info()[1])
-        return future if self.recovery is None else _Recovering(self, actor, request, future)
+        return future if self.recovery is None else _Recovering(self, actor, request, future, timeout)
 
     def _submit(self, request, payload, timeout):
         local = self._route()
@@ -469,8 +469,9 @@ class _Recovering:
     """A request's future that outlives its shard: if the shard dies, a push answers "rolled_back" and
     a pull (or a join, leave, stats, decision) goes to the restarted shard."""
 
-    def __init__(self, channel: "RayChannel", actor, request, future):
+    def __init__(self, channel: "RayChannel", actor, request, future, reach: float | None = None):
         self._channel, self._actor, self._request, self._future = channel, actor, request, future
+        self._reach = reach  # the submit's time to reach the shard, which bounds finding its successor too
 
     def result(self, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -485,9 +486,9 @@ class _Recovering:
             if self._channel.recovery.standby:  # (a push's, whatever its timeout: its client sends them again in order)
                 self._channel._find_restarted(self._actor, None if isinstance(self._request, Push) else left)
             return answer
-        self._channel._find_restarted(self._actor, left)
+        self._channel._find_restarted(self._actor, shorter(left, self._reach))
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self._channel.submit(self._request, timeout=left).result(left)
+        return self._channel.submit(self._request, timeout=shorter(left, self._reach)).result(left)
 
     def done(self) -> bool:
         return self._future.done()

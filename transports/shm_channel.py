@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from jaxps.errors import ServerClosedError, ShardDiedError
-from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Pull, Push, died_during_request, lost_answer, recovery_deadline
+from jaxps.service import RESENT_AFTER_RESTART, LostWithShard, Pull, Push, died_during_request, lost_answer, recovery_deadline, shorter
 from jaxps.transport import ShardChannel, Staged, own_copy
 from jaxps.transports import packed, shm, wire
 from jaxps.transports.endpoint import POOL
@@ -70,6 +70,7 @@ class _Pending:
         self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
+        self._reach: float | None = None  # the submit's time to reach the shard, which bounds sending it again too
 
     def _set(self, value: Any = None, error: BaseException | None = None) -> None:
         self._value, self._error, self._done = value, error, True
@@ -88,7 +89,7 @@ class _Pending:
             raise TimeoutError(f"shard {self._conn.channel.index} did not answer within {timeout} s")
         if isinstance(self._error, _Lost):  # to the restarted shard
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return self._conn.channel.submit(self._request, timeout=left).result(left)
+            return self._conn.channel.submit(self._request, timeout=shorter(left, self._reach)).result(left)
         if self._error is not None:
             raise self._error
         return self._value
@@ -492,7 +493,7 @@ class SharedMemoryChannel(ShardChannel):
         if payload is not None:  # a push whose leaves were not staged here
             conn.stage(payload, False)
         try:
-            return conn.submit(request)
+            pending = conn.submit(request)
         except ShardDiedError:
             if self.recovery is None or self.closed or not conn.dead:
                 raise
@@ -503,7 +504,9 @@ class SharedMemoryChannel(ShardChannel):
                 return done
             if not isinstance(request, RESENT_AFTER_RESTART):
                 raise
-            return self.conn(timeout).submit(request)
+            pending = self.conn(timeout).submit(request)
+        pending._reach = timeout  # (sent again if lost with its shard: within the same time to reach the restarted one)
+        return pending
 
     def close(self) -> None:
         super().close()
