@@ -13,7 +13,9 @@ see `jaxps.values`), so `ps.params()` is a complete, usable model state.
 from __future__ import annotations
 
 import functools
+import numbers
 import operator
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -54,19 +56,36 @@ class Optimizer(nnx.Pytree):
     def __init__(self, model, tx: optax.GradientTransformation | Client, *, wrt: Any = nnx.Param, values: Any = nnx.BatchStat, **server_options):
         self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
         self.wrt, self.values = wrt, values
-        self._link = _Link(model)
+        _LINKS[self] = _Link(model)
         if isinstance(tx, Client):
             if server_options:
                 raise TypeError(f"an Optimizer built from a client takes no server options, got {sorted(server_options)}")
-            self.server, self.client = None, tx
+            self._link.client = tx
             nnx.update(model, tx.pull())
         else:
             paths = _value_paths(model, values)
-            self.server = ParameterServer(_pure(model, (wrt, values)), tx, values=paths or None, **server_options)
-            self.client = self.server.client(0)
+            self._link.server = ParameterServer(_pure(model, (wrt, values)), tx, values=paths or None, **server_options)
+            self._link.client = self._link.server.client(0)
         # inside jaxps.nnx.jit: the tree the step pushes, and how many times update ran in the step (1, or a loop's count)
         self._pending = nnx.OptState(jax.tree.map(jnp.zeros_like, _pure(model, (wrt, values))))
         self._pending_count = nnx.OptState(jnp.array(0, dtype=jnp.int32))
+
+    @property
+    def _link(self) -> "_Link":
+        try:
+            return _LINKS[self]
+        except KeyError:
+            raise RuntimeError("this jaxps.nnx.Optimizer is a copy (nnx.clone, split/merge): use the one built with its model") from None
+
+    @property
+    def server(self) -> ParameterServer | None:
+        """The server this Optimizer started (None: it was built from a client)."""
+        return self._link.server
+
+    @property
+    def client(self) -> Client:
+        """The client it pushes through."""
+        return self._link.client
 
     def update(self, model, grads, /) -> None:
         """Pushes `grads` (a State of `wrt` leaves) and the model's value leaves; loads the result into `model`."""
@@ -79,7 +98,7 @@ class Optimizer(nnx.Pytree):
             raise ValueError(f"jaxps.nnx.Optimizer.update: no gradient for {missing[:10]} (grads must match wrt={self.wrt!r})")
         pushed = jax.tree_util.tree_unflatten(treedef, [x if jax.tree_util.keystr(p) in values else grads[jax.tree_util.keystr(p)] for p, x in flat])
         if is_traced(pushed):
-            record(self._link, "jaxps.nnx.Optimizer.update")
+            record(id(self), "jaxps.nnx.Optimizer.update")  # (this trace's copy of the Optimizer)
             self._pending.set_value(pushed)
             self._pending_count[...] += 1
         else:
@@ -90,8 +109,8 @@ class Optimizer(nnx.Pytree):
 
     def _client(self) -> Client:
         """The client to push through: the driver's new one for worker 0 if `run_workers` replaced it."""
-        self.client = current(self.client, self.server)
-        return self.client
+        self._link.client = current(self._link.client, self._link.server)
+        return self._link.client
 
     def exchange_pending(self, model_passed: bool = True) -> bool:
         """Exchanges the update a compiled step left pending into the model this Optimizer serves; whether there was one.
@@ -132,8 +151,9 @@ class Optimizer(nnx.Pytree):
         `optimizer_i` is worker i's Optimizer. Afterwards `model` holds the
         server's state (parameters and value leaves), and `step` the server's
         step (the updates that state holds). If every result is a metric
-        (`nnx.Metric`, `nnx.MultiMetric`) or a dict, they come back merged by
-        `merge_metrics`; else as a list.
+        (`nnx.Metric`, `nnx.MultiMetric`) or a dict of metrics and numbers,
+        with the same keys, they come back merged by `merge_metrics`; else as
+        a list.
         """
         if self.server is None:
             raise RuntimeError("run_workers is the driver's: this Optimizer was built from a client")
@@ -143,17 +163,27 @@ class Optimizer(nnx.Pytree):
         nnx.update(model, self.server.params())
         self.step[...] = jnp.asarray(self.server.step, self.step[...].dtype)  # the updates `model` now holds
         results = [r for r, _ in results]
-        if results and all(isinstance(r, (nnx.Metric, dict)) for r in results):
+        if results and all(isinstance(r, (nnx.Metric, dict)) and _mergeable(r, results[0]) for r in results):
             return merge_metrics(results)
-        return results
+        return results  # (not metrics: e.g. strings, per-step arrays, or dicts of them)
 
 
 class _Link:
-    """What an Optimizer holds outside its pytree: the model it serves, each worker's rng state between `run_workers` calls."""
+    """What an Optimizer holds outside its graph (`_LINKS`): the model it serves, its server and client, each
+    worker's rng state between `run_workers` calls.
+
+    Not an attribute: as one, it would be static, part of a compiled step's cache key, and each worker's new
+    Optimizer, at each `run_workers` call, traced the step anew while JAX's cache kept its model copy alive.
+    """
 
     def __init__(self, model):
         self.model = model
+        self.server: ParameterServer | None = None
+        self.client: Client | None = None
         self.rng_states: dict[int, Any] = {}
+
+
+_LINKS: "weakref.WeakKeyDictionary[Optimizer, _Link]" = weakref.WeakKeyDictionary()
 
 
 def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
@@ -225,6 +255,20 @@ def merge_metrics(metrics: Sequence[Any]) -> Any:
     if isinstance(first, nnx.Metric):
         raise TypeError(f"merge_metrics: no merge known for {type(first).__name__}; merge its states by hand")
     return functools.reduce(operator.add, metrics) / len(metrics)
+
+
+def _mergeable(result: Any, first: Any) -> bool:
+    """Whether `result` is what `merge_metrics` merges with `first`: a metric, or a dict (with `first`'s keys) of
+    metrics, such dicts and plain numbers (scalars)."""
+    if isinstance(result, nnx.Metric):
+        return type(result) is type(first)
+    if isinstance(result, dict):
+        return isinstance(first, dict) and result.keys() == first.keys() and all(_mergeable(v, first[k]) for k, v in result.items())
+    return _number(result) and _number(first)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, numbers.Number) or (getattr(x, "shape", None) == () and jnp.issubdtype(getattr(x, "dtype", None), jnp.number))
 
 
 def _merge_welford(a, b):

@@ -5,8 +5,10 @@ step (bit for bit for sgd), and the mean of the workers' values in sync mode.
 Functions and modules that travel to worker processes live at module level.
 """
 
+import gc
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import flax.linen as nn
@@ -223,6 +225,88 @@ def test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_acros
         nnx_train_step(model, opt, new_metrics(), *batches(5, n=1)[0])
         assert (opt.server.step, opt.server.stats()["pushes_dropped"], int(opt.step[...])) == (5, 0, 5)
         assert_trees_equal(full_state(model), opt.server.params())
+    finally:
+        opt.server.close()
+
+
+
+TRACED = []
+
+
+@jaxps.nnx.jit
+def counted_step(model, optimizer, x, y):
+    TRACED.append(1)  # runs when the step is traced, not when it runs
+    optimizer.update(model, nnx.grad(lambda m: nnx_loss(m, x, y)[0])(model))
+
+
+def counted_worker(model, optimizer, data):
+    WORKER_MODELS.append(weakref.ref(model))
+    for x, y in data:
+        counted_step(model, optimizer, x, y)
+
+
+WORKER_MODELS = []
+
+
+def test_run_workers_traces_the_step_once_and_keeps_no_worker_model():
+    """Every worker gets a new Optimizer at every call: the step is traced once for all of them, as `nnx.jit`
+    traces once for one `nnx.Optimizer`, and no worker's model copy outlives its call (each was traced anew and
+    kept alive by JAX's cache: memory grew with every call)."""
+    TRACED.clear(), WORKER_MODELS.clear()
+    model = NnxNet(nnx.Rngs(0))
+    opt = jaxps.nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param, shards=2, mode="sync", workers=2)
+    try:
+        for c in range(3):
+            opt.run_workers(counted_worker, model, [batches(10 * c + i, n=2) for i in range(2)])
+        counted_step(model, opt, *batches(7, n=1)[0])  # the driver's own step: the same trace
+        gc.collect()
+        assert len(TRACED) == 1
+        assert len(WORKER_MODELS) == 6 and all(ref() is None for ref in WORKER_MODELS)
+        assert opt.server.step == 7 and int(opt.step[...]) == 7
+        assert_trees_equal(full_state(model), opt.server.params())
+    finally:
+        opt.server.close()
+
+
+def test_two_optimizers_updated_in_one_step_each_push_once():
+    """Two models, two Optimizers (e.g. a GAN's), one compiled step that updates both: each pushes its own once."""
+    models = [NnxNet(nnx.Rngs(s)) for s in (0, 1)]
+    opts = [jaxps.nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param) for m in models]
+    x, y = batches(3, n=1)[0]
+    grad = lambda m: nnx.grad(lambda m: nnx_loss(m, x, y)[0])(m)  # noqa: E731
+    try:
+        jaxps.nnx.jit(lambda a, b, oa, ob: (oa.update(a, grad(a)), ob.update(b, grad(b))))(*models, *opts)
+        for m, o in zip(models, opts):
+            assert o.server.step == 1 and int(o.step[...]) == 1
+            assert_trees_equal(full_state(m), o.server.params())
+        with pytest.raises(RuntimeError, match="is a copy"):
+            nnx.clone(opts[0]).update(models[0], grad(models[0]))
+    finally:
+        for o in opts:
+            o.server.close()
+
+
+def results_worker(model, optimizer, kind):
+    loss = nnx.metrics.Average("loss")
+    loss.update(loss=jnp.float32(kind[1]))
+    return {
+        "names": {"worker": f"w{kind[1]}"},
+        "arrays": {"losses": np.array([1.0, 2.0 + kind[1]])},
+        "metrics": {"loss": loss, "lr": 0.1 * (1 + kind[1])},
+    }[kind[0]]
+
+
+def test_run_workers_merges_metrics_and_returns_other_results_as_a_list():
+    """Dicts of metrics and numbers are merged; dicts of strings or arrays are results like any other (a dict of
+    strings was divided by the worker count: a TypeError after training had run; arrays were averaged)."""
+    model = NnxNet(nnx.Rngs(0))
+    opt = jaxps.nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param, mode="sync", workers=2)
+    try:
+        assert opt.run_workers(results_worker, model, [("names", 0), ("names", 1)]) == [{"worker": "w0"}, {"worker": "w1"}]
+        arrays = opt.run_workers(results_worker, model, [("arrays", 0), ("arrays", 1)])
+        assert [a["losses"].tolist() for a in arrays] == [[1.0, 2.0], [1.0, 3.0]]
+        merged = opt.run_workers(results_worker, model, [("metrics", 0), ("metrics", 1)])
+        assert float(merged["loss"].compute()) == 0.5 and merged["lr"] == pytest.approx(0.15)
     finally:
         opt.server.close()
 
