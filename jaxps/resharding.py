@@ -54,7 +54,10 @@ def move(
     root = None
     try:
         root = Path(tempfile.mkdtemp(prefix="jaxps-reshard-")) if directory is None else checkpoint.location(directory)
-        saver.write(root, step, version, keep=None)
+        if directory is not None and saver.holds(root, step):  # (already there: rewriting it would first remove it)
+            saver.drop(channels, step)
+        else:
+            saver.write(root, step, version, keep=None)
         index = checkpoint.read_index(root, checkpoint.read_metadata(root, step))  # once, for all new shards
         try:
             gather([ch.submit(RollBack(str(root), step, version, clock, index)) for ch in new_channels], LOAD_TIMEOUT)

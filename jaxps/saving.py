@@ -96,8 +96,21 @@ class Saver:
         return self._executor.submit(self._save, checkpoint.location(directory), keep)
 
     def started_from(self, directory: str | os.PathLike, step: int) -> None:
-        """This server was restored from `step` in `directory`: the first step of its line there."""
-        self._own.setdefault(checkpoint.location(directory), set()).add(step)
+        """This server was restored from `step` in `directory`: the first step of its line there, and its state
+        until its next step."""
+        root = checkpoint.location(directory)
+        self._own.setdefault(root, set()).add(step)
+        self._last = (root, step)
+
+    def holds(self, root: Path, step: int) -> bool:
+        """Whether the complete `step` in `root` is this server's state at `step` (it saved it there or started
+        from it; steps only grow): not to be written again, which would first remove it (a process killed then
+        would leave no checkpoint of it)."""
+        return self._last == (root, step) and step in checkpoint.steps(root)
+
+    def drop(self, channels: Sequence[Any], step: int) -> None:
+        """The shards behind `channels` drop their snapshots of `step`, unwritten."""
+        gather([ch.submit(WritePart(None, step)) for ch in channels])
 
     def own_steps(self, directory: str | os.PathLike) -> set[int]:
         """The steps in `directory` this server saved or started from (where a fail-over may go back to: not the
@@ -141,9 +154,8 @@ class Saver:
         with self.holding:
             infos = snapshots(self._channels)
         step, version = infos[0]["step"], infos[0]["version"]
-        if self._last == (root, step):
-            # this server saved this very step there: the same state (steps only grow); drop the snapshots
-            gather([ch.submit(WritePart(None, step)) for ch in self._channels])
+        if self.holds(root, step):
+            self.drop(self._channels, step)
             checkpoint.retain(root, step, keep)
             return step
         self.write(root, step, version, keep)

@@ -179,6 +179,8 @@ class ParameterServer:
             self._transport.close()
             raise
         self._saver = Saver(self._plan, self._channels, mode, 0 if restore is None else restore[1])
+        if restore is not None:
+            self._saver.started_from(restore[0], restore[1])
         self._supervisor: Supervisor | None = None
         if on_shard_failure == "restart" or replicas:
             self._start_supervisor(configs, checkpoint if on_shard_failure == "restart" else None, restore, agree)
@@ -457,8 +459,6 @@ class ParameterServer:
         """Fail-over: a first checkpoint of its own now if it was not restored from that directory, the standbys,
         then the watch (which goes back only to this server's own steps there: never to another line's)."""
         try:
-            if restore is not None:
-                self._saver.started_from(restore[0], restore[1])
             if checkpoint is not None and not self._saver.own_steps(checkpoint.directory):
                 self.save(checkpoint.directory, keep=checkpoint.keep)
             directory = None if checkpoint is None else str(checkpoint.directory)

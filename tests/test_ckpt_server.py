@@ -239,6 +239,33 @@ def test_save_keep_and_repeated_save(make_server, tmp_path):
     assert ps.save(tmp_path / "ck", keep=1) == 4 and ck.steps(tmp_path / "ck") == [4]  # its keep= holds all the same
 
 
+
+def test_the_step_a_server_holds_unchanged_is_not_written_again(tmp_path, monkeypatch):
+    """Writing a complete step again first removes it: a process killed then would leave no checkpoint of it (with
+    keep=1, none at all). A server restored from a step, or that saved it, holds that state until its next step: a
+    save, and a reshard through that directory, leave the step as it is. A step removed meanwhile is written."""
+    params, tx, d = helpers.params_tree(), optax.sgd(0.1, momentum=0.9), tmp_path / "ck"
+    with jaxps.ParameterServer(params, tx, shards=2) as ps:
+        push_all(ps, params, range(3))
+        ps.save(d, keep=1)
+        push_all(ps, params, range(3, 5))
+        uninterrupted = ps.params()
+    prepare = ck.prepare
+    with jaxps.ParameterServer.restore(d, params, tx, shards=2) as ps:
+        monkeypatch.setattr(ck, "prepare", lambda *a, **k: pytest.fail("step 3 written again"))
+        assert ps.save(d, keep=1) == 3
+        ps.reshard(3, directory=d)
+        assert ck.steps(d) == [3] and ps.stats()["shards"].__len__() == 3
+        push_all(ps, params, range(3, 5))
+        helpers.assert_trees_equal(ps.params(), uninterrupted)
+        monkeypatch.setattr(ck, "prepare", prepare)
+        ps.save(d)
+        ps.reshard(2, directory=d)  # rewrites nothing either
+        os.replace(d, tmp_path / "moved")
+        assert ps.save(d) == 5 and ck.steps(d) == [5]
+    with jaxps.ParameterServer.restore(d, params, tx, shards=1) as ps:
+        helpers.assert_trees_equal(ps.params(), uninterrupted)
+
 def test_a_bad_keep_is_refused_before_anything_is_written(tmp_path):
     with jaxps.ParameterServer(helpers.params_tree(), optax.sgd(0.1), shards=2) as ps:
         for keep in (0, -1, 1.5, True):
