@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -206,8 +207,9 @@ def make_plan(tree: Any, num_shards: int, assign: Assign | None = None, rows: An
     other leaves go whole to one shard each (`assign`, else by bytes).
     """
     specs, treedef = leaf_specs(tree)
-    if not isinstance(num_shards, int) or num_shards < 1:
+    if isinstance(num_shards, bool) or not isinstance(num_shards, numbers.Integral) or num_shards < 1:
         raise ValueError(f"shards must be a positive int, got {num_shards!r}")
+    num_shards = int(num_shards)  # (a numpy int too, written as a JSON number in checkpoints)
     if not specs:
         raise ValueError("the parameter tree has no leaves")
     flat = jax.tree_util.tree_leaves(tree)

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,11 @@ def test_plan_errors():
         jaxps.make_plan(params_tree(), 2, assign=lambda path, leaf: 5)
     with pytest.raises(ValueError, match=r"left shards \[1\] without leaves"):
         jaxps.make_plan(params_tree(), 2, assign=lambda path, leaf: 0)
+    for bad in (0, -1, 2.0, True, "2", None):  # (True was taken for 1 shard, and saved as `true` in checkpoints)
+        with pytest.raises(ValueError, match=r"shards must be a positive int, got " + re.escape(repr(bad))):
+            jaxps.make_plan(params_tree(), bad)
+    plan = jaxps.make_plan(params_tree(), np.int64(2))  # as `assign` may return one
+    assert plan.num_shards == 2 and type(plan.num_shards) is int
 
 
 # -- clocks (pure) ------------------------------------------------------------------
