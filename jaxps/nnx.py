@@ -98,7 +98,7 @@ class Optimizer(nnx.Pytree):
             raise ValueError(f"jaxps.nnx.Optimizer.update: no gradient for {missing[:10]} (grads must match wrt={self.wrt!r})")
         pushed = jax.tree_util.tree_unflatten(treedef, [x if jax.tree_util.keystr(p) in values else grads[jax.tree_util.keystr(p)] for p, x in flat])
         if is_traced(pushed):
-            record(id(self), "jaxps.nnx.Optimizer.update")  # (this trace's copy of the Optimizer)
+            record(self, "jaxps.nnx.Optimizer.update")  # (this trace's copy of the Optimizer, kept until the call ends)
             self._pending.set_value(pushed)
             self._pending_count[...] += 1
         else:
@@ -200,7 +200,8 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
     def finish(call_args, out, made):
         nodes = [node for _, node in nnx.iter_graph(call_args)]
         optimizers = [node for node in nodes if isinstance(node, Optimizer)]
-        exchanged = sum(optimizer.exchange_pending(any(node is optimizer._link.model for node in nodes)) for optimizer in optimizers)
+        updated = [optimizer for optimizer in optimizers if int(optimizer._pending_count[...])]  # (a copy may come along)
+        exchanged = sum(optimizer.exchange_pending(any(node is optimizer._link.model for node in nodes)) for optimizer in updated)
         if exchanged != made:  # an Optimizer updated in the step but not passed to it as an argument
             raise RuntimeError(f"{getattr(fun, '__name__', 'the step')} made {made} update(s) but {exchanged} reached "
                                "an Optimizer among its arguments: pass the Optimizer to the step")  # fmt: skip

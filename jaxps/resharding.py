@@ -54,7 +54,7 @@ def move(
     root = None
     try:
         root = Path(tempfile.mkdtemp(prefix="jaxps-reshard-")) if directory is None else checkpoint.location(directory)
-        if directory is not None and saver.holds(root, step):  # (already there: rewriting it would first remove it)
+        if directory is not None and saver.holds(root, step, version):  # (already there: rewriting it would first remove it)
             saver.drop(channels, step)
         else:
             saver.write(root, step, version, keep=None)

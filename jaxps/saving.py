@@ -22,6 +22,7 @@ import dataclasses
 import numbers
 import os
 import threading
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -72,7 +73,8 @@ class Saver:
     def __init__(self, plan: Plan, channels: Sequence[Any], mode: str, start_step: int = 0):
         self._plan, self._channels, self._mode = plan, list(channels), mode
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxps-checkpoint")
-        self._last: tuple[Path, int] | None = None  # (directory, step) of the last save of this server
+        # (directory, step, version, id) of the checkpoint this server last wrote or started from: its state then
+        self._last: tuple[Path, int, int, str] | None = None
         self._own: dict[Path, set[int]] = {}  # per directory: the steps this server saved there or started from
         self._warned: set[Path] = set()  # directories holding later steps of another line, said once
         self._stop = threading.Event()
@@ -95,18 +97,20 @@ class Saver:
         checkpoint.check_keep(keep)
         return self._executor.submit(self._save, checkpoint.location(directory), keep)
 
-    def started_from(self, directory: str | os.PathLike, step: int) -> None:
-        """This server was restored from `step` in `directory`: the first step of its line there, and its state
-        until its next step."""
+    def started_from(self, directory: str | os.PathLike, step: int, version: int) -> None:
+        """This server was restored from `step` (at `version`) in `directory`: the first step of its line there,
+        and its state until its next step."""
         root = checkpoint.location(directory)
         self._own.setdefault(root, set()).add(step)
-        self._last = (root, step)
+        written = _id_of(root, step)
+        self._last = None if written is None else (root, step, version, written)
 
-    def holds(self, root: Path, step: int) -> bool:
-        """Whether the complete `step` in `root` is this server's state at `step` (it saved it there or started
-        from it; steps only grow): not to be written again, which would first remove it (a process killed then
-        would leave no checkpoint of it)."""
-        return self._last == (root, step) and step in checkpoint.steps(root)
+    def holds(self, root: Path, step: int, version: int) -> bool:
+        """Whether the complete `step` in `root` is this server's state at `step` and `version`: the very
+        checkpoint it wrote or started from, and no step since (a fail-over's rollback starts a new version).
+        Not to be written again, which would first remove it: a process killed then would leave none."""
+        # (and not replaced by another server since: the same id)
+        return self._last is not None and self._last[:3] == (root, step, version) and _id_of(root, step) == self._last[3]
 
     def drop(self, channels: Sequence[Any], step: int) -> None:
         """The shards behind `channels` drop their snapshots of `step`, unwritten."""
@@ -154,12 +158,11 @@ class Saver:
         with self.holding:
             infos = snapshots(self._channels)
         step, version = infos[0]["step"], infos[0]["version"]
-        if self.holds(root, step):
+        if self.holds(root, step, version):
             self.drop(self._channels, step)
             checkpoint.retain(root, step, keep)
             return step
         self.write(root, step, version, keep)
-        self._last = (root, step)
         return step
 
     def write(self, root: Path, step: int, version: int, keep: int | None) -> None:
@@ -169,8 +172,10 @@ class Saver:
         failures = [f for f in gather([ch.submit(WritePart(str(root), step)) for ch in self._channels]) if f]
         if failures:
             raise checkpoint.CheckpointError(f"step {step} in {root} was not saved:\n" + "\n".join(failures))
-        checkpoint.commit(root, step, self._plan, mode=self._mode, keep=keep, extra={"version": version})
+        written = uuid.uuid4().hex  # which checkpoint of `step` this is (another server may write one later)
+        checkpoint.commit(root, step, self._plan, mode=self._mode, keep=keep, extra={"version": version, "id": written})
         self._own.setdefault(root, set()).add(step)
+        self._last = (root, step, version, written)
         newer = [s for s in checkpoint.steps(root) if s > step]
         if newer and root not in self._warned:  # (once per directory: every later save would say it again)
             self._warned.add(root)
@@ -180,6 +185,14 @@ class Saver:
                 f"without step= restores step {newer[-1]}, not {step}; fail-over goes back to this server's own steps",
                 RuntimeWarning,
             )
+
+
+def _id_of(root: Path, step: int) -> str | None:
+    """The id of the checkpoint of `step` in `root` (None: none there, or one written without)."""
+    try:
+        return checkpoint.read_metadata(root, step).get("extra", {}).get("id")
+    except Exception:  # noqa: BLE001  (removed meanwhile, or unreadable: not known to be this server's)
+        return None
 
 
 def snapshots(channels: Sequence[Any], freeze: bool = False) -> list[dict]:

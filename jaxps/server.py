@@ -180,7 +180,7 @@ class ParameterServer:
             raise
         self._saver = Saver(self._plan, self._channels, mode, 0 if restore is None else restore[1])
         if restore is not None:
-            self._saver.started_from(restore[0], restore[1])
+            self._saver.started_from(*restore[:3])
         self._supervisor: Supervisor | None = None
         if on_shard_failure == "restart" or replicas:
             self._start_supervisor(configs, checkpoint if on_shard_failure == "restart" else None, restore, agree)

@@ -255,16 +255,42 @@ def test_the_step_a_server_holds_unchanged_is_not_written_again(tmp_path, monkey
         monkeypatch.setattr(ck, "prepare", lambda *a, **k: pytest.fail("step 3 written again"))
         assert ps.save(d, keep=1) == 3
         ps.reshard(3, directory=d)
-        assert ck.steps(d) == [3] and ps.stats()["shards"].__len__() == 3
+        assert ck.steps(d) == [3] and len(ps.stats()["shards"]) == 3
         push_all(ps, params, range(3, 5))
         helpers.assert_trees_equal(ps.params(), uninterrupted)
         monkeypatch.setattr(ck, "prepare", prepare)
         ps.save(d)
-        ps.reshard(2, directory=d)  # rewrites nothing either
+        monkeypatch.setattr(ck, "prepare", lambda *a, **k: pytest.fail("step 5 written again"))
+        ps.reshard(2, directory=d)
+        monkeypatch.setattr(ck, "prepare", prepare)
         os.replace(d, tmp_path / "moved")
         assert ps.save(d) == 5 and ck.steps(d) == [5]
     with jaxps.ParameterServer.restore(d, params, tx, shards=1) as ps:
         helpers.assert_trees_equal(ps.params(), uninterrupted)
+
+
+def test_a_step_another_server_wrote_since_is_written_again(tmp_path):
+    """Two servers restored from one directory: the second saves the first's step anew from another line. The
+    first still holds its own state at that step, which its save (and a reshard through the directory) must
+    write, not take the other's checkpoint for its own."""
+    params, tx, d = helpers.params_tree(), optax.sgd(0.1, momentum=0.9), tmp_path / "ck"
+    with jaxps.ParameterServer(params, tx, shards=2) as ps:
+        push_all(ps, params, range(3))
+        ps.save(d)
+        push_all(ps, params, range(3, 5))
+        ps.save(d)
+        at_5 = ps.params()
+    first = jaxps.ParameterServer.restore(d, params, tx, shards=2)
+    try:
+        with jaxps.ParameterServer.restore(d, params, tx, step=3, shards=2) as other:
+            push_all(other, params, [7, 8])  # step 5 of another line
+            assert other.save(d) == 5
+        first.reshard(3, directory=d)
+        helpers.assert_trees_equal(first.params(), at_5)
+        with jaxps.ParameterServer.restore(d, params, tx, shards=2) as again:
+            helpers.assert_trees_equal(again.params(), at_5)
+    finally:
+        first.close()
 
 def test_a_bad_keep_is_refused_before_anything_is_written(tmp_path):
     with jaxps.ParameterServer(helpers.params_tree(), optax.sgd(0.1), shards=2) as ps:

@@ -339,7 +339,10 @@ def test_a_primary_that_dies_just_before_the_supervisor_feeds_it_a_new_standby_i
 
     def dead_but_hidden():
         found = dead()
-        return [i for i in found if i != hidden.pop()] if hidden else found
+        if hidden:
+            shard = hidden.pop()
+            found = [i for i in found if i != shard]
+        return found
 
     transport.start_standby, transport.dead = start_standby_then_kill_the_primary, dead_but_hidden
     try:
@@ -352,7 +355,7 @@ def test_a_primary_that_dies_just_before_the_supervisor_feeds_it_a_new_standby_i
     finally:
         started = time.monotonic()
         ps.close()
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < 30
 
 def _steps(ps, clients, n):
     """`n` sync steps driven from this thread: every client pulls, then pushes, then each push is answered."""
