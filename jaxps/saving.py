@@ -97,12 +97,11 @@ class Saver:
         checkpoint.check_keep(keep)
         return self._executor.submit(self._save, checkpoint.location(directory), keep)
 
-    def started_from(self, directory: str | os.PathLike, step: int, version: int) -> None:
-        """This server was restored from `step` (at `version`) in `directory`: the first step of its line there,
-        and its state until its next step."""
+    def started_from(self, directory: str | os.PathLike, step: int, version: int, written: str | None) -> None:
+        """This server was restored from `step` (at `version`) in `directory`, the checkpoint of id `written`
+        (its metadata's): the first step of its line there, and its state until its next step."""
         root = checkpoint.location(directory)
         self._own.setdefault(root, set()).add(step)
-        written = _id_of(root, step)
         self._last = None if written is None else (root, step, version, written)
 
     def holds(self, root: Path, step: int, version: int) -> bool:
@@ -187,10 +186,15 @@ class Saver:
             )
 
 
+def id_of(metadata: dict) -> str | None:
+    """The id a checkpoint's metadata gives it (None: one written without)."""
+    return metadata.get("extra", {}).get("id")
+
+
 def _id_of(root: Path, step: int) -> str | None:
     """The id of the checkpoint of `step` in `root` (None: none there, or one written without)."""
     try:
-        return checkpoint.read_metadata(root, step).get("extra", {}).get("id")
+        return id_of(checkpoint.read_metadata(root, step))
     except Exception:  # noqa: BLE001  (removed meanwhile, or unreadable: not known to be this server's)
         return None
 

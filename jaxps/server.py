@@ -24,7 +24,7 @@ from jaxps.filters import PushFilter
 from jaxps.plan import Assign, Plan, make_plan
 from jaxps.registry import make_transport
 from jaxps.resharding import move
-from jaxps.saving import Checkpointing, Saver, release
+from jaxps.saving import Checkpointing, Saver, id_of, release
 from jaxps.service import Hold, Join, Lead, Moved, Pull, Stats
 from jaxps.shard import ShardConfig
 from jaxps.update import check_shardable
@@ -180,7 +180,7 @@ class ParameterServer:
             raise
         self._saver = Saver(self._plan, self._channels, mode, 0 if restore is None else restore[1])
         if restore is not None:
-            self._saver.started_from(*restore[:3])
+            self._saver.started_from(*restore[:3], id_of(_restore[1]))  # (the metadata the restore read)
         self._supervisor: Supervisor | None = None
         if on_shard_failure == "restart" or replicas:
             self._start_supervisor(configs, checkpoint if on_shard_failure == "restart" else None, restore, agree)
