@@ -10,10 +10,12 @@ multiprocessing shard process does, and a client reaches it:
   (the same channel with `tcp=True`: arrays stream straight from and into
   reused buffers, no pickling of array data, no object-store round trip);
 - or through Ray's object store: a push is one `ray.put` of the shard's leaf
-  list; a shard puts its leaves into the store once per version, and every
-  pull of that version gets the same object, read zero-copy. Every transfer
-  writes a new object, and fresh shared pages cost a page fault each (a
-  `ray.put` of 20 MB takes ~10x a memcpy on a small VM).
+  list; a pull is answered with a copy of the shard's leaves as the call's
+  return value, read zero-copy. (Not one shared object per version handed out
+  by reference: a caller's `ray.get` of such a nested reference can hang for
+  good, seen with two threads of one process pulling the same version.) Every
+  transfer writes a new object, and fresh shared pages cost a page fault each
+  (a `ray.put` of 20 MB takes ~10x a memcpy on a small VM).
 
 `"auto"` (the default) takes shared memory on the same node and TCP across;
 `"shm"` shared memory on the same node and the object store across; `"tcp"`
@@ -84,7 +86,6 @@ class _ShardActor:
         self._service = ShardService(Shard(config), where)
         self._standby = standby  # clients find it (`endpoint`) only once it takes over
         self._service.on_take_over = self._took_over
-        self._published: tuple[int, Any] | None = None  # (version, ObjectRef of its leaves)
         self._next: dict[str, int] = {}  # caller -> sequence number of its next call
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
         self._endpoint = None
@@ -113,15 +114,9 @@ class _ShardActor:
 
     async def call(self, caller: str, seq: int, request, payload=None):
         """Carries out `request` (a push's gradients in `payload`) in `caller`'s order; its answer."""
-        reply = _ActorReply(self, asyncio.get_running_loop().create_future())
+        reply = _ActorReply(asyncio.get_running_loop().create_future())
         await self._in_turn(caller, seq, lambda: self._service.handle(request, reply, payload))
         return await reply.future
-
-    def publish(self, version: int, leaves: list):
-        """The object holding `leaves` at `version`: one copy into the object store per version."""
-        if self._published is None or self._published[0] != version:
-            self._published = (version, ray.put([np.asarray(x) for x in leaves]))
-        return self._published
 
     async def _in_turn(self, caller: str, seq: int, call: Callable[[], Any]) -> Any:
         """Runs `call` once every earlier call of `caller` has had its turn."""
@@ -143,15 +138,15 @@ class _ActorReply(Reply):
 
     borrowed = True  # object-store arrays go away with their ref, once the call returns
 
-    def __init__(self, actor: _ShardActor, future: asyncio.Future):
-        self._actor, self.future = actor, future
+    def __init__(self, future: asyncio.Future):
+        self.future = future
 
     def send(self, value: Any) -> None:
         _resolve(self.future, value)
 
     def pulled(self, version: int, leaves: list) -> None:
-        # not lent: the shard's next step may donate its buffers
-        _resolve(self.future, self._actor.publish(version, leaves))
+        # copied now (the shard's next step may donate its buffers); Ray puts the answer into its object store
+        _resolve(self.future, (version, [np.array(x, copy=True) for x in leaves]))
 
 
 def _resolve(future: asyncio.Future, value: Any) -> None:
@@ -267,13 +262,11 @@ def _to_jax(value):
 
     if isinstance(value, Moved):  # resharded away
         return value
-    version, ref = value
-    if ref is None:  # the client holds this version's leaves already
+    version, leaves = value
+    if leaves is None:  # the client holds this version's leaves already
         return version, None
-    if isinstance(ref, list):  # answered in the reply itself (a pull of rows)
-        return version, jax.device_put(list(ref))
     # zero-copy where aligned: the object is immutable and the jax array keeps it alive
-    return version, jax.device_put(list(ray.get(ref)))
+    return version, jax.device_put(list(leaves))
 
 
 _UNDECIDED = object()
