@@ -239,7 +239,6 @@ def test_save_keep_and_repeated_save(make_server, tmp_path):
     assert ps.save(tmp_path / "ck", keep=1) == 4 and ck.steps(tmp_path / "ck") == [4]  # its keep= holds all the same
 
 
-
 def test_the_step_a_server_holds_unchanged_is_not_written_again(tmp_path, monkeypatch):
     """Writing a complete step again first removes it: a process killed then would leave no checkpoint of it (with
     keep=1, none at all). A server restored from a step, or that saved it, holds that state until its next step: a
@@ -291,6 +290,7 @@ def test_a_step_another_server_wrote_since_is_written_again(tmp_path):
             helpers.assert_trees_equal(again.params(), at_5)
     finally:
         first.close()
+
 
 def test_a_bad_keep_is_refused_before_anything_is_written(tmp_path):
     with jaxps.ParameterServer(helpers.params_tree(), optax.sgd(0.1), shards=2) as ps:

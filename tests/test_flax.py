@@ -229,8 +229,8 @@ def test_run_workers_sync_equals_the_mean_of_workers_with_metrics_and_rngs_acros
         opt.server.close()
 
 
-
-TRACED = []
+TRACED = []  # one entry per trace of counted_step
+WORKER_MODELS = []  # weak references to every worker's model
 
 
 @jaxps.nnx.jit
@@ -243,9 +243,6 @@ def counted_worker(model, optimizer, data):
     WORKER_MODELS.append(weakref.ref(model))
     for x, y in data:
         counted_step(model, optimizer, x, y)
-
-
-WORKER_MODELS = []
 
 
 def test_run_workers_traces_the_step_once_and_keeps_no_worker_model():

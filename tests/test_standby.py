@@ -306,7 +306,7 @@ def test_a_shard_that_dies_while_its_new_standby_starts_ends_the_run_saying_so()
     fails at once (its `Replicate` does not wait for a recovery only the supervisor could run), and the run ends
     with `ShardDiedError`, not a wait for the recovery timeout."""
     ps = _server("multiprocessing", replicas=1)
-    with _closed_promptly(ps):
+    with _closed_promptly(ps, within=30):
         _kill(ps, 1, "standby")
         time.sleep(1.0)  # the supervisor is starting the new standby's process (a spawn takes seconds)
         _kill(ps, 1, "sigkill")
@@ -314,14 +314,15 @@ def test_a_shard_that_dies_while_its_new_standby_starts_ends_the_run_saying_so()
 
 
 @contextlib.contextmanager
-def _closed_promptly(ps):
-    """Closes `ps` as the block ends, however it ends, and checks that `close()` did not wait for a recovery."""
+def _closed_promptly(ps, within):
+    """Closes `ps` as the block ends, however it ends, and checks that `close()` took under `within` seconds (it
+    did not wait for a recovery)."""
     try:
         yield
     finally:
         started = time.monotonic()
         ps.close()
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < within
 
 
 def _pull_says_shard_1_died(ps, within):
@@ -329,7 +330,6 @@ def _pull_says_shard_1_died(ps, within):
     with pytest.raises(jaxps.ShardDiedError, match="shard 1"):
         ps.client(0).pull(timeout=120)
     assert time.monotonic() - started < within
-
 
 
 def test_a_primary_that_dies_just_before_the_supervisor_feeds_it_a_new_standby_is_not_waited_for():
@@ -357,10 +357,11 @@ def test_a_primary_that_dies_just_before_the_supervisor_feeds_it_a_new_standby_i
         return found
 
     transport.start_standby, transport.dead = start_standby_then_kill_the_primary, dead_but_hidden
-    with _closed_promptly(ps):
+    with _closed_promptly(ps, within=15):
         _kill(ps, 1, "standby")
         assert killed.wait(60)
         _pull_says_shard_1_died(ps, within=40)
+
 
 def _steps(ps, clients, n):
     """`n` sync steps driven from this thread: every client pulls, then pushes, then each push is answered."""
